@@ -1,0 +1,1 @@
+"""Lightning callbacks of the calibration loop (expert activation cache, merged-weight anchoring, ...)."""
