@@ -109,6 +109,23 @@ def relaxed_target(H: torch.Tensor, C: torch.Tensor | None, W_merged: torch.Tens
     return (W_m + correction).to(out_dtype)
 
 
+def rounding_hessian(H: torch.Tensor, strength: float, form: str = "output") -> torch.Tensor:
+    """The Hessian (in x in) under which GPTQ rounds W* so that it minimises the anchored objective.
+
+    Output form: H itself (the objective is (1+λ) tr((Q − W*) H (Q − W*)ᵀ) + const; the factor does
+    not move the minimiser). Weight form: H + λ''I with λ'' = strength · mean(diag H), since there
+    the objective is tr((Q − W*)(H + λ''I)(Q − W*)ᵀ) + const (GPTQ adds its own δ damping).
+    strength = inf returns H, so that the weight form at inf is plain GPTQ like the output form.
+    """
+    strength = _check_number("strength", strength, allow_inf=True)
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form == "output" or strength == 0 or strength == math.inf:
+        return H
+    lam = strength * H.diagonal().mean()
+    return H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+
+
 def _solve_spd(A: torch.Tensor, B: torch.Tensor, delta: float, in_features: int) -> torch.Tensor:
     """A⁻¹ B for symmetric A (n x n) and B (n x k), by Cholesky; eigen-solve if A is not PD.
 

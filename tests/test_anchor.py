@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from epmq.anchor import relaxed_target
+from epmq.anchor import relaxed_target, rounding_hessian
 from epmq.stats import LayerStatistics
 
 D_IN, D_OUT = 12, 5
@@ -173,3 +173,34 @@ def test_bad_arguments_raise_naming_them(kwargs, match):
     args = dict(H=H, C=C, W_merged=W_m, strength=1.0, form="output", percdamp=0.01) | kwargs
     with pytest.raises(ValueError, match=match):
         relaxed_target(**args)
+
+
+@pytest.mark.parametrize("form", ["output", "weight"])
+@pytest.mark.parametrize("strength", [0.0, 0.5, 4.0])
+def test_objective_is_a_quadratic_form_around_w_star_under_the_rounding_hessian(form, strength):
+    # f(Q) = tr((Q − W*) A (Q − W*)ᵀ) + const with A = k · H_round + δI, k = 1+λ for the output
+    # form and 1 for the weight form: differences of f between any two weights must match
+    # differences of that quadratic form (GPTQ on (W*, H_round) then rounds f, up to its own damping).
+    percdamp = 0.01
+    X, Y, W_m, H, C = layer_problem(seed=3)
+    W_star = relaxed_target(H, C, W_m, strength, form, percdamp)
+    H_round = rounding_hessian(H, strength, form)
+    k = 1 + strength if form == "output" else 1.0
+    A = k * H_round + percdamp * H.diagonal().mean() * torch.eye(D_IN, dtype=H.dtype)
+    g = torch.Generator().manual_seed(9)
+    Q1, Q2 = (W_m + 0.5 * torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def quad(Q):
+        return torch.trace((Q - W_star) @ A @ (Q - W_star).T)
+
+    lhs = objective(Q1, X, Y, W_m, strength, form, percdamp) - objective(Q2, X, Y, W_m, strength, form, percdamp)
+    rhs = quad(Q1) - quad(Q2)
+    assert torch.allclose(lhs, rhs, rtol=1e-8, atol=1e-8 * float(lhs.abs()))
+
+
+def test_rounding_hessian_is_h_at_infinite_strength_and_for_the_output_form():
+    _, _, _, H, _ = layer_problem()
+    assert rounding_hessian(H, math.inf, "weight") is H
+    assert rounding_hessian(H, 3.0, "output") is H
+    shifted = rounding_hessian(H, 2.0, "weight") - H
+    assert torch.allclose(shifted, 2.0 * H.diagonal().mean() * torch.eye(D_IN, dtype=H.dtype))
