@@ -1,0 +1,334 @@
+"""Expert pool: the base, the experts (and optionally a merged model) as weight files, loaded lazily.
+
+The pool never keeps an expert in memory. It checks every file up front (exists, keys, shapes,
+dtypes, finite values) so that a bad checkpoint fails before calibration starts, then hands out
+either a whole state dict or just the tensors under one prefix (one transformer block), read with
+safetensors.safe_open so that only those tensors leave the disk.
+
+Sources, per model:
+- a save_pretrained folder: model.safetensors, or sharded model.safetensors.index.json;
+  pytorch_model.bin(.index.json) as a fallback;
+- a single .safetensors file;
+- a .bin / .pt / .pth file, read with torch.load(weights_only=True); arbitrary unpickling only
+  with allow_pickle=True, never by default;
+- a Hugging Face hub id ("owner/name"), fetched with huggingface_hub.snapshot_download;
+- in memory: an nn.Module or a state dict (base / merged only).
+
+Key spaces: all keys are reported in the base's key space. A checkpoint whose keys carry an extra
+wrapper prefix (transformers 4 saved CLIPVisionModel as 'vision_model.encoder...', transformers 5
+has no prefix) is matched by stripping or adding that one prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+# Files looked for inside a save_pretrained folder, in order of preference.
+FOLDER_FILES = ("model.safetensors.index.json", "model.safetensors",
+                "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return (s.count("/") == 1 and not s.startswith((".", "/", "~")) and "\\" not in s
+            and not s.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES))
+
+
+def resolve_source(source) -> Path:
+    """Local path of a model source: an existing file/folder, or a hub id downloaded to the HF cache.
+
+    Raises ValueError naming the source when a local path does not exist.
+    """
+    path = Path(os.path.expanduser(str(source)))
+    if path.exists():
+        return path
+    if isinstance(source, str) and _looks_like_hub_id(source):
+        from huggingface_hub import snapshot_download  # only reached for hub ids, never in tests
+
+        try:
+            return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+        except Exception as e:  # offline, unknown repo, no access: all mean "cannot use this source"
+            raise ValueError(f"model source '{source}' is not a local path and could not be fetched "
+                             f"from the Hugging Face hub: {type(e).__name__}: {e}") from None
+    raise ValueError(f"model source '{source}' does not exist (not a file, folder or hub id)")
+
+
+class _Checkpoint:
+    """One model's weights on disk: key -> (file, key in file), shapes and dtypes from headers."""
+
+    def __init__(self, source, allow_pickle: bool = False):
+        self.source = str(source)
+        self.allow_pickle = allow_pickle
+        path = resolve_source(source)
+        self.files = self._weight_files(path)  # key in file -> file path
+        self.meta = {}  # key in file -> (shape, dtype)
+        for file in sorted(set(self.files.values())):
+            for key, shape, dtype in self._read_meta(file):
+                self.meta[key] = (shape, dtype)
+        missing = sorted(set(self.files) - set(self.meta))
+        if missing:
+            raise ValueError(f"{self.source}: index lists key '{missing[0]}' that its shard lacks")
+
+    def _weight_files(self, path: Path) -> dict[str, Path]:
+        if path.is_dir():
+            for name in FOLDER_FILES:
+                f = path / name
+                if f.exists():
+                    return self._weight_files(f)
+            raise ValueError(f"{path}: no weights file found (looked for {', '.join(FOLDER_FILES)})")
+        if path.name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{path}: not a valid shard index (needs 'weight_map'): {e}") from None
+            files = {}
+            for key, shard in weight_map.items():
+                f = path.parent / shard
+                if not f.exists():
+                    raise ValueError(f"{path}: shard '{shard}' of key '{key}' does not exist")
+                files[key] = f
+            return files
+        if path.name.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES):
+            return {key: path for key in self._keys_of(path)}
+        raise ValueError(f"{path}: unknown weights format (expected .safetensors, .bin, .pt, .pth "
+                         f"or a save_pretrained folder)")
+
+    def _keys_of(self, file: Path) -> list[str]:
+        return [k for k, _, _ in self._read_meta(file)]
+
+    def _read_meta(self, file: Path):
+        if file.name.endswith(SAFE_SUFFIXES):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key in f.keys():
+                        sl = f.get_slice(key)
+                        yield key, tuple(sl.get_shape()), sl.get_dtype()
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise ValueError(f"{file}: cannot read safetensors header: {e}") from None
+        else:
+            for key, t in self._load_pickle(file).items():
+                yield key, tuple(t.shape), _dtype_name(t.dtype)
+
+    def _load_pickle(self, file: Path) -> dict[str, torch.Tensor]:
+        try:
+            sd = torch.load(str(file), map_location="cpu", weights_only=True)
+        except Exception as e:
+            if not self.allow_pickle:
+                lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln]
+                reason = (lines or [str(e).splitlines()[0] if str(e) else type(e).__name__])[0]
+                raise ValueError(f"{file}: refused to unpickle: it holds more than tensors "
+                                 f"(torch.load(weights_only=True): {reason}); convert it to "
+                                 f".safetensors, or pass allow_pickle=True if you trust the file"
+                                 ) from None
+            log.warning("%s: loading with full unpickling (allow_pickle=True)", file)
+            sd = torch.load(str(file), map_location="cpu", weights_only=False)
+        if isinstance(sd, nn.Module):
+            sd = sd.state_dict()
+        if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+            sd = sd["state_dict"]
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"{file}: expected a state dict, found {type(sd).__name__}")
+        bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ValueError(f"{file}: entry '{bad[0]}' is a {type(sd[bad[0]]).__name__}, not a tensor")
+        return dict(sd)
+
+    def iter_tensors(self, keys: Iterable[str]):
+        """(key, tensor) for `keys` (the file's own key space), one file at a time; safetensors
+        are read one tensor at a time, a pickle once per file."""
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.files[k], []).append(k)
+        for file, ks in by_file.items():
+            if file.name.endswith(SAFE_SUFFIXES):
+                from safetensors import safe_open
+
+                with safe_open(str(file), framework="pt") as f:
+                    for k in ks:
+                        yield k, f.get_tensor(k)
+            else:
+                sd = self._load_pickle(file)
+                for k in ks:
+                    yield k, sd[k]
+
+    def load(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The tensors of `keys` (the file's own key space)."""
+        return dict(self.iter_tensors(keys))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """torch dtype in safetensors' spelling (F32, BF16, ...)."""
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+             torch.uint8: "U8", torch.bool: "BOOL"}
+    return names.get(dtype, str(dtype))
+
+
+def match_prefix(keys: Iterable[str], reference: Iterable[str]) -> tuple[str, str]:
+    """(strip, add) such that add + k[len(strip):] maps `keys` into `reference`'s key space.
+
+    ('', '') when the key spaces agree; otherwise one wrapper prefix is stripped from or added to
+    every key (e.g. 'vision_model.'). Chosen as the mapping that covers the most reference keys.
+    """
+    keys, reference = set(keys), set(reference)
+    best, best_hits = ("", ""), len(keys & reference)
+    candidates = set()
+    for k in keys:
+        for r in reference:
+            if k != r and k.endswith("." + r):
+                candidates.add((k[: len(k) - len(r)], ""))
+            elif k != r and r.endswith("." + k):
+                candidates.add(("", r[: len(r) - len(k)]))
+        if len(candidates) > 4:
+            break
+    for strip, add in candidates:
+        hits = sum(1 for k in keys if k.startswith(strip) and add + k[len(strip):] in reference)
+        if hits > best_hits:
+            best, best_hits = (strip, add), hits
+    return best
+
+
+class ExpertPool:
+    """The base model, experts by task, and optionally a merged model, as validated weight files.
+
+    Args:
+        base: the reference for keys/shapes/dtypes: a folder / file / hub id, an nn.Module, or a
+            state dict.
+        experts: task name -> folder / file / hub id of the expert fine-tuned on that task.
+        merged: optional merged model (same kinds as base).
+        allow_pickle: permit full unpickling of .bin/.pt files that torch.load(weights_only=True)
+            refuses. Off by default: such files can run code when loaded.
+        check_finite: read every expert tensor once up front and refuse NaN/Inf weights.
+
+    All validation happens here, before any calibration: a missing file, an unknown or missing
+    key, a shape or dtype that differs from the base, or a non-finite weight raises ValueError
+    naming the file and key.
+    """
+
+    def __init__(self, base, experts: Mapping[str, object], merged=None, allow_pickle: bool = False,
+                 check_finite: bool = True):
+        if not isinstance(experts, Mapping) or not experts:
+            raise ValueError("experts must be a non-empty mapping task -> path or hub id")
+        self.allow_pickle = allow_pickle
+        self._base_sd, self._base_ckpt = self._open(base, "base")
+        self.base_meta = self._meta(self._base_sd, self._base_ckpt)  # key -> (shape, dtype)
+        self.experts: dict[str, _Checkpoint] = {}
+        self._maps: dict[str, dict[str, str]] = {}  # task -> base key -> key in file
+        for task, source in experts.items():
+            ckpt = _Checkpoint(source, allow_pickle)
+            self._maps[task] = self._validate(ckpt, f"expert '{task}'")
+            self.experts[task] = ckpt
+            if check_finite:
+                self._check_finite(ckpt, self._maps[task])
+        self._merged_sd, self._merged_ckpt = (None, None) if merged is None else self._open(merged, "merged")
+        self._merged_map = None if self._merged_ckpt is None else self._validate(self._merged_ckpt, "merged")
+
+    # -- opening and validating ----------------------------------------------------------
+    def _open(self, source, what):
+        if isinstance(source, nn.Module):
+            return {k: v.detach() for k, v in source.state_dict().items()}, None
+        if isinstance(source, Mapping):
+            return dict(source), None
+        return None, _Checkpoint(source, self.allow_pickle)
+
+    @staticmethod
+    def _meta(sd, ckpt) -> dict[str, tuple[tuple, str]]:
+        if sd is not None:
+            return {k: (tuple(v.shape), _dtype_name(v.dtype)) for k, v in sd.items()}
+        return dict(ckpt.meta)
+
+    def _validate(self, ckpt: _Checkpoint, what: str) -> dict[str, str]:
+        """base key -> key in ckpt; ValueError naming the file and key on any mismatch."""
+        strip, add = match_prefix(ckpt.meta, self.base_meta)
+        mapping = {}
+        for fkey in ckpt.meta:
+            if not fkey.startswith(strip):
+                continue  # outside the base's tower (e.g. a CLIPModel's text tower)
+            mapping[add + fkey[len(strip):]] = fkey
+        unknown = sorted(k for k in mapping if k not in self.base_meta)
+        if unknown:
+            raise ValueError(f"{what} ({ckpt.files[mapping[unknown[0]]]}): key '{mapping[unknown[0]]}' "
+                             f"is not in the base model")
+        missing = sorted(set(self.base_meta) - set(mapping))
+        if missing:
+            raise ValueError(f"{what} ({ckpt.source}): key '{missing[0]}' of the base model is "
+                             f"missing ({len(missing)} missing in all)")
+        for key, fkey in mapping.items():
+            if ckpt.meta[fkey] != self.base_meta[key]:
+                (s, d), (bs, bd) = ckpt.meta[fkey], self.base_meta[key]
+                field = "shape" if s != bs else "dtype"
+                raise ValueError(f"{what} ({ckpt.files[fkey]}): key '{fkey}' has {field} "
+                                 f"{s if field == 'shape' else d}, the base has "
+                                 f"{bs if field == 'shape' else bd}")
+        return mapping
+
+    @staticmethod
+    def _check_finite(ckpt: _Checkpoint, mapping: dict[str, str]) -> None:
+        for fkey, t in ckpt.iter_tensors(mapping.values()):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{ckpt.files[fkey]}: key '{fkey}' holds NaN or Inf weights")
+
+    # -- loading ---------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.experts)
+
+    def keys(self) -> list[str]:
+        """Every state-dict key, in the base's key space."""
+        return list(self.base_meta)
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        return self._load(self._base_sd, self._base_ckpt, None, self.keys())
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The merged model's weights when the pool was given one, else None."""
+        if self._merged_sd is None and self._merged_ckpt is None:
+            return None
+        return self._load(self._merged_sd, self._merged_ckpt, self._merged_map, self.keys())
+
+    def expert_state_dict(self, task: str, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Expert `task`'s tensors for `keys` (base key space; default all), freshly read from disk."""
+        ckpt = self._expert(task)
+        return self._load(None, ckpt, self._maps[task], self.keys() if keys is None else list(keys))
+
+    def expert_subset(self, task: str, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        """Expert `task`'s tensors whose (base-space) key satisfies `keep`."""
+        return self.expert_state_dict(task, [k for k in self.keys() if keep(k)])
+
+    def expert_block(self, task: str, prefix: str) -> dict[str, torch.Tensor]:
+        """Expert `task`'s tensors under `prefix` (e.g. 'encoder.layers.3.'), keys relative to it.
+
+        Only those tensors are read (safetensors), so the result loads straight into a block module.
+        """
+        sd = self.expert_subset(task, lambda k: k.startswith(prefix))
+        if not sd:
+            raise ValueError(f"expert '{task}': no keys under prefix '{prefix}'")
+        return {k[len(prefix):]: v for k, v in sd.items()}
+
+    def _expert(self, task: str) -> _Checkpoint:
+        if task not in self.experts:
+            raise ValueError(f"unknown task '{task}'; the pool has {self.tasks}")
+        return self.experts[task]
+
+    @staticmethod
+    def _load(sd, ckpt, mapping, keys) -> dict[str, torch.Tensor]:
+        if sd is not None:
+            return {k: sd[k].clone() for k in keys}
+        fkeys = [mapping[k] if mapping is not None else k for k in keys]
+        loaded = ckpt.load(fkeys)
+        return {k: loaded[f] for k, f in zip(keys, fkeys)}
+
+    def __repr__(self) -> str:
+        return f"ExpertPool(tasks={self.tasks}, keys={len(self.base_meta)})"
