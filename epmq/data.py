@@ -1,0 +1,230 @@
+"""Per-task data for calibration, anchor selection and evaluation (a LightningDataModule).
+
+One class serves both kinds of task data:
+
+- the offline zoo's datasets, `<zoo>/data/<task>` written by `epmq.offline.zoo.build_zoo`: splits
+  train/calibration/test with a ready "pixel_values" column (float32, C x H x W, normalised);
+- hub-format datasets, `datasets.load_dataset("tanganke/<task>")` or a DatasetDict saved with
+  `save_to_disk` under `<root>/<task>`: splits train/test with "image" (PIL) and "label" columns,
+  turned into pixel values by a `transform` callable (a CLIP image processor or any image -> tensor
+  function). Without a "calibration" split, calibration samples come from "train".
+
+From the calibration split of each task a seeded torch.Generator draws `calib_samples` rows for
+calibration and a disjoint `select_samples` rows for choosing the anchor strength. Batches are
+dicts {"pixel_values": (B, C, H, W) float32, "label": (B,) long, "task": (B,) long task index};
+every calibration batch holds samples of a single task.
+
+DDP: every rank gets the same full calibration loader and BlockwiseCalibration shards its batches
+exactly by rank; run the Trainer with `use_distributed_sampler=False` so that Lightning does not
+replace the batch sampler with a padded DistributedSampler.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from datasets import DatasetDict, load_dataset, load_from_disk
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+# Hub names that differ from the task name (DESIGN §4).
+HUB_NAMES = {"stanford-cars": "stanford_cars"}
+DEFAULT_HUB = "tanganke"
+
+
+def _local_task_dir(root: Path, task: str) -> Path | None:
+    """The saved DatasetDict of `task` under root: <root>/data/<task> (a zoo) or <root>/<task>."""
+    for path in (root / "data" / task, root / task):
+        if (path / "dataset_dict.json").is_file():
+            return path
+    return None
+
+
+def _local_tasks(root: Path) -> list[str]:
+    folders = [root / "data", root]
+    return sorted({p.parent.name for f in folders if f.is_dir() for p in f.glob("*/dataset_dict.json")})
+
+
+def hub_id(task: str, hub: str = DEFAULT_HUB) -> str:
+    """Hub dataset id of a task: "<hub>/<name>", or hub.format(task=...) when hub has a {task} field."""
+    return hub.format(task=task) if "{task}" in hub else f"{hub}/{HUB_NAMES.get(task, task)}"
+
+
+def is_local(root_or_hub: str | Path) -> bool:
+    """A root_or_hub names local data when it is an existing directory."""
+    return Path(root_or_hub).expanduser().is_dir()
+
+
+def load_task_dataset(task: str, root_or_hub: str | Path = DEFAULT_HUB) -> DatasetDict:
+    """Load one task's DatasetDict from a local folder (zoo root or folder of saved datasets) or the hub."""
+    if is_local(root_or_hub):
+        root = Path(root_or_hub).expanduser()
+        path = _local_task_dir(root, task)
+        if path is None:
+            raise ValueError(f"unknown task {task!r}: no saved dataset under {root} "
+                             f"(looked for data/{task} and {task}); available: {_local_tasks(root)}")
+        return load_from_disk(str(path))
+    return load_dataset(hub_id(task, str(root_or_hub)))
+
+
+def _pixel_values(out: Any) -> torch.Tensor:
+    """Normalise a transform's output (tensor, array, or an image processor's BatchFeature) to (C, H, W)."""
+    if isinstance(out, Mapping):
+        out = out["pixel_values"]
+    if isinstance(out, Sequence) and not isinstance(out, torch.Tensor):
+        out = out[0] if len(out) == 1 else out
+    x = torch.as_tensor(out, dtype=torch.float32)
+    return x[0] if x.ndim == 4 else x
+
+
+class TaskSamples(Dataset):
+    """Selected rows of one task's split as dict samples {"pixel_values", "label", "task"}.
+
+    Rows with a ready "pixel_values" column are read once into tensors (cheap for the small zoo
+    images); "image" rows stay lazy and go through `transform` one at a time.
+    """
+
+    def __init__(self, split, rows: list[int], task_id: int, transform: Callable | None, task: str):
+        self.rows, self.task_id, self.transform = list(rows), task_id, transform
+        columns = split.column_names
+        if "label" not in columns:
+            raise ValueError(f"task {task!r}: dataset has no 'label' column (columns: {columns})")
+        if "pixel_values" in columns:
+            batch = split.with_format("torch", columns=["pixel_values", "label"])[self.rows]
+            self.pixel_values, self.labels, self.split = batch["pixel_values"].float(), batch["label"].long(), None
+        elif "image" in columns:
+            if transform is None:
+                raise ValueError(f"task {task!r} has an 'image' column: pass transform= (e.g. a CLIP image "
+                                 f"processor) to turn images into pixel_values")
+            self.split = split.select_columns(["image", "label"])
+        else:
+            raise ValueError(f"task {task!r}: dataset needs a 'pixel_values' or an 'image' column (columns: {columns})")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self.split is None:
+            x, y = self.pixel_values[i], self.labels[i]
+        else:
+            row = self.split[self.rows[i]]
+            x, y = _pixel_values(self.transform(row["image"])), torch.tensor(row["label"], dtype=torch.long)
+        return {"pixel_values": x, "label": y, "task": torch.tensor(self.task_id, dtype=torch.long)}
+
+
+def _generator(seed: int, task: str, stream: str) -> torch.Generator:
+    """A generator per (seed, task, stream), so one task's draw never depends on the other tasks."""
+    digest = hashlib.sha256(f"{seed}/{task}/{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Calibration, selection and test data for a list of tasks.
+
+    tasks: task names, in the order that defines the task index. root_or_hub: a local folder (a zoo
+    root or a folder of saved DatasetDicts) or a hub namespace such as "tanganke" (or a template
+    "org/{task}"). calib_samples / select_samples: rows per task for calibration / anchor selection
+    (disjoint, both from the calibration split). test_samples: None for the whole test split, else
+    a seeded subset of that many rows per task.
+    """
+
+    def __init__(self, tasks: Sequence[str], root_or_hub: str | Path = DEFAULT_HUB, calib_samples: int = 64,
+                 select_samples: int = 0, batch_size: int = 32, seed: int = 0, transform: Callable | None = None,
+                 test_samples: int | None = None, num_workers: int = 0):
+        super().__init__()
+        if isinstance(tasks, str) or not tasks:
+            raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks contains duplicates: {list(tasks)}")
+        for name, value, low in (("calib_samples", calib_samples, 1), ("select_samples", select_samples, 0),
+                                 ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if test_samples is not None and (not isinstance(test_samples, int) or test_samples < 1):
+            raise ValueError(f"test_samples must be None or a positive integer, got {test_samples!r}")
+        if str(root_or_hub).startswith(("/", ".", "~")) and not is_local(root_or_hub):
+            raise ValueError(f"root_or_hub: no folder {root_or_hub!r} (hub ids look like 'tanganke')")
+        if is_local(root_or_hub):  # fail on unknown tasks now, before any loading
+            root = Path(root_or_hub).expanduser()
+            unknown = [t for t in tasks if _local_task_dir(root, t) is None]
+            if unknown:
+                raise ValueError(f"unknown task(s) {unknown} under {root}; available: {_local_tasks(root)}")
+        self.tasks, self.root_or_hub = list(tasks), root_or_hub
+        self.calib_samples, self.select_samples, self.test_samples = calib_samples, select_samples, test_samples
+        self.batch_size, self.seed, self.transform, self.num_workers = batch_size, seed, transform, num_workers
+        self.calib_rows: dict[str, list[int]] = {}
+        self.select_rows: dict[str, list[int]] = {}
+        self.test_rows: dict[str, list[int]] = {}
+        self.num_classes: dict[str, int] = {}
+        self._calib: list[TaskSamples] = []
+        self._select: list[TaskSamples] = []
+        self._test: list[TaskSamples] = []
+
+    def prepare_data(self) -> None:
+        """Download hub datasets once (rank 0); local folders need nothing."""
+        if not is_local(self.root_or_hub):
+            for task in self.tasks:
+                load_task_dataset(task, self.root_or_hub)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load every task and draw its calibration, selection and test rows (once; later calls are no-ops)."""
+        if self._calib:
+            return
+        for i, task in enumerate(self.tasks):
+            dd = load_task_dataset(task, self.root_or_hub)
+            if "test" not in dd:
+                raise ValueError(f"task {task!r} has no 'test' split (splits: {list(dd)})")
+            calib_split = dd["calibration"] if "calibration" in dd else dd["train"]
+            need = self.calib_samples + self.select_samples
+            if need > len(calib_split):
+                raise ValueError(f"task {task!r}: calib_samples + select_samples = {need} exceed the "
+                                 f"{len(calib_split)} rows of its calibration source split")
+            perm = torch.randperm(len(calib_split), generator=_generator(self.seed, task, "calibration")).tolist()
+            self.calib_rows[task] = perm[:self.calib_samples]
+            self.select_rows[task] = perm[self.calib_samples:need]
+            n_test = len(dd["test"]) if self.test_samples is None else self.test_samples
+            if n_test > len(dd["test"]):
+                raise ValueError(f"task {task!r}: test_samples = {n_test} exceed its {len(dd['test'])} test rows")
+            test_perm = torch.randperm(len(dd["test"]), generator=_generator(self.seed, task, "test")).tolist()
+            self.test_rows[task] = list(range(n_test)) if self.test_samples is None else sorted(test_perm[:n_test])
+            label = dd["test"].features.get("label")
+            self.num_classes[task] = getattr(label, "num_classes", None) or int(max(dd["test"]["label"])) + 1
+            self._calib.append(TaskSamples(calib_split, self.calib_rows[task], i, self.transform, task))
+            self._select.append(TaskSamples(calib_split, self.select_rows[task], i, self.transform, task))
+            self._test.append(TaskSamples(dd["test"], self.test_rows[task], i, self.transform, task))
+
+    def calibration_batches(self) -> list[list[int]]:
+        """Index lists into the concatenated calibration datasets: each batch from one task, task-major.
+
+        Every rank gets this same full list; under DDP, BlockwiseCalibration keeps the batches with
+        batch_idx % world_size == rank, an exact split with no padding (DistributedSampler's padding
+        would repeat samples and bias H) and the same number of steps on every rank.
+        """
+        self.setup()
+        batches, offset = [], 0
+        for ds in self._calib:
+            batches += [list(range(offset + k, offset + min(k + self.batch_size, len(ds))))
+                        for k in range(0, len(ds), self.batch_size)]
+            offset += len(ds)
+        return batches
+
+    def _loader(self, ds: Dataset, **kwargs) -> DataLoader:
+        return DataLoader(ds, num_workers=self.num_workers, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        """The calibration batches (see calibration_batches), in a fixed order on every rank."""
+        self.setup()
+        return self._loader(ConcatDataset(self._calib), batch_sampler=self.calibration_batches())
+
+    def select_dataloader(self) -> list[DataLoader]:
+        """One loader per task (task order) over its anchor-selection rows."""
+        self.setup()
+        return [self._loader(ds, batch_size=self.batch_size) for ds in self._select]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per task (task order) over its held-out test rows."""
+        self.setup()
+        return [self._loader(ds, batch_size=self.batch_size) for ds in self._test]
