@@ -85,12 +85,7 @@ class LayerStatistics:
             weight: per-token weight: a non-negative number, or a tensor whose shape is a leading
                 part of X.shape[:-1] (e.g. (batch,) per sample, or (batch, seq) per token).
         """
-        X = torch.as_tensor(X)
-        if X.dim() < 1 or X.shape[-1] != self.in_features:
-            raise ValueError(f"X must have shape (..., {self.in_features}) (in_features), "
-                             f"got {tuple(X.shape)}")
-        if not X.is_floating_point():
-            raise ValueError(f"X must be a floating-point tensor, got {X.dtype}")
+        X = _rows("X", X, self.in_features, "in_features")
         token_shape = X.shape[:-1]
         if self.out_features is None and Y is not None:
             raise ValueError("Y was given but this LayerStatistics has out_features=None "
@@ -99,12 +94,7 @@ class LayerStatistics:
             if Y is None:
                 raise ValueError(f"Y (targets, shape (..., {self.out_features})) is required: "
                                  f"out_features={self.out_features}")
-            Y = torch.as_tensor(Y)
-            if Y.dim() < 1 or Y.shape[-1] != self.out_features:
-                raise ValueError(f"Y must have shape (..., {self.out_features}) (out_features), "
-                                 f"got {tuple(Y.shape)}")
-            if not Y.is_floating_point():
-                raise ValueError(f"Y must be a floating-point tensor, got {Y.dtype}")
+            Y = _rows("Y", Y, self.out_features, "out_features")
             if Y.shape[:-1].numel() != token_shape.numel():
                 raise ValueError(f"X and Y must hold the same number of tokens: X has "
                                  f"{token_shape.numel()} rows {tuple(X.shape)}, Y has "
@@ -158,3 +148,13 @@ class LayerStatistics:
     def __repr__(self) -> str:
         return (f"LayerStatistics(in_features={self.in_features}, out_features={self.out_features}, "
                 f"tokens={self.tokens}, dtype={self._H.dtype}, device={self._H.device})")
+
+
+def _rows(name: str, T, width: int, field: str) -> torch.Tensor:
+    """T as a floating-point tensor of shape (..., width); ValueError naming `name` otherwise."""
+    T = torch.as_tensor(T)
+    if T.dim() < 1 or T.shape[-1] != width:
+        raise ValueError(f"{name} must have shape (..., {width}) ({field}), got {tuple(T.shape)}")
+    if not T.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {T.dtype}")
+    return T
