@@ -88,6 +88,7 @@ class BlockwiseCalibration(L.LightningModule):
         self.cache_device = None if cache_device is None else torch.device(cache_device)
         self.shard_batches = bool(shard_batches)
         self.automatic_optimization = False
+        self.label = ""  # shown before the block in the progress bar, e.g. which anchor candidate
         self.num_blocks = self.adapter.num_blocks(model)
         self.adapter.linear_layers(self.adapter.blocks(model)[0])  # fail now if the layers are not there
 
@@ -354,7 +355,7 @@ class BlockwiseCalibration(L.LightningModule):
     def progress_description(self, batch=None) -> str:
         """'block 2/4 · task mnist' for the progress bar (the tasks of `batch` when given)."""
         i = min(self.block_index, self.num_blocks - 1) + 1
-        text = f"block {i}/{self.num_blocks}"
+        text = f"{self.label} · block {i}/{self.num_blocks}" if self.label else f"block {i}/{self.num_blocks}"
         if isinstance(batch, Mapping) and "task" in batch:
             ids = torch.as_tensor(batch["task"]).reshape(-1).unique().tolist()
             names = [self.task_names[t] if 0 <= t < len(self.task_names) else str(t) for t in ids]

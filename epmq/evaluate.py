@@ -1,0 +1,51 @@
+"""Per-task evaluation with torchmetrics: one metric object per task, logged as `<prefix>/<task>/acc`."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class TaskEvaluator(LightningModule):
+    """Accuracy of per-task classifiers, for `trainer.test`.
+
+    classifiers: task -> nn.Module mapping pixel_values (B, C, H, W) to logits (B, num_classes[task]);
+    the modules may share one tower (a merged or quantized model) or each be its own (experts).
+    The test dataloaders come one per task, in `classifiers` order; dataloader i is scored with
+    task i's classifier and its own MulticlassAccuracy (micro accuracy, in [0, 1]).
+    Logged: `<prefix>/<task>/acc` for each task and `<prefix>/avg_acc`, their unweighted mean;
+    kept in `results` (task -> accuracy, and "avg").
+    """
+
+    def __init__(self, classifiers: Mapping[str, nn.Module], num_classes: Mapping[str, int],
+                 prefix: str = "test"):
+        super().__init__()
+        tasks = list(classifiers)
+        missing = [t for t in tasks if t not in num_classes]
+        if missing:
+            raise ValueError(f"num_classes has no entry for task(s) {missing}")
+        self.classifiers = nn.ModuleDict(classifiers)
+        self.tasks = tasks
+        self.prefix = prefix
+        self.accuracy = nn.ModuleDict(
+            {t: MulticlassAccuracy(num_classes=num_classes[t], average="micro") for t in tasks})
+        self.results: dict[str, float] = {}
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        task = self.tasks[dataloader_idx]
+        logits = self.classifiers[task](batch["pixel_values"])
+        self.accuracy[task].update(logits, batch["label"])
+
+    def on_test_epoch_end(self) -> None:
+        accs = {t: self.accuracy[t].compute() for t in self.tasks}
+        for t, acc in accs.items():
+            self.log(f"{self.prefix}/{t}/acc", acc, add_dataloader_idx=False)
+        avg = torch.stack(list(accs.values())).mean()
+        self.log(f"{self.prefix}/avg_acc", avg, add_dataloader_idx=False)
+        self.results = {t: float(a) for t, a in accs.items()} | {"avg": float(avg)}
+        for m in self.accuracy.values():
+            m.reset()

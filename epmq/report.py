@@ -1,0 +1,45 @@
+"""What a run leaves behind: the terminal table and report.json (written atomically)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> Path:
+    """Write `payload` as indented JSON to `path` via a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def accuracy_table(metrics: dict[str, dict[str, float]], tasks: list[str]) -> str:
+    """A plain-text table: one row per evaluated model, one column per task, then the average.
+
+    metrics: model name -> {task: accuracy in [0, 1], ..., "avg": mean}; printed in percent.
+    """
+    header = ["model", *tasks, "avg"]
+    rows = [[name, *(_pct(accs.get(t)) for t in tasks), _pct(accs.get("avg"))]
+            for name, accs in metrics.items()]
+    widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    rule = "-" * len(line(header))
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"

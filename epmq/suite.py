@@ -1,0 +1,72 @@
+"""Suites: which base, which experts, which tasks, and how a tower becomes a per-task classifier.
+
+A suite is what a run's `suite:` config group instantiates (`_target_`). It answers:
+
+    tasks, num_classes      the task names and their label counts
+    base, experts           model sources for epmq.pool.ExpertPool (folders, files or hub ids)
+    tower(state_dict)       a model of the suite's family holding the given weights
+    classifier(tower, t)    an nn.Module: pixel_values (B, C, H, W) -> logits (B, num_classes[t])
+    datamodule(**data)      the per-task epmq.data.TaskDataModule (calibration, selection, test)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from epmq.data import TaskDataModule
+from epmq.offline.classifier import CLIPClassifier
+from epmq.offline.zoo import build_zoo, open_zoo
+
+
+class OfflineSuite:
+    """The embedded offline suite: a small CLIP vision zoo built here on first use, then cached.
+
+    Args:
+        size: "default" (the benchmark, a few minutes to build) or "micro" (seconds; tests).
+        cache_dir: where zoos are cached (None: $EPMQ_CACHE or ~/.cache/epmq/zoo).
+        seed: the zoo's seed (data splits, pretraining, experts).
+        tasks: a subset of the zoo's tasks, in the order to report them (None: all).
+        progress: show the builder's progress bars.
+    """
+
+    name = "offline"
+
+    def __init__(self, size: str = "default", cache_dir: str | None = None, seed: int = 0,
+                 tasks: Sequence[str] | None = None, progress: bool = True):
+        self.zoo = open_zoo(build_zoo(size, cache_dir, seed, progress))
+        known = self.zoo.tasks
+        self.tasks = list(tasks) if tasks else known
+        unknown = [t for t in self.tasks if t not in known]
+        if unknown:
+            raise ValueError(f"suite.tasks: unknown task(s) {unknown}; the offline zoo has {known}")
+        self.num_classes = {t: int(self.zoo.manifest["num_classes"][t]) for t in self.tasks}
+        self.base = self.zoo.tower_dir("base")
+        self.experts = {t: self.zoo.tower_dir(t) for t in self.tasks}
+        self._config = CLIPVisionConfig.from_pretrained(str(self.base))
+        self._heads = {t: self.zoo.head(t) for t in self.tasks}
+
+    def tower(self, state_dict: dict[str, torch.Tensor] | None = None) -> CLIPVisionModel:
+        """A CLIPVisionModel in eval mode with `state_dict` loaded (None: the base's weights)."""
+        if state_dict is None:
+            return CLIPVisionModel.from_pretrained(str(self.base)).eval()
+        model = CLIPVisionModel(self._config)
+        model.load_state_dict(state_dict, strict=True)
+        return model.eval()
+
+    def classifier(self, tower: nn.Module, task: str) -> nn.Module:
+        """Task t's classifier: the frozen linear head of task t on `tower`'s pooled features."""
+        return CLIPClassifier(tower, self._heads[task]).eval()
+
+    def datamodule(self, **data) -> TaskDataModule:
+        """Per-task calibration, selection and test data from the zoo's saved splits."""
+        return TaskDataModule(self.tasks, root_or_hub=self.zoo.root / "data", **data)
+
+    def describe(self) -> dict:
+        """What the report records about the suite."""
+        return {"name": self.name, "root": str(self.zoo.root), "tasks": self.tasks,
+                "fingerprint": self.zoo.manifest["fingerprint"]}
