@@ -21,7 +21,8 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: allocated on a CUDA device, else the process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
@@ -48,7 +49,7 @@ class BlockMetrics(L.Callback):
         pl_module.finish_block()
         record = {f"calib/block_{i}/{layer}/loss": loss for layer, loss in pl_module.block_losses[i].items()}
         record[f"calib/block_{i}/time_s"] = time.perf_counter() - self._t0
-        record[f"calib/block_{i}/peak_mem_mb"] = _peak_memory_mb(trainer.strategy.root_device)
+        record[f"calib/block_{i}/peak_mem_mb"] = peak_memory_mb(trainer.strategy.root_device)
         for key, value in record.items():  # losses agree over ranks; time and memory are averaged
             pl_module.log(key, value, on_epoch=True, sync_dist=True)
         self.history.append({"block": i, **record})

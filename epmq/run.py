@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.anchoring import MergedWeightAnchoring
-from callbacks.block_metrics import BlockMetrics
+from callbacks.block_metrics import BlockMetrics, peak_memory_mb
 from callbacks.expert_cache import ExpertActivationCache
 from epmq.anchor import FORMS
 from epmq.evaluate import TaskEvaluator
@@ -150,7 +150,7 @@ def run(cfg: DictConfig) -> dict:
         "metrics": metrics,
         "calibration": calib.history,
         "timings": timings,
-        "peak_memory_mb": _peak_memory_mb(),
+        "peak_memory_mb": peak_memory_mb(calib.module.device),
         "config": resolved_config(cfg),
     }
     if rank_zero_only.rank == 0:
@@ -284,9 +284,3 @@ def publish(cfg, report: dict, tasks: list[str], calib: Calibration, out_dir: Pa
         print(f"quantized model: {model_dir}")
     path = write_json_atomic(out_dir / "report.json", report)
     print(f"report: {path}")
-
-
-def _peak_memory_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
