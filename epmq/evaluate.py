@@ -43,9 +43,9 @@ class TaskEvaluator(LightningModule):
     def on_test_epoch_end(self) -> None:
         accs = {t: self.accuracy[t].compute() for t in self.tasks}
         for t, acc in accs.items():
-            self.log(f"{self.prefix}/{t}/acc", acc, add_dataloader_idx=False)
+            self.log(f"{self.prefix}/{t}/acc", acc, add_dataloader_idx=False, sync_dist=True)
         avg = torch.stack(list(accs.values())).mean()
-        self.log(f"{self.prefix}/avg_acc", avg, add_dataloader_idx=False)
+        self.log(f"{self.prefix}/avg_acc", avg, add_dataloader_idx=False, sync_dist=True)
         self.results = {t: float(a) for t, a in accs.items()} | {"avg": float(avg)}
         for m in self.accuracy.values():
             m.reset()

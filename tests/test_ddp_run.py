@@ -1,0 +1,38 @@
+"""`python train.py trainer=ddp` with 2 CPU processes against 1 process, end to end (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(out: Path, cache: Path, *overrides: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "train.py", "suite.size=micro", f"suite.cache_dir={cache}",
+                    "suite.progress=false", "data.calib_samples=16", "data.select_samples=8",
+                    "quant.strength=1", "quant.form=output", "evaluate_references=false",
+                    "trainer.enable_progress_bar=false", f"hydra.run.dir={out}", *overrides],
+                   cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
+    return json.loads((out / "report.json").read_text())
+
+
+def test_two_processes_give_the_one_process_model_and_accuracy(tmp_path):
+    cache = tmp_path / "cache"
+    one = train(tmp_path / "one", cache)
+    two = train(tmp_path / "two", cache, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
+    for task, acc in one["metrics"]["quantized"].items():
+        assert abs(two["metrics"]["quantized"][task] - acc) <= 0.002, task  # within 0.2 points
+    w1 = load_file(str(tmp_path / "one" / "quantized_model" / "quantizer.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "quantized_model" / "quantizer.safetensors"))
+    codes = [k for k in w1 if k.endswith(".qweight")]
+    assert codes and set(w1) == set(w2)
+    same = sum(int((w1[k] == w2[k]).sum()) for k in codes)
+    total = sum(w1[k].numel() for k in codes)
+    assert same / total >= 0.999, f"only {same / total:.4%} of the codes agree"
