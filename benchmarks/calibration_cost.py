@@ -1,0 +1,391 @@
+"""Wall time and peak memory of RTN, GPTQ and E-PMQ calibration on the same merged model.
+
+    python benchmarks/calibration_cost.py                       # defaults: about 2 minutes on 2 cores
+    python benchmarks/calibration_cost.py --experts 2 4 8 --samples 256 --repeats 3
+    python benchmarks/calibration_cost.py --device cuda --hidden 768 --layers 12 --threads 0
+
+What it builds, in a temporary folder: a random CLIPVisionModel base (--hidden, --layers, ...), T
+experts = base + random task vectors, and for every T in --experts the task-arithmetic merge of the
+first T experts, all saved with save_pretrained (safetensors), so that ExpertPool reads the experts
+lazily, one block at a time, exactly as in a real run. Calibration data are random pixels.
+
+What it measures: every (T, method) pair runs `trainer.fit` of BlockwiseCalibration in a fresh
+Python process (a process's peak RSS only ever grows, so one process per measurement), wired as
+epmq.run.calibrate wires a run. The process loads the merged model, the pool (E-PMQ only) and the
+calibration data, then records its resident memory (the baseline) and resets the kernel's peak
+counter (/proc/self/clear_refs), so that the peak it reports afterwards is that of calibration alone.
+On CUDA the memory figures are torch.cuda's allocated bytes instead (baseline: the model on the
+device). Times are of trainer.fit only (setup, one epoch per block, the solves); before it, each
+process calibrates a one-block miniature untimed, so lazy imports and library initialisation are
+not counted. Workers run torch with one thread by default: on 2 cores shared with other jobs, two
+threads per process stall each other and made GPTQ's time swing 2-8x between identical runs.
+
+Allocator: with glibc's adaptive mmap threshold, freed tensors stay in the heap and the peak RSS of
+identical runs varied by +-50 MiB, more than the 12 MiB per expert in question. The workers
+therefore run with MALLOC_MMAP_THRESHOLD_=128 KiB (--mmap-threshold): every tensor of that size or
+more is mapped and unmapped on its own, so RSS follows live tensors and repeats agree to 0.1 MiB.
+The price is a page fault per large allocation: measured here, GPTQ ran about 30% and E-PMQ about
+50% slower than with glibc's default (E-PMQ/GPTQ x1.6-1.8 became x1.9-2.1). Pass --mmap-threshold 0
+to time the allocator of a normal run.
+
+Samples: the total number of calibration samples (--samples) is the same for every T, split evenly
+over the T tasks, so between T = 2, 4, 8 only the number of experts changes. E-PMQ keeps hidden
+states for every sample (merged and expert paths), which grows with the number of samples but not
+with T; with samples fixed, what grows with T is what E-PMQ holds per expert (its scratch blocks).
+
+Goals (issue 5): E-PMQ's calibration time at most 2.5x GPTQ's, and E-PMQ's peak memory growing by
+at most one block of weights per added expert. The printout gives the ratios measured side by side
+in this run; on a machine shared with other jobs, run --repeats 2 or more (best time, median memory)
+and read the ratios rather than the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ("rtn", "gptq", "epmq")
+MiB = 2**20
+
+
+# -- the model zoo of this benchmark ------------------------------------------------------------
+def model_config(args):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(image_size=args.image, patch_size=args.patch, num_channels=args.channels,
+                            hidden_size=args.hidden, intermediate_size=args.intermediate,
+                            num_hidden_layers=args.layers, num_attention_heads=args.heads)
+
+
+def build_models(args, root: Path) -> dict:
+    """Save base/, experts/task_<k>/ and merged_<T>/ under root; returns sizes in MiB."""
+    import torch
+    from transformers import CLIPVisionModel
+    from transformers.utils import logging as hf_logging
+
+    from epmq.merge import task_arithmetic
+
+    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per saved model otherwise
+    torch.manual_seed(args.seed)
+    base = CLIPVisionModel(model_config(args)).eval()
+    base.save_pretrained(root / "base")
+    base_sd = base.state_dict()
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    experts = {}
+    for k in range(max(args.experts)):
+        # task vector: noise scaled to 5% of each tensor's mean magnitude (fine-tunes move weights a little)
+        experts[task_name(k)] = {n: v + 0.05 * v.abs().mean().clamp_min(1e-3) * torch.randn(v.shape, generator=gen)
+                                 if v.is_floating_point() else v for n, v in base_sd.items()}
+        save_state(base, experts[task_name(k)], root / "experts" / task_name(k))
+    for T in args.experts:
+        merged = task_arithmetic(base_sd, {task_name(k): experts[task_name(k)] for k in range(T)},
+                                 scaling_factor=0.3)
+        save_state(base, merged, root / f"merged_{T}")
+    # a one-block miniature of the same layout, calibrated untimed first in every worker
+    tiny = argparse.Namespace(**{**vars(args), "hidden": 32, "intermediate": 64, "heads": 2, "layers": 1})
+    torch.manual_seed(args.seed)
+    warm = CLIPVisionModel(model_config(tiny)).eval()
+    warm.save_pretrained(root / "warmup" / "base")
+    for k in range(2):
+        warm.save_pretrained(root / "warmup" / "experts" / task_name(k))
+    return sizes_of(base)
+
+
+def sizes_of(model) -> dict:
+    """Float32 weight sizes in MiB of one block and of the whole model."""
+    size = lambda module: sum(p.numel() * p.element_size() for p in module.parameters()) / MiB  # noqa: E731
+    return {"block_mb": size(model.encoder.layers[0]), "model_mb": size(model)}
+
+
+def save_state(template, state: dict, folder: Path) -> None:
+    template.load_state_dict(state)
+    template.save_pretrained(folder)
+
+
+def task_name(k: int) -> str:
+    return f"task_{k}"
+
+
+# -- one measurement (runs in its own process) ---------------------------------------------------
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MiB, from /proc/self/status."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter to the current RSS (Linux >= 4.0); False if refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def calibration_batches(args, T: int):
+    """Random pixels, --samples in total split evenly over T tasks; single-task batches, task-major
+    (as epmq.data.TaskDataModule orders them). Returns a DataLoader of {"pixel_values", "task"}."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    counts = [args.samples // T + (t < args.samples % T) for t in range(T)]
+    if min(counts) == 0:
+        raise ValueError(f"--samples {args.samples} leaves a task without samples at T={T}")
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    pixels = torch.randn(args.samples, args.channels, args.image, args.image, generator=gen)
+    tasks = torch.repeat_interleave(torch.arange(T), torch.tensor(counts))
+
+    class Samples(Dataset):
+        def __len__(self):
+            return len(tasks)
+
+        def __getitem__(self, i):
+            return {"pixel_values": pixels[i], "task": tasks[i]}
+
+    batches, start = [], 0
+    for n in counts:
+        batches += [list(range(start + k, start + min(k + args.batch_size, n))) for k in range(0, n, args.batch_size)]
+        start += n
+    return DataLoader(Samples(), batch_sampler=batches)
+
+
+def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str):
+    """(trainer, module) wired as epmq.run.calibrate wires a run: merged model, pool, callbacks.
+
+    The pool reads base/ next to experts_dir and experts_dir/task_<k> for the first T tasks.
+    """
+    import lightning as L
+    from transformers import CLIPVisionModel
+
+    from callbacks.anchoring import MergedWeightAnchoring
+    from callbacks.expert_cache import ExpertActivationCache
+    from epmq.module import BlockwiseCalibration
+    from epmq.pool import ExpertPool
+    from epmq.quant import QuantSpec
+
+    tasks = [task_name(k) for k in range(T)]
+    model = CLIPVisionModel.from_pretrained(merged_dir).eval()
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        model.to(args.device)
+    spec = QuantSpec(bits=args.bits, group_size=args.group_size)
+    module = BlockwiseCalibration(model, spec=spec, method=method, task_names=tasks)
+    callbacks = []
+    if method == "epmq":
+        pool = ExpertPool(experts_dir.parent / "base", {t: experts_dir / t for t in tasks})
+        callbacks = [ExpertActivationCache(pool), MergedWeightAnchoring(args.strength, "output")]
+    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=module.num_blocks,
+                        callbacks=callbacks, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    return trainer, module
+
+
+def measure(args) -> dict:
+    """Calibrate merged_<T> with one method; returns seconds and memory (MiB) of trainer.fit.
+
+    An untimed calibration of a one-block miniature runs first: the first calls of a fresh
+    process import modules lazily and initialise the linear-algebra libraries (seconds of fixed
+    cost that would blur the ratios); what is timed is the calibration itself.
+    """
+    import logging
+    import warnings
+
+    import torch
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root, T, method = Path(args.workdir), args.worker_experts, args.worker_method
+    cuda = args.device.startswith("cuda")
+
+    warm = argparse.Namespace(**{**vars(args), "samples": 4, "batch_size": 2})
+    trainer, module = setup_run(args, root / "warmup" / "base", root / "warmup" / "experts", 2, method)
+    trainer.fit(module, train_dataloaders=calibration_batches(warm, 2))
+    del trainer, module
+
+    trainer, module = setup_run(args, root / f"merged_{T}", root / "experts", T, method)
+    loader = calibration_batches(args, T)
+    gc.collect()
+    baseline, _ = rss_mb()
+    exact_peak = reset_peak_rss()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        gpu_baseline = torch.cuda.memory_allocated() / MiB
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    _, peak = rss_mb()
+    result = {"method": method, "experts": T, "seconds": seconds, "rss_baseline_mb": baseline,
+              "rss_peak_mb": peak, "rss_peak_exact": exact_peak}
+    if cuda:
+        result.update(gpu_baseline_mb=gpu_baseline, gpu_peak_mb=torch.cuda.max_memory_allocated() / MiB)
+    return result
+
+
+# -- the driver ----------------------------------------------------------------------------------
+def run_worker(args, T: int, method: str) -> dict:
+    """One measurement in a fresh interpreter; the worker prints its result as the last line."""
+    argv = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--workdir", args.workdir,
+            "--worker-experts", str(T), "--worker-method", method]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if args.mmap_threshold:  # glibc: every allocation of this size or more is its own mapping
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"measurement {method} T={T} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def increase(r: dict, gpu: bool) -> float:
+    """Memory that calibration added on top of the loaded model and data, in MiB."""
+    if gpu:
+        return r["gpu_peak_mb"] - r["gpu_baseline_mb"]
+    return r["rss_peak_mb"] - r["rss_baseline_mb"]
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys over xs."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def report(args, sizes: dict, results: dict) -> None:
+    """Print the table and the ratios. results: (T, method) -> list of measurements (repeats)."""
+    gpu = args.device.startswith("cuda")
+    Ts = sorted(args.experts)
+    best = {key: min(r["seconds"] for r in rs) for key, rs in results.items()}
+    grow = {key: statistics.median(increase(r, gpu) for r in rs) for key, rs in results.items()}
+    peak = {key: statistics.median(r["gpu_peak_mb" if gpu else "rss_peak_mb"] for r in rs)
+            for key, rs in results.items()}
+    base = {key: statistics.median(r["gpu_baseline_mb" if gpu else "rss_baseline_mb"] for r in rs)
+            for key, rs in results.items()}
+    tokens = (args.image // args.patch) ** 2 + 1
+    memory = "GPU memory allocated (torch.cuda)" if gpu else "process RSS"
+    print(f"\nCLIPVisionModel: hidden {args.hidden}, mlp {args.intermediate}, {args.layers} blocks, "
+          f"{tokens} tokens per sample")
+    print(f"one block's weights {sizes['block_mb']:.1f} MiB, whole model {sizes['model_mb']:.1f} MiB (float32)")
+    print(f"calibration: {args.samples} samples in total for every T (split evenly over the T tasks, so only "
+          f"the number of experts varies), batch {args.batch_size}; {args.bits}-bit, group {args.group_size}; "
+          f"E-PMQ output anchor, strength {args.strength:g}")
+    allocator = (f"glibc mmap threshold {args.mmap_threshold} B" if args.mmap_threshold
+                 else "glibc's adaptive allocator")
+    print(f"device {args.device}, {args.threads or 'default'} thread(s); memory = {memory} ({allocator}); "
+          f"{args.repeats} repeat(s): best time, median memory")
+    if not gpu and not all(r["rss_peak_exact"] for rs in results.values() for r in rs):
+        print("note: /proc/self/clear_refs refused: peaks include the loading before calibration")
+    print()
+    print(f"{'method':<7}{'experts':>8}{'calib s':>10}{'base MiB':>10}{'peak MiB':>10}{'+calib MiB':>12}")
+    for T in Ts:
+        for m in METHODS:
+            key = (T, m)
+            print(f"{m:<7}{T:>8}{best[key]:>10.2f}{base[key]:>10.0f}{peak[key]:>10.0f}{grow[key]:>12.1f}")
+    print()
+    ratios = {T: best[(T, "epmq")] / best[(T, "gptq")] for T in Ts}
+    worst = max(ratios.values())
+    print("E-PMQ / GPTQ calibration time: " + ", ".join(f"T={T} x{r:.2f}" for T, r in ratios.items())
+          + f"   (goal <= 2.5x: {'met' if worst <= 2.5 else 'NOT met'})")
+    print("E-PMQ memory over GPTQ's:      " + ", ".join(
+        f"T={T} +{grow[(T, 'epmq')] - grow[(T, 'gptq')]:.1f} MiB" for T in Ts))
+    if len(Ts) >= 2:
+        steps = [f"{a}->{b}: {(grow[(b, 'epmq')] - grow[(a, 'epmq')]) / (b - a):+.1f}"
+                 for a, b in zip(Ts, Ts[1:])]
+        per_expert = slope([float(T) for T in Ts], [grow[(T, "epmq")] for T in Ts])
+        blocks = per_expert / sizes["block_mb"]
+        print(f"E-PMQ peak growth per added expert (MiB/expert): {', '.join(steps)}; least squares "
+              f"{per_expert:+.1f} = {blocks:.2f} blocks ({sizes['block_mb']:.1f} MiB each; whole model "
+              f"{sizes['model_mb']:.1f} MiB)   (goal <= 1 block: {'met' if blocks <= 1.0 else 'NOT met'})")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=512, help="hidden width (default 512)")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x hidden)")
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default hidden / 64)")
+    p.add_argument("--image", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--patch", type=int, default=4, help="patch side (default 4: 65 tokens at 32 pixels)")
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8], help="numbers of experts T")
+    p.add_argument("--samples", type=int, default=128, help="calibration samples in total, for every T")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--strength", type=float, default=1.0, help="E-PMQ anchor strength λ (finite)")
+    p.add_argument("--repeats", type=int, default=1, help="measurements per (T, method), interleaved")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per worker (default 1; 0: torch's choice)")
+    p.add_argument("--mmap-threshold", type=int, default=131072,
+                   help="glibc MALLOC_MMAP_THRESHOLD_ of the workers in bytes (default 128 KiB; 0: glibc's "
+                        "adaptive default, the allocator of a normal run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", help="build the models in this folder and keep them (default: a temporary folder)")
+    # internal: one measurement
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    p.add_argument("--worker-experts", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-method", choices=METHODS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.intermediate = args.intermediate or 4 * args.hidden
+    args.heads = args.heads or max(1, args.hidden // 64)
+    for name in ("hidden", "intermediate", "layers", "heads", "image", "patch", "channels", "samples",
+                 "batch_size", "bits", "group_size", "repeats"):
+        if getattr(args, name) < 1 and not (name == "group_size" and getattr(args, name) == -1):
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.hidden % args.heads:
+        p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
+    if args.image % args.patch:
+        p.error(f"--image {args.image} is not divisible by --patch {args.patch}")
+    if min(args.experts) < 1 or len(set(args.experts)) != len(args.experts):
+        p.error(f"--experts must be distinct positive numbers, got {args.experts}")
+    if max(args.experts) > args.samples:
+        p.error(f"--samples {args.samples} is fewer than --experts {max(args.experts)}: a task would get none")
+    if not args.strength >= 0 or args.strength == float("inf"):
+        p.error("--strength must be finite and >= 0 (inf is plain GPTQ)")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        p.error(f"--device must be cpu or cuda, got {args.device!r}")
+    return args
+
+
+def main():
+    args = parse()
+    if args.worker_method:
+        print(json.dumps(measure(args)))
+        return
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device available")
+    with tempfile.TemporaryDirectory(prefix="epmq_calibration_cost_") as tmp:
+        root = Path(args.keep or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        args.workdir = str(root)
+        t0 = time.perf_counter()
+        sizes = build_models(args, root)
+        print(f"built base, {max(args.experts)} experts and {len(args.experts)} merged models in "
+              f"{time.perf_counter() - t0:.0f} s under {root}", flush=True)
+        results: dict[tuple[int, str], list[dict]] = {}
+        for r in range(args.repeats):  # repeats interleaved so every method sees the same machine load
+            for T in sorted(args.experts):
+                for m in METHODS:
+                    result = run_worker(args, T, m)
+                    results.setdefault((T, m), []).append(result)
+                    print(f"  [{r + 1}/{args.repeats}] T={T} {m:<4} {result['seconds']:6.2f} s", flush=True)
+        report(args, sizes, results)
+
+
+if __name__ == "__main__":
+    main()
