@@ -98,12 +98,15 @@ def relaxed_target(H: torch.Tensor, C: torch.Tensor | None, W_merged: torch.Tens
         raise ValueError("H is all zeros (mean(diag H) = 0): no calibration tokens reached this "
                          "layer, so there is nothing to solve; check the calibration data and hooks")
     delta = percdamp * mean_diag
-    eye = torch.eye(in_features, dtype=torch.float64, device=device)
-    if form == "output":
-        A = (1 + strength) * H + delta * eye                       # in x in
-    else:
-        A = H + (strength * mean_diag + delta) * eye               # in x in
     R = C - W_m @ H                                                # out x in, the experts' pull
+    # A is built in H's buffer (H, a fresh symmetrised copy, is not needed after R): at wide layers
+    # every in x in float64 temporary costs in² · 8 bytes.
+    if form == "output":
+        A = H.mul_(1 + strength)                                   # (1+λ) H
+        A.diagonal().add_(delta)                                   # + δ I
+    else:
+        A = H
+        A.diagonal().add_(strength * mean_diag + delta)            # H + (λ'' + δ) I
     # W* A = W_m A + R  =>  W*ᵀ = W_mᵀ + A⁻¹ Rᵀ (A symmetric)
     correction = _solve_spd(A, R.T, float(delta), in_features).T   # out x in
     return (W_m + correction).to(out_dtype)

@@ -204,3 +204,12 @@ def test_rounding_hessian_is_h_at_infinite_strength_and_for_the_output_form():
     assert rounding_hessian(H, 3.0, "output") is H
     shifted = rounding_hessian(H, 2.0, "weight") - H
     assert torch.allclose(shifted, 2.0 * H.diagonal().mean() * torch.eye(D_IN, dtype=H.dtype))
+
+
+@pytest.mark.parametrize("form", ["output", "weight"])
+def test_callers_statistics_are_left_untouched(form):
+    # the solve builds A in a working buffer; H and C are the run's accumulated statistics
+    _, _, W_m, H, C = layer_problem()
+    H0, C0 = H.clone(), C.clone()
+    relaxed_target(H, C, W_m, 2.0, form)
+    assert torch.equal(H, H0) and torch.equal(C, C0)
