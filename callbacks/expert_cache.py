@@ -13,6 +13,11 @@ embeddings (patch, position, pre-layernorm), so these differ from the merged mod
     epoch end         swap in the next X^e, free the scratch blocks
 
 Expert work is one extra block forward per sample (expert t only sees task t's samples).
+
+The targets depend only on the experts and the calibration batches, never on the merged model, the
+bit width or the anchor. With keep=True they are recorded during the first E-PMQ fit and replayed
+by later fits on the same batches (anchor candidates, bit widths, merges), without touching the
+pool again. That costs memory: Σ over blocks and quantized layers of samples x tokens x out.
 """
 
 from __future__ import annotations
@@ -32,12 +37,17 @@ class ExpertActivationCache(L.Callback):
 
     Args:
         pool: epmq.pool.ExpertPool holding an expert for every task in the module's task_names.
+        keep: record every block's targets and replay them in later fits on the same batches.
     """
 
-    def __init__(self, pool: ExpertPool):
+    def __init__(self, pool: ExpertPool, keep: bool = False):
         if not isinstance(pool, ExpertPool):
             raise ValueError(f"pool must be an epmq.pool.ExpertPool, got {type(pool).__name__}")
         self.pool = pool
+        self.keep = bool(keep)
+        self.trace: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # block -> batch -> layer -> Y
+        self._trace_layout = None  # (task names, per-batch task ids, owned batches) it was recorded for
+        self._replay = False
         # batch index -> task index -> X^e of that task's samples in the batch (this rank's batches)
         self.inputs: dict[int, dict[int, BlockInputs]] = {}
         self._next: dict[int, dict[int, torch.Tensor]] = {}
@@ -64,6 +74,16 @@ class ExpertActivationCache(L.Callback):
         if pl_module.method != "epmq":
             self.inputs = {}  # nothing to do for rtn / gptq
             return
+        layout = None
+        if self.keep:  # what the targets depend on: tasks, batches (their samples) and this rank's share
+            layout = (tuple(pl_module.task_names), tuple(tuple(t.tolist()) for t in pl_module.batch_tasks),
+                      tuple(b for b, x in enumerate(pl_module.inputs) if x is not None),
+                      _fingerprint(pl_module.calibration_loader()))
+        self._replay = (self.keep and self._trace_layout == layout
+                        and len(self.trace) == pl_module.num_blocks)
+        if self._replay:
+            return  # every block's targets are recorded for exactly these batches
+        self.trace, self._trace_layout = {}, layout
         adapter, model = pl_module.adapter, pl_module.model
         blocks_path = adapter.blocks_path(model) + "."
         # A copy of the model that shares the blocks' tensors (they are never run: the capture stops
@@ -91,7 +111,7 @@ class ExpertActivationCache(L.Callback):
     # -- one block --------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         i = pl_module.block_index
-        if i >= pl_module.num_blocks:
+        if i >= pl_module.num_blocks or self._replay:
             return
         adapter = pl_module.adapter
         prefix = adapter.block_prefix(pl_module.model, i)
@@ -115,7 +135,12 @@ class ExpertActivationCache(L.Callback):
 
     @torch.no_grad()
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if pl_module.block_index >= pl_module.num_blocks or batch_idx not in self.inputs:
+        i = pl_module.block_index
+        if self._replay and i < pl_module.num_blocks and batch_idx in self.trace[i]:
+            device = trainer.strategy.root_device
+            pl_module.expert_targets = {name: Y.to(device) for name, Y in self.trace[i][batch_idx].items()}
+            return
+        if i >= pl_module.num_blocks or batch_idx not in self.inputs:
             return
         adapter, tasks = pl_module.adapter, pl_module.batch_tasks[batch_idx]
         device = trainer.strategy.root_device
@@ -130,9 +155,13 @@ class ExpertActivationCache(L.Callback):
                 targets[name][idx] = Y  # rows of task t's samples, aligned with the merged batch
             self._outputs = {}
         pl_module.expert_targets = targets
+        if self.keep:
+            keep_on = pl_module.cache_device
+            self.trace.setdefault(i, {})[batch_idx] = (
+                targets if keep_on is None else {name: Y.to(keep_on) for name, Y in targets.items()})
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if pl_module.block_index >= pl_module.num_blocks:
+        if pl_module.block_index >= pl_module.num_blocks or self._replay:
             return
         for b, per_task in self.inputs.items():
             for t, inputs in per_task.items():
@@ -144,3 +173,14 @@ class ExpertActivationCache(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.inputs, self._blocks, self._next, self._outputs = {}, {}, {}, {}
+        if self.keep and len(self.trace) != pl_module.num_blocks:  # an interrupted fit: do not replay it
+            self.trace, self._trace_layout = {}, None
+
+
+def _fingerprint(loader) -> tuple[int, float]:
+    """(batches, Σ_b (b+1) Σ entries) of a loader's tensors: tells one calibration set from another."""
+    count, total = 0, 0.0
+    for b, batch in enumerate(loader):
+        count += 1
+        total += sum((b + 1) * v.double().sum().item() for v in batch.values() if isinstance(v, torch.Tensor))
+    return count, total

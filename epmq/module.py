@@ -61,16 +61,21 @@ class BlockwiseCalibration(L.LightningModule):
         shard_batches: True (default): every rank's train loader yields the same full calibration
             set and this module keeps batch b on rank b % world_size. False: the loader is already
             sharded by rank (then every rank must get the same number of batches).
+        input_cache: a dict shared by calibrations of the same merged model on the same loader
+            (e.g. RTN, GPTQ and every E-PMQ anchor candidate): block 0's inputs X̂ are captured into
+            it once, by batch index, and reused afterwards. None: capture every time.
 
     Batches: dicts with the adapter's input keys (CLIP: "pixel_values") and "task" (batch,) ints.
     After fit: `quant_results` (full layer name -> QuantResult on CPU, for export), `block_losses`
-    (block -> layer -> GPTQ loss tr((Q - W*) H (Q - W*)ᵀ)).
+    (block -> layer -> GPTQ loss tr((Q - W*) H (Q - W*)ᵀ)) and `rtn_losses` (the same for
+    round-to-nearest of the same W* under the same H; GPTQ and E-PMQ only).
     """
 
     def __init__(self, model: nn.Module, adapter: BlockAdapter | None = None, spec: QuantSpec = QuantSpec(),
                  method: str = "gptq", task_names: Sequence[str] = (),
                  task_weights: Mapping[str, float] | Sequence[float] | None = None,
-                 cache_device: str | torch.device | None = None, shard_batches: bool = True):
+                 cache_device: str | torch.device | None = None, shard_batches: bool = True,
+                 input_cache: dict | None = None):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -87,6 +92,7 @@ class BlockwiseCalibration(L.LightningModule):
         self.task_weights = self._parse_task_weights(task_weights, task_names)  # (T,) float64
         self.cache_device = None if cache_device is None else torch.device(cache_device)
         self.shard_batches = bool(shard_batches)
+        self.input_cache = input_cache
         self.automatic_optimization = False
         self.label = ""  # shown before the block in the progress bar, e.g. which anchor candidate
         self.num_blocks = self.adapter.num_blocks(model)
@@ -100,6 +106,7 @@ class BlockwiseCalibration(L.LightningModule):
         self.expert_targets: dict[str, torch.Tensor] = {}  # layer -> (batch, tokens, out), set per step
         self.quant_results: dict[str, QuantResult] = {}
         self.block_losses: dict[int, dict[str, float]] = {}
+        self.rtn_losses: dict[int, dict[str, float]] = {}
         self._hooks: list = []
         self._sample_weights: torch.Tensor | None = None
         self._finished_block = -1
@@ -193,7 +200,12 @@ class BlockwiseCalibration(L.LightningModule):
             if not self.owns(b):
                 self.inputs.append(None)
                 continue
-            inputs = self.adapter.capture_block_inputs(self.model, batch)
+            if self.input_cache is not None and b in self.input_cache:
+                inputs = self.input_cache[b]  # read only: advancing a block makes new BlockInputs
+            else:
+                inputs = self.adapter.capture_block_inputs(self.model, batch)
+                if self.input_cache is not None:
+                    self.input_cache[b] = inputs
             n = self.adapter.tokens_per_sample(inputs).to(torch.float64)  # (batch,)
             self.task_tokens.index_add_(0, tasks, n)
             self.inputs.append(inputs if self.cache_device is None else inputs.to(self.cache_device))
@@ -322,7 +334,7 @@ class BlockwiseCalibration(L.LightningModule):
         block = self.block(i)
         prefix = self.adapter.block_prefix(self.model, i)
         anchor = self.anchoring() if self.method == "epmq" else None
-        losses = {}
+        losses, rtn_losses = {}, {}
         for name, linear in self.adapter.linear_layers(block).items():
             W_m = linear.weight.detach()  # (out, in)
             if self.method == "rtn":
@@ -333,10 +345,13 @@ class BlockwiseCalibration(L.LightningModule):
                     raise ValueError(f"block {i} layer '{name}': no calibration tokens reached it")
                 W_star, H = anchor.target(i, name, stats.H, stats.C, W_m) if anchor else (W_m, stats.H)
                 result = gptq(W_star, H, self.spec)
+                rtn_losses[name] = rtn(W_star, self.spec, H=H).loss  # the baseline GPTQ must beat
             linear.weight.copy_(result.weight.to(linear.weight.dtype))
             self.quant_results[prefix + name] = _to_cpu(result)
             losses[name] = result.loss
         self.block_losses[i] = losses
+        if rtn_losses:
+            self.rtn_losses[i] = rtn_losses
         self.statistics = {}
         if self.method != "rtn" and i + 1 < self.num_blocks:
             device = self.trainer.strategy.root_device

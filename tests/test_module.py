@@ -11,7 +11,7 @@ import torch
 from callbacks.anchoring import MergedWeightAnchoring
 from callbacks.block_metrics import BlockMetrics, BlockProgressBar
 from callbacks.expert_cache import ExpertActivationCache
-from conftest import (SPEC, TASKS, CalibrationData, calibrate, calibration_set, load_state, trainer_for)
+from conftest import (SPEC, TASKS, CalibrationData, CalibrationSet, calibrate, calibration_set, load_state, trainer_for)
 from epmq.gptq import gptq
 from epmq.module import BlockwiseCalibration
 from epmq.pool import ExpertPool
@@ -256,3 +256,59 @@ def test_llama_adapter_block_kwargs_reproduce_the_models_own_layer_inputs():
                 expected = gptq(lin.weight, stats[n].H, SPEC)
                 assert torch.equal(module.quant_results[f"model.layers.{i}.{n}"].weight, expected.weight), (i, n)
                 lin.weight.copy_(expected.weight)
+
+
+def _epmq(merged_state, data, cache, strength=1.0, input_cache=None):
+    module = BlockwiseCalibration(load_state(merged_state), spec=SPEC, method="epmq", task_names=TASKS,
+                                  input_cache=input_cache)
+    trainer_for(module, [cache, MergedWeightAnchoring(strength)]).fit(module, datamodule=CalibrationData(data))
+    return module
+
+
+def test_kept_expert_targets_replay_exactly_and_only_for_the_same_batches(zoo, data, pool, monkeypatch):
+    live = _epmq(zoo["merged"], data, ExpertActivationCache(pool), strength=0.5)
+    cache = ExpertActivationCache(pool, keep=True)
+    first = _epmq(zoo["merged"], data, cache, strength=0.5)
+    assert len(cache.trace) == live.num_blocks
+    for key, W in block_weights(live).items():
+        assert torch.equal(block_weights(first)[key], W), key
+
+    # a replaying fit never reads the pool, and still gives the live weights (other strength too)
+    calls = []
+    monkeypatch.setattr(pool, "expert_subset", lambda *a, **k: calls.append(a) or {})
+    replayed = _epmq(zoo["merged"], data, cache, strength=0.5)
+    other = _epmq(zoo["base"].state_dict(), data, cache, strength=3.0)  # another merged model
+    assert calls == []
+    for key, W in block_weights(live).items():
+        assert torch.equal(block_weights(replayed)[key], W), key
+    reference = _epmq(zoo["base"].state_dict(), data, ExpertActivationCache(ExpertPool(zoo["root"] / "base",
+                                                                                         zoo["paths"])), 3.0)
+    for key, W in block_weights(reference).items():
+        assert torch.equal(block_weights(other)[key], W), key
+    monkeypatch.undo()
+
+    # other samples with the same task layout: the trace is recorded anew, not replayed
+    moved = CalibrationSet(data.pixel_values + 0.5, data.tasks)
+    fresh = _epmq(zoo["merged"], moved, ExpertActivationCache(pool), strength=0.5)
+    again = _epmq(zoo["merged"], moved, cache, strength=0.5)
+    for key, W in block_weights(fresh).items():
+        assert torch.equal(block_weights(again)[key], W), key
+
+
+def test_shared_block_inputs_and_gptq_beats_rtn_on_every_layer(zoo, data, pool):
+    shared: dict = {}
+    first = BlockwiseCalibration(load_state(zoo["merged"]), spec=SPEC, method="gptq", task_names=TASKS,
+                                 input_cache=shared)
+    trainer_for(first).fit(first, datamodule=CalibrationData(data))
+    assert len(shared) == len(CalibrationData(data).train_dataloader())
+    second = BlockwiseCalibration(load_state(zoo["merged"]), spec=SPEC, method="gptq", task_names=TASKS,
+                                  input_cache=shared)
+    trainer_for(second).fit(second, datamodule=CalibrationData(data))
+    for key, W in block_weights(first).items():
+        assert torch.equal(block_weights(second)[key], W), key
+    # GPTQ's loss under H never exceeds rounding the same weights to nearest under the same H
+    for i, losses in first.block_losses.items():
+        for name, loss in losses.items():
+            assert 0 <= loss <= first.rtn_losses[i][name] * (1 + 1e-9), (i, name)
+    assert sum(sum(v.values()) for v in first.block_losses.values()) < \
+        0.9 * sum(sum(v.values()) for v in first.rtn_losses.values())
