@@ -1,4 +1,9 @@
-"""Per-task evaluation with torchmetrics: one metric object per task, logged as `<prefix>/<task>/acc`."""
+"""Per-task evaluation with torchmetrics: one metric object per task, logged as `<prefix>/<task>/acc`.
+
+Besides accuracy the evaluator keeps each task's mean cross-entropy (negative log-likelihood of the
+true label, in nats): a smoother score than accuracy on a few hundred samples, which is what the
+anchor selection needs.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ from typing import Mapping
 
 import torch
 from lightning.pytorch import LightningModule
+import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 
@@ -17,8 +24,9 @@ class TaskEvaluator(LightningModule):
     the modules may share one tower (a merged or quantized model) or each be its own (experts).
     The test dataloaders come one per task, in `classifiers` order; dataloader i is scored with
     task i's classifier and its own MulticlassAccuracy (micro accuracy, in [0, 1]).
-    Logged: `<prefix>/<task>/acc` for each task and `<prefix>/avg_acc`, their unweighted mean;
-    kept in `results` (task -> accuracy, and "avg").
+    Logged: `<prefix>/<task>/acc` for each task, `<prefix>/avg_acc` (their unweighted mean) and
+    `<prefix>/avg_nll`; kept in `results` (task -> accuracy, and "avg") and `nll` (task -> mean
+    cross-entropy in nats, and "avg").
     """
 
     def __init__(self, classifiers: Mapping[str, nn.Module], num_classes: Mapping[str, int],
@@ -33,12 +41,15 @@ class TaskEvaluator(LightningModule):
         self.prefix = prefix
         self.accuracy = nn.ModuleDict(
             {t: MulticlassAccuracy(num_classes=num_classes[t], average="micro") for t in tasks})
+        self.cross_entropy = nn.ModuleDict({t: MeanMetric() for t in tasks})
         self.results: dict[str, float] = {}
+        self.nll: dict[str, float] = {}
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         task = self.tasks[dataloader_idx]
         logits = self.classifiers[task](batch["pixel_values"])
         self.accuracy[task].update(logits, batch["label"])
+        self.cross_entropy[task].update(F.cross_entropy(logits.float(), batch["label"], reduction="none"))
 
     def on_test_epoch_end(self) -> None:
         accs = {t: self.accuracy[t].compute() for t in self.tasks}
@@ -46,6 +57,10 @@ class TaskEvaluator(LightningModule):
             self.log(f"{self.prefix}/{t}/acc", acc, add_dataloader_idx=False, sync_dist=True)
         avg = torch.stack(list(accs.values())).mean()
         self.log(f"{self.prefix}/avg_acc", avg, add_dataloader_idx=False, sync_dist=True)
+        nll = {t: self.cross_entropy[t].compute() for t in self.tasks}
+        avg_nll = torch.stack(list(nll.values())).mean()
+        self.log(f"{self.prefix}/avg_nll", avg_nll, add_dataloader_idx=False, sync_dist=True)
         self.results = {t: float(a) for t, a in accs.items()} | {"avg": float(avg)}
-        for m in self.accuracy.values():
+        self.nll = {t: float(x) for t, x in nll.items()} | {"avg": float(avg_nll)}
+        for m in [*self.accuracy.values(), *self.cross_entropy.values()]:
             m.reset()

@@ -67,6 +67,8 @@ def quant_plan(quant: DictConfig) -> tuple[str, QuantSpec, list[Candidate]]:
     spec = QuantSpec(**{k: quant[k] for k in SPEC_FIELDS})
     if method != "epmq":
         return method, spec, [Candidate(math.inf, "output")]
+    if quant.get("select_by", "nll") not in SELECT_BY:
+        raise ValueError(f"quant.select_by must be one of {SELECT_BY}, got {quant.select_by!r}")
     strengths = quant.candidates.strength if quant.strength == "auto" else [quant.strength]
     forms = quant.candidates.form if quant.form == "auto" else [quant.form]
     strengths = [_strength(s) for s in strengths]
@@ -96,48 +98,52 @@ def _strength(value) -> float:
 def run(cfg: DictConfig) -> dict:
     """Merge, quantize and evaluate as `cfg` says; returns the report (also written to report.json).
 
-    The report's "objective" is the quantized model's average test accuracy, for sweepers.
+    The report's "objective" is the quantized model's average test accuracy, for sweepers. With a
+    `compare` node (`experiment=compare`) the run is epmq.compare.compare(cfg) instead.
     """
+    if cfg.get("compare"):
+        from epmq.compare import compare  # compare builds on this module's steps
+
+        return compare(cfg)
     start = time.perf_counter()
     quiet_lightning()
     method, spec, candidates = quant_plan(cfg.quant)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
-
-    suite = build(cfg.suite)
-    pool = ExpertPool(suite.base, suite.experts, merged=getattr(suite, "merged", None))
-    merged_state = merge(cfg, pool, suite)
-    data = suite.datamodule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
-    data.setup("fit")
+    suite, pool, merged_state, data = prepare(cfg)
     timings = {"setup_s": time.perf_counter() - start}
 
     metrics: dict[str, dict[str, float]] = {}
     if cfg.evaluate_references:
         t0 = time.perf_counter()
         metrics["experts"] = evaluate_experts(cfg, suite, pool, data)
-        metrics["merged"] = evaluate(cfg, suite, suite.tower(merged_state), data.test_dataloader(), "merged/test")
+        metrics["merged"] = evaluate(cfg, suite, suite.tower(merged_state), data.test_dataloader(),
+                                     "merged/test").results
         timings["reference_eval_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     selection, best = [], None
+    # E-PMQ's targets do not depend on the anchor: record them once, replay them for every candidate
+    expert_cache = ExpertActivationCache(pool, keep=len(candidates) > 1)
     for k, cand in enumerate(candidates):
         label = f"{cand.label} ({k + 1}/{len(candidates)})" if len(candidates) > 1 else ""
-        calib = calibrate(cfg, suite, pool, data, merged_state, method, spec, cand, label)
+        calib = calibrate(cfg, suite, pool, data, merged_state, method, spec, cand, label, expert_cache)
         if len(candidates) > 1:
-            score = evaluate(cfg, suite, calib.model, data.select_dataloader(), "select")["avg"]
-            selection.append({"strength": cand.strength, "form": cand.form, "select_avg_acc": score,
-                              "seconds": calib.seconds})
-            log.info("candidate %s: select accuracy %.2f", cand.label, 100 * score)
-            if best is None or score > best[0]:
-                best = (score, cand, calib)
+            scores = select_scores(cfg, suite, calib.model, data)
+            selection.append({"strength": cand.strength, "form": cand.form, **scores, "seconds": calib.seconds})
+            log.info("candidate %s: select accuracy %.2f, nll %.4f", cand.label,
+                     100 * scores["select_avg_acc"], scores["select_avg_nll"])
+            key = selection_key(scores, cfg.quant.select_by)
+            if best is None or key > best[0]:  # candidates come strongest first: ties keep the stronger
+                best = (key, cand, calib)
         else:
             best = (None, cand, calib)
+    del expert_cache
     _, chosen, calib = best
     timings["calibration_s"] = time.perf_counter() - t0
     timings["chosen_calibration_s"] = calib.seconds
 
     t0 = time.perf_counter()
-    metrics["quantized"] = evaluate(cfg, suite, calib.model, data.test_dataloader(), "test")
+    metrics["quantized"] = evaluate(cfg, suite, calib.model, data.test_dataloader(), "test").results
     timings["quantized_eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - start
 
@@ -156,6 +162,18 @@ def run(cfg: DictConfig) -> dict:
     if rank_zero_only.rank == 0:
         publish(cfg, report, suite.tasks, calib, out_dir)
     return report
+
+
+def prepare(cfg: DictConfig):
+    """Seed, then (suite, expert pool, merged state dict, set-up datamodule): the steps every job shares.
+    The pool validates every expert file before anything is merged."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    suite = build(cfg.suite)
+    pool = ExpertPool(suite.base, suite.experts, merged=getattr(suite, "merged", None))
+    merged_state = merge(cfg, pool, suite)
+    data = suite.datamodule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
+    data.setup("fit")
+    return suite, pool, merged_state, data
 
 
 def quiet_lightning() -> None:
@@ -205,18 +223,25 @@ class Calibration:
     seconds: float
 
 
-def calibrate(cfg, suite, pool, data, merged_state, method, spec, cand: Candidate, label: str = "") -> Calibration:
-    """Quantize a fresh copy of the merged model with one anchor setting; one fit epoch per block."""
+def calibrate(cfg, suite, pool, data, merged_state, method, spec, cand: Candidate, label: str = "",
+              expert_cache: ExpertActivationCache | None = None, input_cache: dict | None = None) -> Calibration:
+    """Quantize a fresh copy of the merged model with one anchor setting; one fit epoch per block.
+
+    expert_cache: an ExpertActivationCache to use (keep=True shares the experts' targets between
+    calibrations); None: a fresh one. input_cache: block-0 inputs shared between calibrations of
+    this same merged model (see BlockwiseCalibration).
+    """
     model = suite.tower(merged_state)
     # strength inf is GPTQ of the merged model exactly (W* = W_m): skip the experts' work
     effective = "gptq" if method == "epmq" and math.isinf(cand.strength) else method
-    module = BlockwiseCalibration(model, spec=spec, method=effective, task_names=suite.tasks)
+    module = BlockwiseCalibration(model, spec=spec, method=effective, task_names=suite.tasks,
+                                  input_cache=input_cache)
     module.label = label
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     if effective == "epmq":
-        callbacks += [ExpertActivationCache(pool), MergedWeightAnchoring(cand.strength, cand.form)]
+        callbacks += [expert_cache or ExpertActivationCache(pool), MergedWeightAnchoring(cand.strength, cand.form)]
     trainer = instantiate(cfg.trainer, max_epochs=module.num_blocks, callbacks=callbacks, logger=False)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=data)
@@ -225,11 +250,26 @@ def calibrate(cfg, suite, pool, data, merged_state, method, spec, cand: Candidat
     return Calibration(model, module, metrics.history if metrics else [], seconds)
 
 
-def evaluate(cfg, suite, tower, loaders, prefix: str) -> dict[str, float]:
-    """Per-task accuracy (in [0, 1], plus "avg") of `tower` with each task's head."""
+def evaluate(cfg, suite, tower, loaders, prefix: str) -> TaskEvaluator:
+    """`tower` with each task's head on the per-task loaders; .results: accuracy in [0, 1] per task
+    and "avg", .nll: mean cross-entropy in nats per task and "avg"."""
     evaluator = TaskEvaluator({t: suite.classifier(tower, t) for t in suite.tasks}, suite.num_classes, prefix)
     _test(cfg, evaluator, loaders)
-    return evaluator.results
+    return evaluator
+
+
+SELECT_BY = ("nll", "acc")
+
+
+def select_scores(cfg, suite, tower, data) -> dict[str, float]:
+    """Average accuracy and cross-entropy on the held-out selection samples (never test data)."""
+    evaluator = evaluate(cfg, suite, tower, data.select_dataloader(), "select")
+    return {"select_avg_acc": evaluator.results["avg"], "select_avg_nll": evaluator.nll["avg"]}
+
+
+def selection_key(scores: dict[str, float], select_by: str) -> float:
+    """Higher is better: -cross-entropy ("nll") or accuracy ("acc") on the selection samples."""
+    return -scores["select_avg_nll"] if select_by == "nll" else scores["select_avg_acc"]
 
 
 def evaluate_experts(cfg, suite, pool, data) -> dict[str, float]:

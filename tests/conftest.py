@@ -6,9 +6,16 @@ images (17 tokens, width 32), experts = base + small random task vectors saved w
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -16,6 +23,7 @@ from callbacks.anchoring import MergedWeightAnchoring
 from callbacks.expert_cache import ExpertActivationCache
 from epmq.merge import task_arithmetic
 from epmq.module import BlockwiseCalibration
+from epmq.offline.zoo import build_zoo
 from epmq.pool import ExpertPool
 from epmq.quant import QuantSpec
 
@@ -120,3 +128,58 @@ def zoo(tmp_path_factory):
                              scaling_factor=0.5)
     return {"root": root, "base": base, "experts": experts, "merged": merged,
             "paths": {task: root / task for task in TASKS}}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def zoo_cache(tmp_path_factory) -> Path:
+    """A cache folder holding the micro offline zoo (built once per test session)."""
+    cache = tmp_path_factory.mktemp("zoo-cache")
+    build_zoo("micro", cache_dir=cache, seed=0, progress=False)
+    return cache
+
+
+def make_cfg(out_dir: Path, zoo_cache: Path, *overrides: str):
+    """The composed train config with the micro suite, writing into out_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True, overrides=[
+            "suite.size=micro", f"suite.cache_dir={zoo_cache}", "suite.progress=false",
+            "data.calib_samples=8", "data.select_samples=8", "data.batch_size=8", "data.test_samples=48",
+            "trainer.enable_progress_bar=false", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+        cfg.hydra.runtime.output_dir = str(out_dir)
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def wandb_history(run_file: Path) -> dict:
+    """Every history row's metrics in an offline W&B run file, merged (later rows win).
+
+    The .wandb file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of records, each
+    with a 7-byte header (crc32, little-endian length, kind: 1 full, 2 first, 3 middle, 4 last)
+    and a chunk of a serialised wandb Record protobuf.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", f"{run_file} is not a W&B run file"
+    pos, block, payload, history = 7, 32768, b"", {}
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        payload += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(payload)
+            payload = b""
+            if record.WhichOneof("record_type") == "history":
+                history.update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                for i in record.history.item})
+    return history
