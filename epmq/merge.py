@@ -181,6 +181,12 @@ def _as_compute(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.detach().to(like.device, _compute_dtype(like))
 
 
+def check_experts(base: StateDict, experts: Experts) -> list[str]:
+    """Check every expert against base (keys, shapes, dtypes, equal integer buffers) before any
+    merge; returns base's floating-point keys in base's order. ValueError names the key and expert."""
+    return _check_pool(base, _named_experts(experts))
+
+
 def _named_experts(experts: Experts) -> list[tuple[str, StateDict]]:
     """(name, state dict) pairs: dict keys as names, or experts[i] for a list."""
     if isinstance(experts, Mapping):
