@@ -11,7 +11,6 @@ A suite is what a run's `suite:` config group instantiates (`_target_`). It answ
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch

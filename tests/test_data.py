@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from PIL import Image as PILImage
 
 from epmq.data import TaskDataModule, hub_id, load_task_dataset

@@ -1,0 +1,90 @@
+"""`experiment=compare` on the micro zoo: every method in one run, orderings that hold whatever the seed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import make_cfg, wandb_history
+from epmq.compare import compare_plan
+from epmq.run import run
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, zoo_cache):
+    out = tmp_path_factory.mktemp("compare")
+    cfg = make_cfg(out, zoo_cache, "experiment=compare", "compare.bits=[2,4]", "data.test_samples=null",
+                   "data.calib_samples=16", "compare.ablation.strength=[0,1,10000,inf]",
+                   "quant.candidates.strength=[0,1,inf]", "seed=1", "logger=wandb")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_SILENT", "true")
+        return out, run(cfg)
+
+
+def test_compare_writes_results_table_and_plots(compared):
+    out, results = compared
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["objective"] == pytest.approx(results["objective"])
+    methods = {(e["method"], e["bits"]) for e in on_disk["methods"]}
+    assert methods == {(m, b) for m in ("rtn", "gptq", "regmean_gptq", "epmq") for b in (2, 4)}
+    table = (out / "results.md").read_text()
+    for name in ("RTN", "GPTQ", "RegMean → GPTQ", "E-PMQ", "FP merged", "FP RegMean"):
+        assert name in table
+    for plot in ("per_task_acc", "avg_acc_vs_bits", "ablation"):
+        assert (out / "plots" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wandb_gets_the_table_the_plots_and_the_metrics(compared):
+    out, results = compared
+    runs = list(out.rglob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, runs
+    history = wandb_history(runs[0])
+    assert history["compare/results/_type"] == "table-file"
+    assert history["compare/results/nrows"] == len(results["methods"])  # one row per method and bit width
+    assert history["compare/plots/_type"] == "images/separated"
+    assert history["compare/plots/count"] == 3  # per-task, average against bits, ablation
+    gptq4 = next(e for e in results["methods"] if e["method"] == "gptq" and e["bits"] == 4)
+    assert history["compare/gptq/bits_4/test/avg_acc"] == pytest.approx(gptq4["test"]["avg"])
+    media = [p.suffix for p in runs[0].parent.rglob("media/**/*") if p.is_file()]
+    assert media.count(".png") == 3 and ".json" in media
+
+
+def test_orderings_that_hold_whatever_the_seed(compared):
+    _, results = compared
+    refs = results["references"]
+    for task in results["tasks"]:  # each expert beats the merge on its own task
+        assert refs["experts"]["test"][task] > refs["merged"]["test"][task], task
+    for e in results["methods"]:  # GPTQ never loses to rounding the same weights under the same H
+        if e["method"] != "rtn":
+            assert 0 < e["layer_loss"] <= e["rtn_layer_loss"], (e["method"], e["bits"])
+    # fewer bits cost more: GPTQ's summed layer loss grows from 4 to 2 bits
+    loss = {e["bits"]: e["layer_loss"] for e in results["methods"] if e["method"] == "gptq"}
+    assert loss[2] > loss[4]
+
+
+def test_shared_statistics_reproduce_the_separate_methods(compared):
+    _, results = compared
+    for bits in (2, 4):
+        gptq = next(e for e in results["methods"] if e["method"] == "gptq" and e["bits"] == bits)
+        inf_row = next(r for r in results["ablation"] if r["bits"] == bits and math.isinf(r["strength"]))
+        assert inf_row["test"] == gptq["test"]  # λ = inf through the shared caches is GPTQ exactly
+        # E-PMQ is the selection candidates' best on the selection samples (lowest cross-entropy)
+        epmq = next(e for e in results["methods"] if e["method"] == "epmq" and e["bits"] == bits)
+        pool = [r for r in results["ablation"] if r["bits"] == bits and r["strength"] in (0, 1, math.inf)]
+        best = min(pool, key=lambda r: r["select_avg_nll"])
+        assert epmq["anchor"] == {"strength": best["strength"], "form": best["form"]}
+        assert epmq["test"] == best["test"]
+        assert len([r for r in results["ablation"] if r["bits"] == bits]) == 7  # 3 strengths x 2 forms + inf
+
+
+def test_compare_rejects_bad_options_before_work(tmp_path, zoo_cache):
+    for override, message in (("compare.methods=[gptq,awq]", "compare.methods"),
+                              ("compare.bits=[1,4]", "bits"),
+                              ("compare.ablation.form=[diagonal]", "form"),
+                              ("compare.ablation.strength=[-1]", "strength")):
+        cfg = make_cfg(tmp_path, zoo_cache, "experiment=compare", override)
+        with pytest.raises(ValueError, match=message):
+            compare_plan(cfg)
