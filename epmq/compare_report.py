@@ -91,13 +91,14 @@ def methods_present(results: dict) -> list[str]:
 def ablation_curves(entries: Sequence[dict]) -> dict[str, list[tuple[float, float]]]:
     """form -> [(λ, test avg accuracy)] sorted by λ, from ablation entries of one bit width.
 
-    λ = ∞ is plain GPTQ whatever the form (W* = W_m), so it is listed once in results.json; it is
-    copied into every form's curve here so both lines end at the same GPTQ point.
+    λ = ∞ (plain GPTQ, W* = W_m) and λ = 0 (pure expert guidance, both forms reduce to
+    W* = (C + δ W_m)(H + δ I)⁻¹) do not depend on the form, so results.json lists each once; they are
+    copied into every form's curve here so both lines start and end at the same points.
     """
     curves: dict[str, dict[float, float]] = {}
     for entry in entries:
         curves.setdefault(entry["form"], {})[strength_value(entry["strength"])] = entry["test"]["avg"]
-    shared = {s: a for points in curves.values() for s, a in points.items() if math.isinf(s)}
+    shared = {s: a for points in curves.values() for s, a in points.items() if math.isinf(s) or s == 0}
     for points in curves.values():
         for s, a in shared.items():
             points.setdefault(s, a)
@@ -293,7 +294,10 @@ def draw_ablation(ax, curves: Sequence[tuple[str, list[tuple[float, float]], dic
     for label, s, value, style in marks:
         ax.plot([x[s]], [value], linestyle="none", label=label,
                 **{"marker": "*", "markersize": 13, "markeredgecolor": "black", **style})
-    ax.set_xticks([x[s] for s in strengths], [lambda_label(s) for s in strengths], fontsize=8)
+    # label 0, ∞ and the decades; other strengths get unlabelled minor ticks (labels would collide)
+    major = [s for s in strengths if s == 0 or math.isinf(s) or "10^" in lambda_label(s)]
+    ax.set_xticks([x[s] for s in major], [lambda_label(s) for s in major], fontsize=8)
+    ax.set_xticks([x[s] for s in strengths if s not in major], minor=True)
     ax.set_xlabel("anchor strength λ")
     ax.grid(alpha=0.3)
 

@@ -77,10 +77,10 @@ def quant_plan(quant: DictConfig) -> tuple[str, QuantSpec, list[Candidate]]:
         raise ValueError(f"quant.form must be 'auto' or one of {FORMS}, got {list(forms)}")
     if not strengths:
         raise ValueError("quant.candidates.strength is empty")
-    # Strongest anchoring first, so that ties go to the setting closest to plain GPTQ; inf is
-    # the same model whatever the form, so it is tried once.
+    # Strongest anchoring first, so that ties go to the setting closest to plain GPTQ. inf (W* = W_m)
+    # and 0 (W* = (C + δ W_m)(H + δI)⁻¹) are the same model whatever the form: tried once.
     candidates = [Candidate(s, f) for s in sorted(set(strengths), reverse=True) for f in forms]
-    return method, spec, [c for c in candidates if not (math.isinf(c.strength) and c.form != forms[0])]
+    return method, spec, [c for c in candidates if c.form == forms[0] or 0 < c.strength < math.inf]
 
 
 def _strength(value) -> float:
@@ -298,7 +298,8 @@ def publish(cfg, report: dict, tasks: list[str], calib: Calibration, out_dir: Pa
         for t, acc in metrics.get(name, {}).items():
             flat[f"{prefix}/avg_acc" if t == "avg" else f"{prefix}/{t}/acc"] = acc
     for s in report["selection"]:
-        flat[f"select/{s['form']}/strength_{s['strength']:g}/avg_acc"] = s["select_avg_acc"]
+        key = f"select/{s['form']}/strength_{s['strength']:g}"
+        flat[f"{key}/avg_acc"], flat[f"{key}/avg_nll"] = s["select_avg_acc"], s["select_avg_nll"]
     for logger_cfg in (cfg.logger or {}).values():
         logger = instantiate(logger_cfg)
         logger.log_hyperparams(report["config"])

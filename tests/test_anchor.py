@@ -144,6 +144,11 @@ def test_weight_form_limits():
     # the weight anchor is isotropic: at equal strength it shrinks the correction in every
     # input direction alike, so output and weight forms differ for an anisotropic H
     assert (relaxed_target(H, C, W_m, 1.0, form="weight") - relaxed_target(H, C, W_m, 1.0)).norm() > 1e-3
+    # ... but at strength 0 both are pure expert guidance, damped toward W_m alike: one model
+    # (so the anchor selection tries 0 once, like inf)
+    W_out, W_wt = (relaxed_target(H, C, W_m, 0.0, form=f, percdamp=0.05) for f in ("output", "weight"))
+    assert torch.allclose(W_out, W_wt, rtol=1e-12, atol=1e-12)
+    assert torch.equal(rounding_hessian(H, 0.0, "weight"), H)
 
 
 def test_accepts_float32_statistics_and_returns_float32():
