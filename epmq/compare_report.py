@@ -8,6 +8,21 @@ fractions; everything shown here is in percent. The drawing helpers (`draw_ablat
 `draw_avg_vs_bits`, `write_text_atomic`) are shared with scripts/results_doc.py, which aggregates seeds.
 Figures are built on matplotlib `Figure` objects (Agg canvas), never through pyplot, so importing this
 module changes no global backend.
+
+results.json (one suite, one merge, one seed; accuracies in [0, 1], times in seconds):
+
+    suite, tasks          the suite's description and its task names (report order)
+    merge                 {"name", "label" (for tables, e.g. "task arithmetic (λ=0.3)"), "config"}
+    seed, bits, group_size
+    references            {"experts" | "merged" | "regmean": {"test": {task: acc, "avg": acc}}}
+    methods               one entry per (method, bits): {"method": rtn | gptq | regmean_gptq | epmq,
+                          "bits", "test", "seconds", "layer_loss", "rtn_layer_loss", "anchor"}; E-PMQ's
+                          seconds cover its whole anchor selection, its anchor is {"strength", "form"};
+                          layer_loss is Σ_layers tr((Q − W*) H (Q − W*)ᵀ), rtn_layer_loss the same for
+                          round-to-nearest of the same W* under the same H (None for RTN)
+    ablation              one entry per (bits, form, strength): {"select_avg_acc", "select_avg_nll",
+                          "test", "seconds", ...}; strength ∞ is the JSON string "inf"
+    timings, config       wall times of the run's stages; the resolved Hydra config
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python scripts/results_doc.py logs/compare/multiruns/<date> [more folders or results.json ...] \
         --command "python train.py -m experiment=compare seed=0,1,2" [--command ...] \
-        [--out docs/RESULTS.md] [--figures docs/figures]
+        [--out docs/RESULTS.md] [--figures docs/figures] [--notes docs/results_notes.md]
 
 Reads every results.json below the given folders (written by `train.py experiment=compare`), groups the
 runs by (merge label, bits, method) and writes the markdown document plus figures/ablation.png and
@@ -251,13 +251,16 @@ def header_section(runs: list[dict], merges: dict[str, MergeRuns], commands: lis
 
 
 def document(runs: list[dict], merges: dict[str, MergeRuns], commands: list[str], doc_command: str,
-             figures: dict[str, str]) -> str:
-    """The whole markdown document; figures: name -> link relative to the document's folder."""
+             figures: dict[str, str], notes: str = "") -> str:
+    """The whole markdown document; figures: name -> link relative to the document's folder; notes:
+    the authors' reading of the numbers (markdown), placed after the automatic comparison."""
     parts = [header_section(runs, merges, commands, doc_command)]
     for label, merge in merges.items():
         parts += [f"## {label}", "### Full-precision references", references_table(merge),
                   "### Quantized", merge_table(merge)]
     parts += ["## Where E-PMQ stands", comparison_section(merges)]
+    if notes.strip():
+        parts.append(notes.strip())
     if "avg_acc_vs_bits" in figures:
         parts += ["## Average accuracy against bits", f"![average accuracy against bits]({figures['avg_acc_vs_bits']})"]
     if "ablation" in figures:
@@ -330,6 +333,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--figures", type=Path, default=Path("docs/figures"))
     parser.add_argument("--command", action="append", default=[],
                         help="a command that produced the runs (repeat for several)")
+    parser.add_argument("--notes", type=Path, default=None,
+                        help="a markdown file with the reading of the numbers, inserted after the comparison")
     args = parser.parse_args(argv)
     runs = load_runs(find_results(args.paths))
     merges = summarize(runs)
@@ -339,7 +344,8 @@ def main(argv: list[str] | None = None) -> Path:
              for name, p in written.items() if p is not None}
     shown = argv if argv is not None else sys.argv[1:]
     doc_command = shlex.join(["python", "scripts/results_doc.py", *map(str, shown)])
-    return write_text_atomic(args.out, document(runs, merges, args.command, doc_command, links))
+    notes = args.notes.read_text(encoding="utf-8") if args.notes else ""
+    return write_text_atomic(args.out, document(runs, merges, args.command, doc_command, links, notes))
 
 
 if __name__ == "__main__":

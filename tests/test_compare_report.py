@@ -1,5 +1,5 @@
-"""Tables, plots and the results document built from synthetic results.json dicts (schema of
-notes/results_schema.md) with known accuracies per seed."""
+"""Tables, plots and the results document built from synthetic results.json dicts (schema in
+epmq/compare_report.py) with known accuracies per seed."""
 
 from __future__ import annotations
 
@@ -160,9 +160,13 @@ def test_document_mean_std_bold_and_below(tmp_path):
     gptq_2, epmq_2 = [0.70, 0.71, 0.73], [0.66, 0.69, 0.70]
     write_runs(tmp_path / "runs", seed_runs(gptq_2, epmq_2))
     out = tmp_path / "docs" / "RESULTS.md"
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Why\n\nThe reading of the numbers.\n")
     results_doc.main([str(tmp_path / "runs"), "--out", str(out), "--figures", str(tmp_path / "docs" / "figures"),
-                      "--command", "python train.py -m experiment=compare seed=0,1,2"])
+                      "--command", "python train.py -m experiment=compare seed=0,1,2", "--notes", str(notes)])
     text = out.read_text()
+    assert text.index("## Where E-PMQ stands") < text.index("The reading of the numbers.") < \
+        text.index("## External reference")
     for name in ("RTN", "GPTQ", "RegMean → GPTQ", "E-PMQ"):
         assert f"| {name} |" in text
     assert f"**{mean_std_text(gptq_2)}**" in text  # GPTQ best at 2 bits
