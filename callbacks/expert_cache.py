@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from epmq.adapters import BlockInputs
+from epmq.module import loader_fingerprint
 from epmq.pool import ExpertPool, match_prefix
 
 
@@ -78,7 +79,7 @@ class ExpertActivationCache(L.Callback):
         if self.keep:  # what the targets depend on: tasks, batches (their samples) and this rank's share
             layout = (tuple(pl_module.task_names), tuple(tuple(t.tolist()) for t in pl_module.batch_tasks),
                       tuple(b for b, x in enumerate(pl_module.inputs) if x is not None),
-                      _fingerprint(pl_module.calibration_loader()))
+                      loader_fingerprint(pl_module.calibration_loader()))
         self._replay = (self.keep and self._trace_layout == layout
                         and len(self.trace) == pl_module.num_blocks)
         if self._replay:
@@ -176,11 +177,3 @@ class ExpertActivationCache(L.Callback):
         if self.keep and len(self.trace) != pl_module.num_blocks:  # an interrupted fit: do not replay it
             self.trace, self._trace_layout = {}, None
 
-
-def _fingerprint(loader) -> tuple[int, float]:
-    """(batches, Σ_b (b+1) Σ entries) of a loader's tensors: tells one calibration set from another."""
-    count, total = 0, 0.0
-    for b, batch in enumerate(loader):
-        count += 1
-        total += sum((b + 1) * v.double().sum().item() for v in batch.values() if isinstance(v, torch.Tensor))
-    return count, total

@@ -134,6 +134,10 @@ def compare(cfg: DictConfig) -> dict:
 def regmean_merge(suite, pool, data, alpha: float) -> dict:
     """RegMean of the experts, each expert's Grams from its own task's calibration samples."""
     base = suite.tower(pool.base_state_dict()).state_dict()
+    by_task = {t: [] for t in range(len(suite.tasks))}  # task index -> its calibration samples, batched
+    for batch in data.train_dataloader():
+        for t in batch["task"].unique().tolist():
+            by_task[t].append({k: v[batch["task"] == t] for k, v in batch.items()})
     experts, grams = {}, {}
     for t, task in enumerate(suite.tasks):
         tower = suite.tower(pool.expert_state_dict(task))
@@ -141,9 +145,7 @@ def regmean_merge(suite, pool, data, alpha: float) -> dict:
         layers = {adapter.block_prefix(tower, i) + name + ".weight": linear
                   for i, block in enumerate(adapter.blocks(tower))
                   for name, linear in adapter.linear_layers(block).items()}
-        batches = [adapter.model_inputs(tower, {k: v[batch["task"] == t] for k, v in batch.items()})
-                   for batch in data.train_dataloader() if (batch["task"] == t).any()]
-        grams[task] = gram_matrices(tower, layers, batches)
+        grams[task] = gram_matrices(tower, layers, [adapter.model_inputs(tower, b) for b in by_task[t]])
         experts[task] = tower.state_dict()
     return regmean(base, experts, grams, alpha)
 
