@@ -33,6 +33,7 @@ from epmq import compare_report
 from epmq.adapters import adapter_for
 from epmq.regmean import gram_matrices, regmean
 from epmq.report import write_json_atomic
+from epmq.tracking import close_logger
 from epmq.run import (Candidate, build, calibrate, evaluate, evaluate_experts, prepare, quant_plan,
                       quiet_lightning, resolved_config, select_scores, selection_key)
 
@@ -220,9 +221,7 @@ def publish(cfg, results: dict, out_dir: Path) -> None:
             images = [p for name, p in paths.items() if str(p).endswith(".png")]
             logger.log_image(key="compare/plots", images=[str(p) for p in images],
                              caption=[Path(p).stem for p in images])
-        logger.finalize("success")
-        if type(logger).__name__ == "WandbLogger":
-            logger.experiment.finish()
+        close_logger(logger)
     print("\n" + compare_report.markdown_table(results))
     print(f"results: {json_path}\nreport: {paths.get('markdown', out_dir / 'results.md')}")
 

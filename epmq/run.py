@@ -37,6 +37,7 @@ from epmq.module import METHODS, BlockwiseCalibration
 from epmq.pool import ExpertPool
 from epmq.quant import QuantSpec
 from epmq.report import accuracy_table, write_json_atomic
+from epmq.tracking import close_logger
 
 log = logging.getLogger(__name__)
 
@@ -306,9 +307,7 @@ def publish(cfg, report: dict, tasks: list[str], calib: Calibration, out_dir: Pa
         for record in calib.history:
             logger.log_metrics({k: v for k, v in record.items() if k != "block"}, step=record["block"])
         logger.log_metrics(flat, step=len(calib.history))
-        logger.finalize("success")
-        if type(logger).__name__ == "WandbLogger":
-            logger.experiment.finish()
+        close_logger(logger)
 
     names = {"experts": "experts (each on its task)", "merged": "merged (FP32)",
              "quantized": f"{report['method']} {report['quant']['spec']['bits']}-bit"}

@@ -156,8 +156,8 @@ def make_cfg(out_dir: Path, zoo_cache: Path, *overrides: str):
     return cfg
 
 
-def wandb_history(run_file: Path) -> dict:
-    """Every history row's metrics in an offline W&B run file, merged (later rows win).
+def wandb_records(run_file: Path):
+    """The records of an offline W&B run file, in order (wandb Record protobufs).
 
     The .wandb file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of records, each
     with a 7-byte header (crc32, little-endian length, kind: 1 full, 2 first, 3 middle, 4 last)
@@ -167,7 +167,7 @@ def wandb_history(run_file: Path) -> dict:
 
     data = run_file.read_bytes()
     assert data[:4] == b":W&B", f"{run_file} is not a W&B run file"
-    pos, block, payload, history = 7, 32768, b"", {}
+    pos, block, payload = 7, 32768, b""
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
@@ -179,7 +179,20 @@ def wandb_history(run_file: Path) -> dict:
             record = pb.Record()
             record.ParseFromString(payload)
             payload = b""
-            if record.WhichOneof("record_type") == "history":
-                history.update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                                for i in record.history.item})
+            yield record
+
+
+def wandb_history(run_file: Path) -> dict:
+    """Every history row's metrics in an offline W&B run file, merged (later rows win)."""
+    history = {}
+    for record in wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            history.update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                            for i in record.history.item})
     return history
+
+
+def wandb_finished(run_file: Path) -> bool:
+    """Whether the run file ends with the run's exit record (the run was closed and flushed)."""
+    kinds = [r.WhichOneof("record_type") for r in wandb_records(run_file)]
+    return bool(kinds) and kinds[-1] == "exit"

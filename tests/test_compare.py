@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import make_cfg, wandb_history
+from conftest import make_cfg, wandb_finished, wandb_history
 from epmq.compare import compare_plan
 from epmq.run import run
 
@@ -41,6 +41,7 @@ def test_wandb_gets_the_table_the_plots_and_the_metrics(compared):
     out, results = compared
     runs = list(out.rglob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, runs
+    assert wandb_finished(runs[0])  # complete when the job returns
     history = wandb_history(runs[0])
     assert history["compare/results/_type"] == "table-file"
     assert history["compare/results/nrows"] == len(results["methods"])  # one row per method and bit width

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, make_cfg, wandb_history
+from conftest import ROOT, make_cfg, wandb_finished, wandb_history
 from epmq.run import run
 
 
@@ -91,6 +91,8 @@ def test_wandb_offline_run_records_test_metrics(tmp_path, zoo_cache, monkeypatch
     report = run(cfg)
     runs = list(tmp_path.rglob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, f"expected one offline W&B run under {tmp_path}, found {runs}"
+    # complete as soon as run() returns: W&B's finish() alone leaves the file's tail unwritten
+    assert wandb_finished(runs[0]), "the W&B run file lacks its exit record when run() returns"
     history = wandb_history(runs[0])
     assert history["test/avg_acc"] == pytest.approx(report["objective"])
     for task in report["suite"]["tasks"]:
