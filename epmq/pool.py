@@ -17,6 +17,14 @@ Sources, per model:
 Key spaces: all keys are reported in the base's key space. A checkpoint whose keys carry an extra
 wrapper prefix (transformers 4 saved CLIPVisionModel as 'vision_model.encoder...', transformers 5
 has no prefix) is matched by stripping or adding that one prefix.
+
+Merging without holding the experts: `pool.lazy_expert(task)` and `pool.lazy_base()` are read-only
+Mappings in the base's key space (LazyStateDict) whose `view[key]` reads that one tensor from disk
+and whose `view.spec(key)` gives its (shape, dtype) from the file headers without reading it. The
+merges of epmq.merge take them in place of state dicts; `pool.merge(merger)` is the entry point:
+it returns the same tensors, bit for bit, as `merger(pool.base_state_dict(), {t:
+pool.expert_state_dict(t) ...})`, while holding one tensor per expert at a time (see epmq.merge for
+each merge's peak memory).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -167,13 +176,98 @@ class _Checkpoint:
         """The tensors of `keys` (the file's own key space)."""
         return dict(self.iter_tensors(keys))
 
+    def read(self, key: str, cache: dict | None = None) -> torch.Tensor:
+        """The one tensor `key` (the file's own key space), on the CPU.
+
+        safetensors: only that tensor leaves the disk, as a new tensor the caller owns (writes to
+        it never reach the file). Pickles cannot be read in part: the whole file is loaded and kept
+        in `cache` (at most one file: {path: state dict}) so that the next key of the same file
+        does not load it again, and the tensor returned is the kept one: do not write into it.
+        Without a cache every call loads the whole file.
+        """
+        file = self.files[key]
+        if file.name.endswith(SAFE_SUFFIXES):
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_tensor(key)
+        if cache is None:
+            return self._load_pickle(file)[key]
+        if file not in cache:
+            cache.clear()  # drop the previous shard before loading the next one
+            cache[file] = self._load_pickle(file)
+        return cache[file][key]
+
+
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                torch.uint8: "U8", torch.bool: "BOOL"}
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+# float8 and unsigned types, spelt as safetensors spells them, where this torch has them
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+        _DTYPE_NAMES[getattr(torch, _attr)] = _name
+
 
 def _dtype_name(dtype: torch.dtype) -> str:
     """torch dtype in safetensors' spelling (F32, BF16, ...)."""
-    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-             torch.uint8: "U8", torch.bool: "BOOL"}
-    return names.get(dtype, str(dtype))
+    return _DTYPE_NAMES.get(dtype, str(dtype))
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    """Inverse of _dtype_name: 'F32' -> torch.float32, 'torch.complex64' -> torch.complex64."""
+    if name in _DTYPES:
+        return _DTYPES[name]
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown tensor dtype '{name}'")
+    return dtype
+
+
+class LazyStateDict(Mapping):
+    """A read-only state dict of one checkpoint whose tensors stay on disk until asked for.
+
+    `view[key]` reads just that tensor (base key space; a new CPU tensor) each time it is asked
+    for: nothing is cached, so what the caller drops is freed. `view.spec(key)` is its
+    (torch.Size, torch.dtype) from the file headers, with no read. Iterating, `len` and `in` use
+    the key list only; `items()` and `values()` read every tensor, one per step.
+
+    Pickle checkpoints (.bin/.pt/.pth) cannot be read in part: the first key of a file loads that
+    whole file and the view keeps it (one file at a time: a sharded pickle holds one shard) until
+    a key of another file is read or the view is dropped, and hands out that file's tensors
+    themselves (read-only by contract, as for every input of epmq.merge). Convert to .safetensors
+    to merge such experts one tensor at a time.
+
+    Args:
+        ckpt: the checkpoint on disk.
+        fkeys: base key -> key in the file, in the base's order (the pool's key mapping).
+    """
+
+    def __init__(self, ckpt: _Checkpoint, fkeys: Mapping[str, str]):
+        self._ckpt, self._fkeys = ckpt, dict(fkeys)
+        self._pickle_cache: dict = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._ckpt.read(self._fkeys[key], self._pickle_cache)
+
+    def __contains__(self, key) -> bool:
+        return key in self._fkeys  # Mapping's default would read the tensor to find out
+
+    def __iter__(self):
+        return iter(self._fkeys)
+
+    def __len__(self) -> int:
+        return len(self._fkeys)
+
+    def spec(self, key: str) -> tuple[torch.Size, torch.dtype]:
+        """(shape, dtype) of view[key], from the headers (safetensors) or the loaded pickle's meta."""
+        shape, dtype = self._ckpt.meta[self._fkeys[key]]
+        return torch.Size(shape), _torch_dtype(dtype)
+
+    def __repr__(self) -> str:
+        return f"LazyStateDict({self._ckpt.source!r}, keys={len(self)})"
 
 
 def match_prefix(keys: Iterable[str], reference: Iterable[str]) -> tuple[str, str]:
@@ -215,6 +309,12 @@ class ExpertPool:
     All validation happens here, before any calibration: a missing file, an unknown or missing
     key, a shape or dtype that differs from the base, or a non-finite weight raises ValueError
     naming the file and key.
+
+    Merging: `pool.merge(merger)` merges the experts tensor by tensor through lazy views
+    (lazy_base, lazy_expert), never holding an expert's full state dict. A base given in memory
+    (nn.Module or state dict) is merged from memory as before (its view reads nothing from disk);
+    experts are always files. A merged model brought with `merged=` is untouched by this: read it
+    with merged_state_dict() as before.
     """
 
     def __init__(self, base, experts: Mapping[str, object], merged=None, allow_pickle: bool = False,
@@ -302,6 +402,32 @@ class ExpertPool:
         """Expert `task`'s tensors for `keys` (base key space; default all), freshly read from disk."""
         ckpt = self._expert(task)
         return self._load(None, ckpt, self._maps[task], self.keys() if keys is None else list(keys))
+
+    # -- lazy views, for merging tensor by tensor -------------------------------------------
+    def lazy_expert(self, task: str) -> LazyStateDict:
+        """Expert `task` as a read-only Mapping in the base's key space whose tensors are read from
+        disk one at a time, on access (see LazyStateDict); .spec(key) gives (shape, dtype) unread."""
+        ckpt, mapping = self._expert(task), self._maps[task]
+        return LazyStateDict(ckpt, {k: mapping[k] for k in self.base_meta})  # in the base's order
+
+    def lazy_base(self) -> Mapping[str, torch.Tensor]:
+        """The base as a read-only Mapping: a LazyStateDict when it is a file; a read-only view of the
+        in-memory state dict (no copy: merges never write into their inputs) when it was given as
+        an nn.Module or a state dict."""
+        if self._base_sd is not None:
+            return MappingProxyType(self._base_sd)
+        return LazyStateDict(self._base_ckpt, {k: k for k in self.base_meta})
+
+    def merge(self, merger: Callable, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """merger(base, experts) of `tasks` (default all, in the pool's order) through lazy views.
+
+        `merger` is one of epmq.merge's merges (SimpleAverage, TaskArithmetic, TiesMerging, or the
+        functions): the result equals, bit for bit, merger(base_state_dict(), {t:
+        expert_state_dict(t)}) while no expert is held whole (peak memory: epmq.merge's docstring).
+        Returns a new state dict in the base's key space, order and dtypes.
+        """
+        tasks = self.tasks if tasks is None else list(tasks)
+        return merger(self.lazy_base(), {t: self.lazy_expert(t) for t in tasks})
 
     def expert_subset(self, task: str, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
         """Expert `task`'s tensors whose (base-space) key satisfies `keep`."""

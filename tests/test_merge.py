@@ -1,10 +1,11 @@
 import math
+from collections.abc import Mapping
 
 import pytest
 import torch
 
-from epmq.merge import (SimpleAverage, TaskArithmetic, TiesMerging, simple_average, task_arithmetic,
-                        ties_merging)
+from epmq.merge import (SimpleAverage, TaskArithmetic, TiesMerging, _kth_smallest, check_experts,
+                        simple_average, task_arithmetic, ties_merging)
 
 
 def state_dict(seed, scale=1.0, dtype=torch.float32):
@@ -225,3 +226,61 @@ def test_readable_repr():
     assert repr(TiesMerging()) == "TiesMerging(scaling_factor=0.3, threshold=20, merge_func='sum')"
     assert repr(TaskArithmetic(0.5)) == "TaskArithmetic(scaling_factor=0.5)"
     assert repr(SimpleAverage()) == "SimpleAverage()"
+
+
+class Headers(Mapping):
+    """A state dict that offers spec(key) and counts reads, as a lazy view of a file would."""
+
+    def __init__(self, sd):
+        self.sd, self.reads = sd, []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.sd[key].clone()
+
+    def __iter__(self):
+        return iter(self.sd)
+
+    def __len__(self):
+        return len(self.sd)
+
+    def __contains__(self, key):
+        return key in self.sd
+
+    def spec(self, key):
+        return self.sd[key].shape, self.sd[key].dtype
+
+
+def test_checks_of_mappings_with_headers_read_only_integer_buffers():
+    base = state_dict(0)
+    good, bad_shape = finetuned(base, 1), finetuned(base, 2)
+    bad_shape["head.weight"] = torch.zeros(4, 2)
+    bad_dtype = dict(good, **{"layer.weight": good["layer.weight"].double()})
+    bad_buffer = dict(good, **{"embeddings.position_ids": torch.arange(6).flip(0).unsqueeze(0)})
+    views = {"mnist": Headers(good), "svhn": Headers(finetuned(base, 3))}
+    assert check_experts(Headers(base), views) == float_keys(base)
+    assert all(v.reads == ["embeddings.position_ids"] for v in views.values())
+    for bad, match in [(bad_shape, "head.weight.*shape"), (bad_dtype, "layer.weight.*dtype"),
+                       (bad_buffer, "embeddings.position_ids")]:
+        with pytest.raises(ValueError, match=f"'svhn'.*{match}"):
+            check_experts(base, {"mnist": Headers(good), "svhn": Headers(bad)})
+
+
+@pytest.mark.parametrize("merge", [SimpleAverage(), TaskArithmetic(0.5), TiesMerging(0.5, 20, "max")])
+def test_mappings_with_headers_merge_bit_for_bit_like_dicts(merge):
+    base = state_dict(0, dtype=torch.bfloat16)
+    experts = {f"t{s}": finetuned(base, s) for s in (1, 2, 3)}
+    expected = merge(base, experts)
+    got = merge(Headers(base), {t: Headers(e) for t, e in experts.items()})
+    assert list(got) == list(expected)
+    assert all(got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_in_place_selection_is_kthvalue(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10_001, generator=g).to(dtype).abs()
+    x[::7] = x[3]  # many ties
+    for k in (1, 2, 500, 5_000, 10_001):
+        got = _kth_smallest(x.clone(), k)
+        assert got.dtype == dtype and got.shape == () and torch.equal(got, x.kthvalue(k).values)

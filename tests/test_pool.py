@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import itertools
 import json
+import weakref
+from collections import Counter
 
 import pytest
 import torch
@@ -10,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TASKS, tiny_model
 from epmq.adapters import CLIPVisionAdapter
-from epmq.pool import ExpertPool, match_prefix
+from epmq.merge import SimpleAverage, TaskArithmetic, TiesMerging, check_experts
+from epmq.pool import ExpertPool, _Checkpoint, match_prefix
 
 
 class NotATensor:
@@ -31,7 +36,8 @@ def test_loads_whole_experts_and_single_blocks(zoo):
     full = pool.expert_state_dict("svhn")
     assert full.keys() == expert.keys() and all(torch.equal(full[k], expert[k]) for k in expert)
 
-    prefix = CLIPVisionAdapter().block_prefix(zoo["base"], 1)
+    adapter = CLIPVisionAdapter()
+    prefix = adapter.block_prefix(adapter.stages(zoo["base"])[0], 1)
     block = pool.expert_block("svhn", prefix)
     # exactly block 1's tensors, relative names that load strictly into a block module
     assert set(block) == {k[len(prefix):] for k in expert if k.startswith(prefix)}
@@ -129,3 +135,135 @@ def test_pickles_load_weights_only_and_full_unpickling_needs_opt_in(zoo, tmp_pat
         ExpertPool(zoo["base"], {"mnist": rigged})
     pool = ExpertPool(zoo["base"], {"mnist": rigged}, allow_pickle=True)
     assert set(pool.expert_state_dict("mnist")) == set(zoo["base"].state_dict())
+
+
+# -- merging through lazy views ----------------------------------------------------------------
+class LiveReads:
+    """Spy on the pool's tensor reader (_Checkpoint.read): every tensor it returns is followed until
+    it is garbage. Records reads per (file, key) and, at each read, how many distinct keys and how
+    many tensors of each checkpoint are alive; a merge that holds whole experts shows up as many keys."""
+
+    def __init__(self, monkeypatch):
+        self.reads = Counter()                  # (source, base key) -> times read
+        self.alive: dict[int, tuple[str, str]] = {}
+        self.peak_keys, self.peak_alive = 0, Counter()  # source -> most tensors alive at once
+        tokens = itertools.count()
+        real = _Checkpoint.read
+
+        def read(ckpt, key, cache=None):
+            t = real(ckpt, key, cache)
+            where = (ckpt.source, key.removeprefix("vision_model."))
+            self.reads[where] += 1
+            token = next(tokens)
+            self.alive[token] = where
+            weakref.finalize(t, self.alive.pop, token, None)
+            self.peak_keys = max(self.peak_keys, len({k for _, k in self.alive.values()}))
+            self.peak_alive |= Counter(s for s, _ in self.alive.values())  # |: elementwise max
+            return t
+
+        monkeypatch.setattr(_Checkpoint, "read", read)
+
+    def reset(self):
+        gc.collect()
+        self.reads.clear()
+        self.peak_keys, self.peak_alive = 0, Counter()
+
+    def peak_per_expert(self) -> int:
+        return max(n for source, n in self.peak_alive.items() if "base" not in source)
+
+
+def _model(seed, dtype, scale=1.0):
+    """A small model with an integer buffer, a scalar and several tensor shapes."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"embed.weight": (10, 8), "layers.0.attn.weight": (8, 8), "layers.0.attn.bias": (8,),
+              "layers.0.mlp.weight": (16, 8), "layers.1.attn.weight": (8, 8), "layers.1.mlp.weight": (16, 8),
+              "logit_scale": ()}
+    sd = {"embed.position_ids": torch.arange(6).unsqueeze(0)}
+    sd.update({k: (scale * torch.randn(s, generator=g)).to(dtype) for k, s in shapes.items()})
+    return sd
+
+
+def _save_experts(root, base, dtype):
+    """Three experts in three layouts: one file, a 'vision_model.'-prefixed file, a sharded folder."""
+    experts = {}
+    for i, task in enumerate(("mnist", "svhn", "dtd")):
+        noise = _model(10 + i, dtype, scale=0.1)
+        experts[task] = {k: (v + noise[k]).to(dtype) if v.is_floating_point() else v.clone() for k, v in base.items()}
+    save_file(experts["mnist"], str(root / "mnist.safetensors"))
+    save_file({"vision_model." + k: v for k, v in experts["svhn"].items()}, str(root / "svhn.safetensors"))
+    shards, keys = root / "dtd", sorted(experts["dtd"])
+    shards.mkdir()
+    halves = {"a.safetensors": keys[::2], "b.safetensors": keys[1::2]}
+    for name, ks in halves.items():
+        save_file({k: experts["dtd"][k] for k in ks}, str(shards / name))
+    weight_map = {k: name for name, ks in halves.items() for k in ks}
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return {"mnist": root / "mnist.safetensors", "svhn": root / "svhn.safetensors", "dtd": shards}
+
+
+MERGERS = [(SimpleAverage(), 1), (TaskArithmetic(0.4), 1), (TiesMerging(0.5, 30, "mean"), 3)]
+
+
+@pytest.mark.parametrize("base_on_disk", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lazy_merge_equals_loaded_merge_and_reads_one_tensor_at_a_time(tmp_path, monkeypatch, dtype, base_on_disk):
+    base = _model(0, dtype)
+    paths = _save_experts(tmp_path, base, dtype)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    pool = ExpertPool(tmp_path / "base.safetensors" if base_on_disk else base, paths)
+    float_keys = {k for k, v in base.items() if v.is_floating_point()}
+    spy = LiveReads(monkeypatch)
+
+    view = pool.lazy_expert("svhn")  # keys in the base's space, though the file says 'vision_model.'
+    assert list(view) == pool.keys() and len(view) == len(base) and "embed.weight" in view
+    assert "vision_model.embed.weight" not in view
+    assert view.spec("layers.0.mlp.weight") == (torch.Size([16, 8]), dtype)
+    assert not spy.reads  # keys, membership and specs come from the headers
+    assert torch.equal(view["embed.weight"], load_file(str(paths["svhn"]))["vision_model.embed.weight"])
+
+    # the checks read the integer buffer, nothing else
+    spy.reset()
+    assert set(check_experts(pool.lazy_base(), {t: pool.lazy_expert(t) for t in pool.tasks})) == float_keys
+    assert {k for _, k in spy.reads} == {"embed.position_ids"}
+
+    for merger, reads_per_tensor in MERGERS:
+        loaded = merger(pool.base_state_dict(), {t: pool.expert_state_dict(t) for t in pool.tasks})
+        spy.reset()
+        merged = pool.merge(merger)
+        # (a) bit for bit the merge of the loaded state dicts
+        assert list(merged) == list(loaded)
+        for k in loaded:
+            assert merged[k].dtype == loaded[k].dtype and torch.equal(merged[k], loaded[k]), (merger, k)
+        # (b) only one key's tensors alive at any time, at most one per expert (two of the base's,
+        # for a moment, when a loop reads the next copy before dropping the last)
+        assert spy.peak_keys == 1, merger
+        assert spy.peak_per_expert() == 1, merger
+        assert max(spy.peak_alive.values()) <= 2, merger
+        expert_reads = {k: n for (source, k), n in spy.reads.items() if "base" not in source}
+        assert set(expert_reads) == set(base)  # every expert tensor was needed ...
+        assert max(expert_reads.values()) == reads_per_tensor  # ... and read only per pass
+
+    # the spy is not blind: merging loaded copies of the same views holds every key at once
+    spy.reset()
+    TaskArithmetic(0.4)(pool.lazy_base(), {t: dict(pool.lazy_expert(t)) for t in pool.tasks})
+    assert spy.peak_keys == len(base) and spy.peak_per_expert() == len(base)
+
+
+def test_lazy_pickle_expert_is_loaded_once_and_merges_the_same(tmp_path, monkeypatch):
+    base = _model(0, torch.float32)
+    paths = _save_experts(tmp_path, base, torch.float32)
+    torch.save(load_file(str(paths["mnist"])), tmp_path / "mnist.bin")
+    pool = ExpertPool(base, {"mnist": tmp_path / "mnist.bin", "svhn": paths["svhn"]})
+    loads, real = Counter(), _Checkpoint._load_pickle
+
+    def counted(ckpt, file):
+        loads[file.name] += 1
+        return real(ckpt, file)
+
+    monkeypatch.setattr(_Checkpoint, "_load_pickle", counted)
+    for merger, _ in MERGERS:
+        loaded = merger(pool.base_state_dict(), {t: pool.expert_state_dict(t) for t in pool.tasks})
+        loads.clear()
+        merged = pool.merge(merger)
+        assert loads == {"mnist.bin": 1}  # one view per merge, the file loaded once and kept by it
+        assert all(torch.equal(merged[k], loaded[k]) for k in loaded)
