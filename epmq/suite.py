@@ -3,7 +3,8 @@
 A suite is what a run's `suite:` config group instantiates (`_target_`). It answers:
 
     tasks, num_classes      the task names and their label counts
-    base, experts           model sources for epmq.pool.ExpertPool (folders, files or hub ids)
+    base, experts, merged   model sources for epmq.pool.ExpertPool (folders, files or hub ids;
+                            merged: None unless the user brings a merged model)
     tower(state_dict)       a model of the suite's family holding the given weights
     classifier(tower, t)    an nn.Module: pixel_values (B, C, H, W) -> logits (B, num_classes[t])
     datamodule(**data)      the per-task epmq.data.TaskDataModule (calibration, selection, test)
@@ -31,13 +32,19 @@ class OfflineSuite:
         seed: the zoo's seed (data splits, pretraining, experts).
         tasks: a subset of the zoo's tasks, in the order to report them (None: all).
         progress: show the builder's progress bars.
+        merged: a merged model to quantize instead of merging (`merge=none`): a save_pretrained
+            folder, a weights file or a hub id, in the zoo's architecture.
+        root: a zoo folder built earlier (e.g. on another machine), used as it is instead of
+            building or looking up the cache; size, cache_dir and seed are then ignored.
     """
 
     name = "offline"
 
     def __init__(self, size: str = "default", cache_dir: str | None = None, seed: int = 0,
-                 tasks: Sequence[str] | None = None, progress: bool = True):
-        self.zoo = open_zoo(build_zoo(size, cache_dir, seed, progress))
+                 tasks: Sequence[str] | None = None, progress: bool = True, merged: str | None = None,
+                 root: str | None = None):
+        self.zoo = open_zoo(root if root else build_zoo(size, cache_dir, seed, progress))
+        self.merged = merged
         known = self.zoo.tasks
         self.tasks = list(tasks) if tasks else known
         unknown = [t for t in self.tasks if t not in known]
@@ -66,6 +73,6 @@ class OfflineSuite:
         return TaskDataModule(self.tasks, root_or_hub=self.zoo.root / "data", **data)
 
     def describe(self) -> dict:
-        """What the report records about the suite."""
+        """What the report records about the suite, with the hash of the zoo weights the run used."""
         return {"name": self.name, "root": str(self.zoo.root), "tasks": self.tasks,
-                "fingerprint": self.zoo.manifest["fingerprint"]}
+                "fingerprint": self.zoo.manifest["fingerprint"], "weights_sha256": self.zoo.weights_sha256}

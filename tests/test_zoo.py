@@ -1,10 +1,15 @@
 """The offline zoo builder (micro size): layout, manifest, loading, determinism, cache, classifier."""
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionModel
 
 from epmq.offline import zoo as zoo_mod
@@ -12,7 +17,8 @@ from epmq.offline.classifier import CLIPClassifier, accuracy, load_head, tower_s
 from epmq.offline.heads import fit_head
 from epmq.offline.pretrain import rotate_batch
 from epmq.offline.sources import TASKS
-from epmq.offline.zoo import SIZES, build_zoo, default_cache_dir, open_zoo
+from epmq.offline.zoo import SIZES, build_zoo, default_cache_dir, open_zoo, weights_sha256
+from epmq.suite import OfflineSuite
 
 MICRO = SIZES["micro"]
 
@@ -30,6 +36,7 @@ def test_layout_and_manifest(built):
     assert manifest["num_classes"] == {"mnist": 10, "fashion_mnist": 10, "digits": 10, "textures": 3}
     assert manifest["config"]["model"] == MICRO.model
     assert len(manifest["fingerprint"]) == 64 and root.name.endswith(manifest["fingerprint"][:16])
+    assert manifest["weights_sha256"] == weights_sha256(root) and len(manifest["weights_sha256"]) == 64
     for name in ("base", "experts"):
         assert set(manifest["metrics"][name]) == set(TASKS) | {"avg"}
     for folder in [root / "base"] + [root / "experts" / t for t in TASKS]:
@@ -86,6 +93,70 @@ def test_same_seed_rebuilds_identically_elsewhere(built, tmp_path):
     for rel in ("base/model.safetensors", "experts/digits/model.safetensors", "heads/mnist.safetensors"):
         a, b = load_file(str(root / rel)), load_file(str(again / rel))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert open_zoo(again).verify_weights() == open_zoo(root).weights_sha256
+
+
+# Builds the micro zoo under the thread count given in argv[1] (also set in the environment by the
+# caller, so MKL and OpenMP start with it) and prints the manifest's and the recomputed weights hash.
+_BUILD_WITH_THREADS = """
+import json, sys, torch
+threads, cache = int(sys.argv[1]), sys.argv[2]
+torch.set_num_threads(threads)
+from epmq.offline.zoo import build_zoo, open_zoo, weights_sha256
+root = build_zoo("micro", cache_dir=cache, seed=0, progress=False)
+print(json.dumps({"manifest": open_zoo(root).weights_sha256, "files": weights_sha256(root),
+                  "threads_after": torch.get_num_threads()}))
+"""
+
+
+def test_weights_do_not_depend_on_the_callers_threads(built, tmp_path):
+    # Without the builder's fixed thread count, 1 and 2 threads gave different micro weights.
+    _, root = built
+    runs = {}
+    for threads in (1, 2):  # both at once: each build holds one thread
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        runs[threads] = subprocess.Popen(
+            [sys.executable, "-c", _BUILD_WITH_THREADS, str(threads), str(tmp_path / f"cache-{threads}")],
+            env=env, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = {}
+    for threads, proc in runs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        results[threads] = json.loads(out.strip().splitlines()[-1])
+    for threads, r in results.items():
+        assert r["threads_after"] == threads  # the caller's setting is restored
+        assert r["files"] == r["manifest"]
+    assert results[1]["manifest"] == results[2]["manifest"] == open_zoo(root).weights_sha256
+
+
+def test_build_settings_are_restored_after_an_error():
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(RuntimeError, match="boom"):
+        with zoo_mod._reproducible(1):
+            assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+            raise RuntimeError("boom")
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+
+
+def test_verify_weights_catches_changed_files(built, tmp_path):
+    _, root = built
+    copy = tmp_path / "zoo"
+    for name in ("base", "experts", "heads"):
+        shutil.copytree(root / name, copy / name)
+    shutil.copy(root / "zoo.json", copy / "zoo.json")
+    zoo = open_zoo(copy)
+    assert zoo.verify_weights() == zoo.weights_sha256
+    head = load_file(str(copy / "heads" / "digits.safetensors"))
+    head["bias"][0] += 1e-3
+    save_file(head, str(copy / "heads" / "digits.safetensors"))
+    with pytest.raises(ValueError, match="does not match"):
+        zoo.verify_weights()
+
+
+def test_suite_report_names_the_weights(built):
+    cache, root = built
+    described = OfflineSuite("micro", cache_dir=str(cache), progress=False).describe()
+    assert described["weights_sha256"] == open_zoo(root).weights_sha256
 
 
 def test_second_build_is_a_cache_hit(built, caplog):

@@ -2,7 +2,8 @@
 
 Layout of a zoo root (every model through save_pretrained, so pools load it like hub experts):
 
-    zoo.json                  manifest: tasks, num_classes, config, fingerprint, FP test metrics
+    zoo.json                  manifest: tasks, num_classes, config, fingerprint, weights_sha256,
+                              FP test metrics
     base/                     CLIPVisionModel.save_pretrained (safetensors)
     experts/<task>/           CLIPVisionModel.save_pretrained (safetensors)
     heads/<task>.safetensors  {"weight": (num_classes, hidden), "bias": (num_classes,)}
@@ -14,6 +15,10 @@ tasks (label-free); each task's head is a linear probe on the base's pooler_outp
 each expert fine-tunes the whole tower under its frozen head. The zoo is cached under
 <cache>/<size>-<fingerprint[:16]>, the fingerprint hashing the config, the seed and the data arrays;
 it is built in a temporary folder and renamed into place only when complete.
+
+The build runs on ZooConfig.threads torch threads with deterministic algorithms, so the same inputs
+give the same weights whatever the caller's thread settings; the manifest's weights_sha256 (see
+weights_sha256()) records which weights were written, and Zoo.verify_weights() checks a cached zoo.
 """
 from __future__ import annotations
 
@@ -25,12 +30,14 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, load_from_disk
+from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -43,7 +50,7 @@ from epmq.offline.train import train
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the recipe changes in a way the config does not show
+FORMAT_VERSION = 3  # bump when the recipe changes in a way the config does not show (3: fixed threads)
 MANIFEST = "zoo.json"
 
 
@@ -62,6 +69,9 @@ class ZooConfig:
     expert_lr: float = 5e-4  # 1e-3 breaks the merges (TA 0.3 at 50%), 3e-4 leaves too small a merge gap
     expert_batch: int = 32
     lr_schedule: str = "cosine"  # for pretraining and experts; see epmq.offline.train.train
+    # Torch threads during the build, whatever the caller set. Matmuls and reductions split their
+    # sums by thread, so the count changes the rounding and with it the weights: it is part of the recipe.
+    threads: int = 2
     tasks: tuple[str, ...] = field(default=TASKS)
 
 
@@ -73,6 +83,10 @@ SIZES: dict[str, ZooConfig] = {
         counts={"mnist": (3500, 500, 1000), "fashion_mnist": (5000, 1000, 1000),
                 "digits": (1000, 397, 400), "textures": (3000, 300, 600)},
         model=dict(_MNIST_LIKE, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
+        # 2 threads, torch's default on 2 cores, keeps the build as fast as before: a training step
+        # (batch 64) took 165-200 ms on 2 idle cores against 280-345 ms on 1 thread. The price: when
+        # other jobs load the cores the two threads wait on each other (a build then took 1767 s).
+        threads=2,
     ),
     # For tests: same sources and code path, a 2-layer 32-wide tower, 17 tokens, ~15 s to build.
     # Trained long enough that every expert beats the task-arithmetic merge on its own task (by
@@ -82,6 +96,10 @@ SIZES: dict[str, ZooConfig] = {
         model=dict(image_size=28, patch_size=7, num_channels=1, hidden_size=32, intermediate_size=64,
                    num_hidden_layers=2, num_attention_heads=2),
         pretrain_epochs=3, pretrain_batch=32, head_steps=100, expert_epochs=10,
+        # 1 thread: the matmuls are too small to share. On 2 idle cores a build took 3.5-3.9 s on either
+        # count (a step 6-9 ms on 1 thread, 8-11 ms on 2); with other jobs on the cores it took 4-7 s on
+        # 1 thread against 21-144 s on 2, whose threads then wait for each other at every op.
+        threads=1,
     ),
 }
 
@@ -97,7 +115,7 @@ def _split_counts(cfg: ZooConfig, task: str) -> dict[str, int]:
 
 
 def fingerprint(cfg: ZooConfig, seed: int, data: dict[str, TaskData]) -> str:
-    """sha256 over the format version, the config, the seed and every data array (hex digest)."""
+    """sha256 over the format version, the config (build threads included), the seed and every data array (hex)."""
     h = hashlib.sha256()
     h.update(json.dumps({"format": FORMAT_VERSION, "config": asdict(cfg), "seed": seed}, sort_keys=True).encode())
     for task in cfg.tasks:
@@ -105,6 +123,47 @@ def fingerprint(cfg: ZooConfig, seed: int, data: dict[str, TaskData]) -> str:
             for a in data[task].splits[split]:
                 h.update(a.contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def weights_sha256(root: str | Path) -> str:
+    """sha256 (hex) over every tensor a zoo root holds in base/, experts/ and heads/, read from its files.
+
+    Files go in sorted order of their path relative to root, tensors in sorted key order; each adds
+    "<path>:<key>:<dtype>:<shape>" and then its raw bytes. Hashing tensors rather than file bytes
+    keeps the hash independent of safetensors' header layout and metadata, so it names the weights.
+    """
+    root = Path(root)
+    h = hashlib.sha256()
+    files = sorted((p for d in ("base", "experts", "heads") for p in (root / d).rglob("*.safetensors")),
+                   key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise ValueError(f"{root} holds no safetensors files under base/, experts/ or heads/")
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        with safe_open(str(path), framework="pt") as f:
+            for key in sorted(f.keys()):
+                t = f.get_tensor(key)
+                h.update(f"{rel}:{key}:{t.dtype}:{list(t.shape)}".encode())
+                h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@contextmanager
+def _reproducible(threads: int):
+    """Run the block on `threads` torch threads with deterministic algorithms; restore the caller's after.
+
+    warn_only: an op without a deterministic kernel warns instead of stopping the build.
+    """
+    num_threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_num_threads(num_threads)
 
 
 def _dataset_dict(task: TaskData) -> DatasetDict:
@@ -187,10 +246,12 @@ def build_zoo(size: str = "default", cache_dir: str | Path | None = None, seed: 
     log.info("building %s zoo into %s", size, root)
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
-        metrics = _build(tmp, cfg, seed, data, progress)
+        with _reproducible(cfg.threads):
+            metrics = _build(tmp, cfg, seed, data, progress)
         metrics["timings"].update(build_s=time.perf_counter() - start, build_cpu_s=time.process_time() - cpu_start)
         manifest = {
             "format": FORMAT_VERSION, "size": size, "seed": seed, "fingerprint": fp,
+            "weights_sha256": weights_sha256(tmp),
             "tasks": list(cfg.tasks),
             "num_classes": {t: data[t].num_classes for t in cfg.tasks},
             "classes": {t: data[t].classes for t in cfg.tasks},
@@ -242,6 +303,22 @@ class Zoo:
     def data(self, task: str) -> DatasetDict:
         self.tower_dir(task)
         return load_from_disk(str(self.root / "data" / task))
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """The weights hash the manifest recorded at build time (None for zoos older than format 3)."""
+        return self.manifest.get("weights_sha256")
+
+    def verify_weights(self) -> str:
+        """Recompute weights_sha256 from the files; raise ValueError if it differs from the manifest's.
+
+        Returns the hash. Reads every tower and head once (the default zoo's weights are about 16 MB).
+        """
+        actual = weights_sha256(self.root)
+        if actual != self.weights_sha256:
+            raise ValueError(f"zoo {self.root}: weights hash {actual} does not match "
+                             f"the manifest's {self.weights_sha256}")
+        return actual
 
 
 def open_zoo(root: str | Path) -> Zoo:
