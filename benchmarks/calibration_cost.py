@@ -33,7 +33,7 @@ over the T tasks, so between T = 2, 4, 8 only the number of experts changes. E-P
 states for every sample (merged and expert paths), which grows with the number of samples but not
 with T; with samples fixed, what grows with T is what E-PMQ holds per expert (its scratch blocks).
 
-Goals (issue 5): E-PMQ's calibration time at most 2.5x GPTQ's, and E-PMQ's peak memory growing by
+Goals (issues 5 and 10): E-PMQ's calibration time at most 2.5x GPTQ's, and E-PMQ's peak memory growing by
 at most one block of weights per added expert. The printout gives the ratios measured side by side
 in this run; on a machine shared with other jobs, run --repeats 2 or more (best time, median memory)
 and read the ratios rather than the seconds.
@@ -158,32 +158,28 @@ def calibration_batches(args, T: int):
 
 
 def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str):
-    """(trainer, module) wired as epmq.run.calibrate wires a run: merged model, pool, callbacks.
+    """(trainer, module) wired as epmq.pipeline.calibrate wires a run: merged model, solver, pool.
 
     The pool reads base/ next to experts_dir and experts_dir/task_<k> for the first T tasks.
     """
     import lightning as L
     from transformers import CLIPVisionModel
 
-    from callbacks.anchoring import MergedWeightAnchoring
-    from callbacks.expert_cache import ExpertActivationCache
     from epmq.module import BlockwiseCalibration
     from epmq.pool import ExpertPool
-    from epmq.quant import QuantSpec
+    from epmq.solvers import EPMQ, GPTQ, RTN
 
     tasks = [task_name(k) for k in range(T)]
     model = CLIPVisionModel.from_pretrained(merged_dir).eval()
     cuda = args.device.startswith("cuda")
     if cuda:
         model.to(args.device)
-    spec = QuantSpec(bits=args.bits, group_size=args.group_size)
-    module = BlockwiseCalibration(model, spec=spec, method=method, task_names=tasks)
-    callbacks = []
-    if method == "epmq":
-        pool = ExpertPool(experts_dir.parent / "base", {t: experts_dir / t for t in tasks})
-        callbacks = [ExpertActivationCache(pool), MergedWeightAnchoring(args.strength, "output")]
-    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=module.num_blocks,
-                        callbacks=callbacks, logger=False, enable_checkpointing=False,
+    spec = dict(bits=args.bits, group_size=args.group_size)
+    solver = EPMQ(args.strength, "output", **spec) if method == "epmq" else {"rtn": RTN, "gptq": GPTQ}[method](**spec)
+    pool = ExpertPool(experts_dir.parent / "base", {t: experts_dir / t for t in tasks}) if method == "epmq" else None
+    module = BlockwiseCalibration(model, solver, tasks, experts=pool)
+    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=len(module.schedule),
+                        logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         num_sanity_val_steps=0, limit_val_batches=0)
     return trainer, module

@@ -1,13 +1,15 @@
 """Per-block calibration metrics, and a progress bar that counts blocks instead of epochs.
 
-BlockMetrics logs, once block i is quantized (it calls the module's idempotent finish_block()):
+The module logs each layer's numbers as its step is solved (calib/<block>/<layer>/loss, rtn_loss,
+anchor_shift). BlockMetrics adds, once the last step of a block is solved:
 
-    calib/block_<i>/<layer>/loss   GPTQ layer loss tr((Q - W*) H (Q - W*)ᵀ), H = Σ_t (w_t/n_t) X̂ᵀX̂
-    calib/block_<i>/time_s         wall time of the block (statistics + solve + advancing inputs)
-    calib/block_<i>/peak_mem_mb    peak accelerator memory of the block (CUDA), else the process's
-                                   peak resident memory so far (CPU; monotone)
+    calib/<block>/time_s        wall time of the block (all its steps: statistics, solves, advancing
+                                the batches to the next block)
+    calib/<block>/peak_mem_mb   peak accelerator memory during the block (CUDA), else the process's
+                                peak resident memory so far (CPU; monotone)
 
-and keeps the same numbers in `history` (a list of dicts, one per block) for reports.
+<block> is block_<i>, or <stage>/block_<i> for models with several stages (T5: encoder, decoder).
+The same numbers are kept in `history` (one dict per block) for reports.
 """
 
 from __future__ import annotations
@@ -30,29 +32,31 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class BlockMetrics(L.Callback):
-    """Logs per-layer loss, time and peak memory of each calibrated block."""
+    """Logs wall time and peak memory of each calibrated block."""
 
     def __init__(self):
         self.history: list[dict] = []
         self._t0 = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        device = trainer.strategy.root_device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        self._t0 = time.perf_counter()
+        # a block's first step, or a run resumed in the middle of a block
+        if pl_module.step_index < len(pl_module.schedule) and (pl_module.current_step.first or not self._t0):
+            device = trainer.strategy.root_device
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            self._t0 = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        i = pl_module.block_index
-        if i >= pl_module.num_blocks:
+        if not pl_module.finished:
             return
-        pl_module.finish_block()
-        record = {f"calib/block_{i}/{layer}/loss": loss for layer, loss in pl_module.block_losses[i].items()}
-        record[f"calib/block_{i}/time_s"] = time.perf_counter() - self._t0
-        record[f"calib/block_{i}/peak_mem_mb"] = peak_memory_mb(trainer.strategy.root_device)
-        for key, value in record.items():  # losses agree over ranks; time and memory are averaged
-            pl_module.log(key, value, on_epoch=True, sync_dist=True)
-        self.history.append({"block": i, **record})
+        step = pl_module.schedule[pl_module.finished[-1].index]
+        if not step.last or any(h["block"] == step.label for h in self.history):
+            return
+        record = {f"calib/{step.label}/time_s": time.perf_counter() - self._t0,
+                  f"calib/{step.label}/peak_mem_mb": peak_memory_mb(trainer.strategy.root_device)}
+        for key, value in record.items():  # time and memory are averaged over ranks
+            pl_module.log(key, value, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
+        self.history.append({"block": step.label, **record})
 
 
 class BlockProgressBar(TQDMProgressBar):

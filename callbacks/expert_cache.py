@@ -1,44 +1,46 @@
 """ExpertActivationCache: the experts' side of E-PMQ, one block of one expert at a time.
 
-For every calibration sample of task t it keeps X^e, the hidden states of expert t (and of no other
-expert) at the current block, starting from expert t's own block-0 inputs: expert t has its own
-embeddings (patch, position, pre-layernorm), so these differ from the merged model's. Per block:
+For the calibration samples of task t it keeps X^e, the inputs of the current block inside expert
+t (and no other expert), propagated through expert t's own full-precision blocks from its own stem
+(expert t has its own embeddings, norms and, for T5, its own position bias). It provides the
+module with Y_t = W_t X^e + b_t for every layer of the current step, rows aligned with the merged
+batch. Per step of block i:
 
-    epoch start       load expert t's weights of block i only (pool.expert_block) into a scratch
-                      copy of the block, for every task; never registered on the LightningModule
-    batch start       run expert t's full-precision block on X^e of task t's samples; hooks on its
-                      linears capture Y_t = W_t X^e + b_t, handed to the module as
-                      pl_module.expert_targets (layer -> (batch, tokens, out), rows aligned with X̂);
-                      the block output is kept as X^e of block i+1
-    epoch end         swap in the next X^e, free the scratch blocks
+    epoch start     on the block's first step: read expert t's weights of block i only
+                    (pool.expert_block, safetensors) into a scratch copy of the block, for every
+                    task with samples on this rank; nothing is registered on the module
+    batch start     on the block's first step, X^e of task t's samples from the stage's own forward
+                    (epmq.capture, earlier blocks replayed from their recorded outputs; at a stage's
+                    block 0 and its end, with expert t's own stem weights); run expert t's block on
+                    X^e: hooks on the step's layers give the targets; after the block's last step
+                    its output is what the next block replays
 
-Expert work is one extra block forward per sample (expert t only sees task t's samples).
+Expert work is one extra block forward per sample and step (expert t only sees task t's samples),
+and the memory that grows with the number of experts is one block of weights per expert.
 
-The targets depend only on the experts and the calibration batches, never on the merged model, the
-bit width or the anchor. With keep=True they are recorded during the first E-PMQ fit and replayed
-by later fits on the same batches (anchor candidates, bit widths, merges), without touching the
-pool again. That costs memory: Σ over blocks and quantized layers of samples x tokens x out.
+The targets depend only on the experts and the calibration batches, never on the merged model,
+the bit width or the anchor. With keep=True they are recorded in the first fit and replayed by
+later fits on the same batches (anchor candidates, bit widths, merges) without reading the pool.
+That costs memory: Σ over steps and layers of samples x tokens x out.
 """
 
 from __future__ import annotations
-
-import copy
 
 import lightning as L
 import torch
 from torch import nn
 
-from epmq.adapters import BlockInputs
-from epmq.module import loader_fingerprint
+from epmq.capture import BlockInputs, Trace, hookless_copy, run_block, walk_to
+from epmq.fingerprint import loader_fingerprint
 from epmq.pool import ExpertPool, match_prefix
 
 
 class ExpertActivationCache(L.Callback):
-    """Expert hidden states and per-layer targets for BlockwiseCalibration(method="epmq").
+    """Expert targets for BlockwiseCalibration when its solver needs them (E-PMQ).
 
     Args:
         pool: epmq.pool.ExpertPool holding an expert for every task in the module's task_names.
-        keep: record every block's targets and replay them in later fits on the same batches.
+        keep: record every step's targets and replay them in later fits on the same batches.
     """
 
     def __init__(self, pool: ExpertPool, keep: bool = False):
@@ -46,17 +48,19 @@ class ExpertActivationCache(L.Callback):
             raise ValueError(f"pool must be an epmq.pool.ExpertPool, got {type(pool).__name__}")
         self.pool = pool
         self.keep = bool(keep)
-        self.trace: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # block -> batch -> layer -> Y
-        self._trace_layout = None  # (task names, per-batch task ids, owned batches) it was recorded for
-        self._replay = False
-        # batch index -> task index -> X^e of that task's samples in the batch (this rank's batches)
-        self.inputs: dict[int, dict[int, BlockInputs]] = {}
-        self._next: dict[int, dict[int, torch.Tensor]] = {}
-        self._blocks: dict[int, nn.Module] = {}   # task index -> scratch block of the current block
-        self._outputs: dict[str, torch.Tensor] = {}
+        self.recorded: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # step -> batch -> layer -> Y
+        self._layout = None     # what the recording depends on (tasks, batches, this rank's share, steps)
+        self._replaying = False
+        self._traces: dict[tuple[int, int], Trace] = {}        # (batch, task) -> where it stands
+        self._inputs: dict[tuple[int, int], BlockInputs] = {}  # (batch, task) -> X^e of the current block
+        self._blocks: dict[int, nn.Module] = {}                # task -> expert block of the current block
+        self._block: tuple[int, int] | None = None             # (stage, block) that _blocks hold
+        self._targets: dict[int, dict[str, torch.Tensor]] = {}  # batch -> layer -> Y (current batch)
+        self._skeleton: nn.Module | None = None               # the model's stem, for expert stems
+        self._stem_task: int | None = None
         self._key_map = ("", "")  # (strip, add): pool keys -> model keys
 
-    # -- block 0 inputs of every expert -------------------------------------------------------
+    # -- fit start ----------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
@@ -65,115 +69,144 @@ class ExpertActivationCache(L.Callback):
             raise ValueError(f"the expert pool has no expert for task(s) {missing}; pool tasks: {self.pool.tasks}")
         self._key_map = match_prefix(self.pool.keys(), pl_module.model.state_dict().keys())
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        layout = None
+        if self.keep:
+            layout = (tuple(pl_module.task_names), tuple(tuple(t.tolist()) for t in pl_module.batch_tasks),
+                      tuple(b for b in range(len(pl_module.batch_tasks)) if pl_module.owns(b)),
+                      tuple((s.label, s.layers) for s in pl_module.schedule),
+                      loader_fingerprint(pl_module.calibration_loader()))
+        start = pl_module.step_index
+        self._replaying = (self.keep and layout == self._layout
+                           and all(s in self.recorded for s in range(start, len(pl_module.schedule))))
+        if self._replaying:
+            return
+        self.recorded, self._layout = {}, layout
+        self._traces, self._inputs, self._blocks, self._block, self._stem_task = {}, {}, {}, None, None
+        # A copy of the model whose blocks share the model's tensors: only its stem is ever run (the
+        # capture replays or stops at blocks), and it takes each expert's stem weights in turn.
+        model, adapter = pl_module.model, pl_module.adapter
+        shared = {id(t): t for s in pl_module.stages for b in [adapter.blocks(model, s)]
+                  for t in [*b.parameters(), *b.buffers()]}
+        self._skeleton = hookless_copy(model, memo=shared).eval()
+
     def _model_keys(self, sd: dict) -> dict:
         strip, add = self._key_map
         return {add + k[len(strip):]: v for k, v in sd.items()}
 
-    @torch.no_grad()
-    def on_fit_start(self, trainer, pl_module) -> None:
-        """X^e of block 0: each sample through its own expert's stem (everything before block 0)."""
-        if pl_module.method != "epmq":
-            self.inputs = {}  # nothing to do for rtn / gptq
-            return
-        layout = None
-        if self.keep:  # what the targets depend on: tasks, batches (their samples) and this rank's share
-            layout = (tuple(pl_module.task_names), tuple(tuple(t.tolist()) for t in pl_module.batch_tasks),
-                      tuple(b for b, x in enumerate(pl_module.inputs) if x is not None),
-                      loader_fingerprint(pl_module.calibration_loader()))
-        self._replay = (self.keep and self._trace_layout == layout
-                        and len(self.trace) == pl_module.num_blocks)
-        if self._replay:
-            return  # every block's targets are recorded for exactly these batches
-        self.trace, self._trace_layout = {}, layout
-        adapter, model = pl_module.adapter, pl_module.model
-        blocks_path = adapter.blocks_path(model) + "."
-        # A copy of the model that shares the blocks' tensors (they are never run: the capture stops
-        # at block 0), so the copy costs only the stem.
-        shared = {id(t): t for t in list(adapter.blocks(model).parameters()) + list(adapter.blocks(model).buffers())}
-        scratch = copy.deepcopy(model, memo=shared)
-        self.inputs = {b: {} for b, x in enumerate(pl_module.inputs) if x is not None}
-        batches = {b: x for b, x in enumerate(pl_module.calibration_loader()) if b in self.inputs}
+    def _pool_filter(self, keep):
         strip, add = self._key_map
-        for t, task in enumerate(pl_module.task_names):
-            stem = self._model_keys(self.pool.expert_subset(
-                task, lambda k: not (add + k[len(strip):]).startswith(blocks_path)))
-            result = scratch.load_state_dict(stem, strict=False)
-            if result.unexpected_keys:
-                raise ValueError(f"expert '{task}': keys {result.unexpected_keys[:3]} do not fit the model")
-            for b in self.inputs:
-                idx = (pl_module.batch_tasks[b] == t).nonzero().flatten()
-                if idx.numel():
-                    sub = {k: (v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
-                           for k, v in batches[b].items()}
-                    captured = adapter.capture_block_inputs(scratch, sub)
-                    self.inputs[b][t] = captured if pl_module.cache_device is None else captured.to(pl_module.cache_device)
-        del scratch
+        return lambda k: keep(add + k[len(strip):])
 
-    # -- one block --------------------------------------------------------------------------
+    def _load_stem(self, pl_module, t: int) -> None:
+        """Expert t's weights outside the blocks into the skeleton (embeddings, norms)."""
+        if self._stem_task == t:
+            return
+        prefixes = tuple(f"{s.blocks}." for s in pl_module.stages)
+        stem = self._model_keys(self.pool.expert_subset(pl_module.task_names[t],
+                                                        self._pool_filter(lambda k: not k.startswith(prefixes))))
+        result = self._skeleton.load_state_dict(stem, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"expert '{pl_module.task_names[t]}': keys {result.unexpected_keys[:3]} do not fit the model")
+        self._stem_task = t
+
+    def _expert_block(self, pl_module, stage, i: int, t: int) -> nn.Module:
+        """A scratch copy of block i of `stage` holding expert t's weights (read from its file)."""
+        prefix = f"{stage.blocks}.{i}."
+        block = hookless_copy(pl_module.adapter.blocks(pl_module.model, stage)[i]).eval()
+        weights = self._model_keys(self.pool.expert_subset(pl_module.task_names[t],
+                                                           self._pool_filter(lambda k: k.startswith(prefix))))
+        block.load_state_dict({k[len(prefix):]: v for k, v in weights.items()}, strict=True)
+        return block.to(pl_module.device_)
+
+    # -- one step ---------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        i = pl_module.block_index
-        if i >= pl_module.num_blocks or self._replay:
+        if self._replaying or pl_module.step_index >= len(pl_module.schedule):
             return
-        adapter = pl_module.adapter
-        prefix = adapter.block_prefix(pl_module.model, i)
-        strip, add = self._key_map
-        merged_block = adapter.blocks(pl_module.model)[i]
-        self._blocks, self._next, self._outputs = {}, {b: {} for b in self.inputs}, {}
-        for t, task in enumerate(pl_module.task_names):
-            if not any(t in per_task for per_task in self.inputs.values()):
-                continue  # no samples of this task on this rank
-            block = copy.deepcopy(merged_block).eval()  # the merged block's shape, not yet quantized
-            weights = self.pool.expert_subset(task, lambda k: (add + k[len(strip):]).startswith(prefix))
-            block.load_state_dict({k[len(prefix):]: v for k, v in self._model_keys(weights).items()}, strict=True)
-            for name, linear in adapter.linear_layers(block).items():
-                linear.register_forward_hook(self._capture(name))
-            self._blocks[t] = block
-
-    def _capture(self, name: str):
-        def hook(linear, args, output):
-            self._outputs[name] = output  # (n, tokens, out) = W_t X^e + b_t
-        return hook
+        step = pl_module.current_step
+        if self._block != (step.stage_index, step.block):  # a new block (or the first after resuming)
+            tasks = sorted({t for b in range(len(pl_module.batch_tasks)) if pl_module.owns(b)
+                            for t in pl_module.batch_tasks[b].unique().tolist()})
+            self._blocks = {t: self._expert_block(pl_module, step.stage, step.block, t) for t in tasks}
+            self._block = (step.stage_index, step.block)
 
     @torch.no_grad()
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        i = pl_module.block_index
-        if self._replay and i < pl_module.num_blocks and batch_idx in self.trace[i]:
-            device = trainer.strategy.root_device
-            pl_module.expert_targets = {name: Y.to(device) for name, Y in self.trace[i][batch_idx].items()}
+        self._targets = {}
+        if pl_module.step_index >= len(pl_module.schedule) or not pl_module.owns(batch_idx):
             return
-        if i >= pl_module.num_blocks or batch_idx not in self.inputs:
+        step = pl_module.current_step
+        device = pl_module.device_
+        if self._replaying:
+            self._targets[batch_idx] = {k: Y.to(device) for k, Y in self.recorded[step.index][batch_idx].items()}
             return
-        adapter, tasks = pl_module.adapter, pl_module.batch_tasks[batch_idx]
-        device = trainer.strategy.root_device
+        tasks = pl_module.batch_tasks[batch_idx]
+        outputs: dict[str, torch.Tensor] = {}
+        hooks = [self._blocks[t].get_submodule(name).register_forward_hook(
+                     lambda m, a, out, name=name: outputs.__setitem__(name, out))
+                 for t in tasks.unique().tolist() for name in step.layers]
         targets: dict[str, torch.Tensor] = {}
-        for t, inputs in self.inputs[batch_idx].items():
-            idx = (tasks == t).nonzero().flatten().to(device)
-            hidden = adapter.run_block(self._blocks[t], inputs.to(device))
-            self._next[batch_idx][t] = hidden.to(inputs.hidden.device)
-            for name, Y in self._outputs.items():
-                if name not in targets:
-                    targets[name] = Y.new_zeros((tasks.numel(),) + tuple(Y.shape[1:]))
-                targets[name][idx] = Y  # rows of task t's samples, aligned with the merged batch
-            self._outputs = {}
-        pl_module.expert_targets = targets
+        try:
+            for t in tasks.unique().tolist():
+                idx = (tasks == t).nonzero().flatten()
+                key = (batch_idx, t)
+                if key not in self._inputs:  # the block's first step (or the first after resuming)
+                    self._inputs[key] = self._walk(pl_module, key, _rows(batch, idx), step)
+                out = run_block(self._blocks[t], self._inputs[key].to(device))
+                for name, Y in outputs.items():  # (n_t, tokens, out) = W_t X^e + b_t
+                    if name not in targets:
+                        targets[name] = Y.new_zeros((tasks.numel(),) + tuple(Y.shape[1:]))
+                    targets[name][idx.to(device)] = Y  # rows of task t's samples, aligned with the batch
+                outputs.clear()
+                if step.last:  # the block is done: its output is what the next block replays
+                    self._traces[key].advance(out, pl_module.to_cache)
+                    del self._inputs[key]
+        finally:
+            for h in hooks:
+                h.remove()
+        self._targets[batch_idx] = targets
         if self.keep:
-            keep_on = pl_module.cache_device
-            self.trace.setdefault(i, {})[batch_idx] = (
-                targets if keep_on is None else {name: Y.to(keep_on) for name, Y in targets.items()})
+            store = pl_module.to_cache
+            self.recorded.setdefault(step.index, {})[batch_idx] = {k: store(Y) for k, Y in targets.items()}
+
+    def _walk(self, pl_module, key, batch, step) -> BlockInputs:
+        """X^e of step's block for task key[1]'s samples of batch key[0]."""
+        t = key[1]
+        trace = self._traces.setdefault(key, Trace())
+        n_blocks = len(pl_module.adapter.blocks(pl_module.model, step.stage))
+        # The stem's own output only matters where a stage starts or ends (and when a resumed run
+        # walks from the start); between, every block before the target is replayed.
+        if trace.block == 0 or (trace.stage, trace.block) != (step.stage_index, step.block) or trace.block == n_blocks:
+            self._load_stem(pl_module, t)
+
+        def run(stage, i, inputs):  # a resumed run: expert t's own earlier blocks, one at a time
+            return run_block(self._expert_block(pl_module, stage, i, t), inputs)
+
+        inputs = walk_to(pl_module.adapter, self._skeleton, pl_module.stages, trace, batch,
+                         (step.stage_index, step.block), pl_module.device_, run, pl_module.to_cache)
+        return pl_module.inputs_to_cache(inputs)
+
+    def targets(self, batch_idx: int) -> dict[str, torch.Tensor]:
+        """layer -> (batch, tokens, out) expert outputs Y_t for the current step, batch `batch_idx`."""
+        if batch_idx not in self._targets:
+            raise RuntimeError(f"no expert targets for batch {batch_idx}: is the ExpertActivationCache among "
+                               f"the trainer's callbacks (BlockwiseCalibration.configure_callbacks adds it)?")
+        return self._targets[batch_idx]
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if pl_module.block_index >= pl_module.num_blocks or self._replay:
-            return
-        for b, per_task in self.inputs.items():
-            for t, inputs in per_task.items():
-                if t not in self._next[b]:
-                    raise RuntimeError(f"batch {b} was not visited in block {pl_module.block_index}: "
-                                       f"calibration needs every batch in every epoch (no limit_train_batches)")
-                per_task[t] = inputs.with_hidden(self._next[b][t])
-        self._blocks, self._next = {}, {}
+        self._targets = {}
+        if not self._replaying and pl_module.finished and pl_module.schedule[len(pl_module.finished) - 1].last:
+            self._blocks, self._block = {}, None  # the block is done
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self.inputs, self._blocks, self._next, self._outputs = {}, {}, {}, {}
-        if self.keep and len(self.trace) != pl_module.num_blocks:  # an interrupted fit: do not replay it
-            self.trace, self._trace_layout = {}, None
+        self._traces, self._inputs, self._blocks, self._targets, self._block = {}, {}, {}, {}, None
+        self._skeleton, self._stem_task = None, None
+        if self.keep and not all(s in self.recorded for s in range(len(pl_module.schedule))):
+            self.recorded, self._layout = {}, None  # an interrupted or resumed fit: never replay it
 
+
+def _rows(batch: dict, idx: torch.Tensor) -> dict:
+    """The samples `idx` of a batch (every tensor whose first dim is the batch)."""
+    n = len(batch["task"])
+    return {k: (v[idx] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v)
+            for k, v in batch.items()}

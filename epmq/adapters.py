@@ -1,211 +1,271 @@
-"""Model adapters: what the block-wise calibration loop needs to know about one model family.
+"""Model adapters: what the calibration engine needs to know about one model family.
 
-The loop (epmq.module.BlockwiseCalibration) only ever asks a model five things:
+The engine (epmq.module.BlockwiseCalibration) sees a model as *stages* calibrated one after the
+other (a vision tower; an encoder, then a decoder), each a stack of *blocks* (an nn.ModuleList),
+each block a few nn.Linear layers in *groups* that GPTQ's true-sequential mode quantizes one after
+the other (q/k/v, then the attention output, then the MLP's input side, then its output side).
 
-- where its transformer blocks are (an nn.ModuleList) and their parameter-name prefix in the
-  full state dict (so an expert's block can be loaded on its own);
-- the inputs of block 0 for a batch, with every positional and keyword argument the model
-  passes to its blocks (attention masks, rotary embeddings, ...): a forward pre-hook on block 0
-  records them and stops the forward with a private exception, so only the stem runs;
-- how to run one block on hidden states with those arguments;
-- which nn.Linear layers inside a block get quantized (qualified names inside the block);
-- how many tokens of each sample count (all of them for vision towers; a padded text batch
-  would count only its unmasked tokens).
+An adapter says, for its family:
 
-A new family (FLAN-T5, Llama) is a small subclass: `block_paths`, `linear_names`, `input_keys`.
+- `stages(model)`: the stages in calibration order, with the path of their blocks, the groups of
+  quantized linears of a block, and which of those read another stage's output (T5's
+  cross-attention keys and values read the encoder's output, not the decoder's hidden states);
+- `run_stage(model, stage, batch, context, device)`: the family's own forward of that stage's
+  stack, from the batch to the stage's output hidden states. The engine never calls blocks with
+  arguments it made up: it runs this forward and records what the stack passes to a block
+  (epmq.capture), so masks, rotary tables and T5's position bias (computed in block 0 and handed on
+  by the stack) are whatever the family's code makes of them;
+- `token_mask(model, stage, batch, source)`: which tokens count in the statistics (padding does not).
+
+A new family is one small subclass. Nothing here runs a calibration.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch import nn
 
-
-class _StopForward(Exception):
-    """Raised by the block-0 pre-hook once the block's inputs are recorded."""
+Context = dict  # stage name -> that stage's output hidden states (batch, tokens, hidden)
 
 
-@dataclass
-class BlockInputs:
-    """What one batch feeds into a block.
+@dataclass(frozen=True)
+class Stage:
+    """One stack of blocks calibrated in order.
 
-    hidden: (batch, tokens, hidden) hidden states, sample-major.
-    args:   positional arguments after the hidden states (e.g. CLIP's attention_mask=None).
-    kwargs: keyword arguments of the block call.
+    name:   "vision", "encoder", "decoder", ...
+    blocks: dotted path of the stack's nn.ModuleList in the model (also its state-dict prefix).
+    groups: the quantized linears of one block (qualified names inside the block), in groups that
+            true-sequential calibration quantizes one after the other, in the order the block
+            computes them. Names a block lacks are skipped (T5 has wi or wi_0 + wi_1).
+    context_layers: linears whose input is an earlier stage's output (their tokens are that
+            stage's tokens, masked by its mask).
     """
 
-    hidden: torch.Tensor
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
+    name: str
+    blocks: str
+    groups: tuple[tuple[str, ...], ...]
+    context_layers: frozenset = frozenset()
 
-    def with_hidden(self, hidden: torch.Tensor) -> "BlockInputs":
-        """Same arguments, new hidden states (the next block's inputs)."""
-        return BlockInputs(hidden, self.args, self.kwargs)
-
-    def to(self, device) -> "BlockInputs":
-        return BlockInputs(self.hidden.to(device), _map_tensors(self.args, lambda t: t.to(device)),
-                           _map_tensors(self.kwargs, lambda t: t.to(device)))
+    def source(self, layer: str) -> str:
+        """Which tokens a layer reads: "context" (an earlier stage's) or "self" (this stage's)."""
+        return "context" if layer in self.context_layers else "self"
 
 
-def _map_tensors(obj: Any, fn) -> Any:
-    """Apply fn to every tensor in nested tuples/lists/dicts."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        return tuple(_map_tensors(o, fn) for o in obj)
-    if isinstance(obj, list):
-        return [_map_tensors(o, fn) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    return obj
+class ModelAdapter:
+    """Family-independent helpers; subclasses define stages, run_stage and token_mask."""
 
+    #: whether the family calibrates true-sequentially unless told otherwise (GPTQ does for LMs)
+    true_sequential: bool = False
 
-class BlockAdapter:
-    """Family-independent part of an adapter; subclasses set the three class attributes.
+    def stages(self, model: nn.Module) -> list[Stage]:
+        raise NotImplementedError
 
-    block_paths:  candidate dotted paths of the blocks' nn.ModuleList, tried in order (model
-                  classes move their towers between library versions).
-    linear_names: qualified names (inside one block) of the nn.Linear layers to quantize, in
-                  the order the block computes them.
-    input_keys:   batch keys passed to the model's forward to reach block 0.
-    model_kwargs: fixed keyword arguments of that forward.
-    """
+    def run_stage(self, model: nn.Module, stage: Stage, batch: Mapping, context: Context,
+                  device: torch.device) -> torch.Tensor:
+        """The stage's output hidden states (batch, tokens, hidden) by the family's own forward."""
+        raise NotImplementedError
 
-    block_paths: tuple[str, ...] = ()
-    linear_names: tuple[str, ...] = ()
-    input_keys: tuple[str, ...] = ()
-    model_kwargs: dict = {}  # fixed forward options, e.g. no KV cache (a cache would grow per block call)
+    def token_mask(self, model: nn.Module, stage: Stage, batch: Mapping, source: str = "self") -> torch.Tensor:
+        """(batch, tokens) bool mask of the tokens of `source` ("self" or "context") that count."""
+        raise NotImplementedError
 
-    # -- where things are -------------------------------------------------------------
-    def blocks_path(self, model: nn.Module) -> str:
-        """Dotted path of the blocks' ModuleList in `model` (also its state-dict prefix)."""
-        for path in self.block_paths:
-            try:
-                mod = model.get_submodule(path)
-            except AttributeError:
-                continue
-            if isinstance(mod, nn.ModuleList):
-                return path
-        raise ValueError(f"{type(self).__name__}: none of the block paths {self.block_paths} is an "
-                         f"nn.ModuleList in {type(model).__name__}")
+    # -- where things are -----------------------------------------------------------------
+    def blocks(self, model: nn.Module, stage: Stage) -> nn.ModuleList:
+        blocks = model.get_submodule(stage.blocks)
+        if not isinstance(blocks, nn.ModuleList):
+            raise ValueError(f"{type(self).__name__}: '{stage.blocks}' in {type(model).__name__} is "
+                             f"{type(blocks).__name__}, not an nn.ModuleList")
+        return blocks
 
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.get_submodule(self.blocks_path(model))
+    def block_prefix(self, stage: Stage, i: int) -> str:
+        """State-dict prefix of block i of a stage, e.g. 'encoder.block.3.'."""
+        return f"{stage.blocks}.{i}."
 
-    def num_blocks(self, model: nn.Module) -> int:
-        return len(self.blocks(model))
+    def groups(self, block: nn.Module, stage: Stage) -> list[tuple[str, ...]]:
+        """The stage's groups restricted to the linears this block has; every nn.Linear of the
+        block must be in one (an unknown layer would silently stay in float)."""
+        present = {name for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+        groups = [tuple(n for n in group if n in present) for group in stage.groups]
+        groups = [g for g in groups if g]
+        covered = {n for g in groups for n in g}
+        unknown = sorted(present - covered)
+        if unknown or not covered:
+            raise ValueError(f"{type(self).__name__}: block of stage '{stage.name}' ({type(block).__name__}) "
+                             f"has linear layers {unknown or sorted(present)} that the adapter does not place")
+        return groups
 
-    def block_prefix(self, model: nn.Module, i: int) -> str:
-        """State-dict prefix of block i, e.g. 'encoder.layers.3.'."""
-        return f"{self.blocks_path(model)}.{i}."
+    def linear_layers(self, block: nn.Module, stage: Stage) -> dict[str, nn.Linear]:
+        """The block's quantized layers by qualified name, in computation order."""
+        return {name: block.get_submodule(name) for group in self.groups(block, stage) for name in group}
 
-    def linear_layers(self, block: nn.Module) -> dict[str, nn.Linear]:
-        """The block's quantized layers by qualified name (in `linear_names` order)."""
-        layers = {}
-        for name in self.linear_names:
-            mod = block.get_submodule(name)
-            if not isinstance(mod, nn.Linear):
-                raise ValueError(f"{type(self).__name__}: '{name}' in {type(block).__name__} is "
-                                 f"{type(mod).__name__}, not nn.Linear")
-            layers[name] = mod
-        return layers
+    def stem_keys(self, model: nn.Module, keys) -> list[str]:
+        """The state-dict keys outside every stage's blocks (embeddings, norms, heads)."""
+        prefixes = tuple(f"{s.blocks}." for s in self.stages(model))
+        return [k for k in keys if not k.startswith(prefixes)]
 
-    # -- running things ---------------------------------------------------------------
-    def model_inputs(self, model: nn.Module, batch: dict) -> dict:
-        """Keyword arguments of the model's forward for a calibration batch."""
-        missing = [k for k in self.input_keys if k not in batch]
+    @staticmethod
+    def inputs(batch: Mapping, keys, device: torch.device, dtype: torch.dtype | None = None) -> dict:
+        """batch[k] for the keys present, on `device` (floating tensors in `dtype` when given)."""
+        out = {}
+        for k in keys:
+            if k in batch and batch[k] is not None:
+                v = torch.as_tensor(batch[k])
+                out[k] = v.to(device, dtype) if (dtype is not None and v.is_floating_point()) else v.to(device)
+        return out
+
+    @staticmethod
+    def require(batch: Mapping, keys, family: str) -> None:
+        missing = [k for k in keys if k not in batch]
         if missing:
-            raise ValueError(f"calibration batch lacks key(s) {missing}; it has {sorted(batch)}")
-        dtype = next(model.parameters()).dtype
-        device = next(model.parameters()).device
-        inputs = {k: (batch[k].to(device, dtype) if batch[k].is_floating_point() else batch[k].to(device))
-                  for k in self.input_keys}
-        return {**inputs, **self.model_kwargs}
-
-    def capture_block_inputs(self, model: nn.Module, batch: dict) -> BlockInputs:
-        """Run `model` on `batch` up to block 0 and return block 0's inputs (all arguments)."""
-        captured = {}
-
-        def pre_hook(module, args, kwargs):
-            captured["args"], captured["kwargs"] = args, kwargs
-            raise _StopForward
-
-        handle = self.blocks(model)[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                model(**self.model_inputs(model, batch))
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(f"{type(self).__name__}: the forward of {type(model).__name__} never "
-                               f"reached block 0")
-        args, kwargs = captured["args"], dict(captured["kwargs"])
-        if args:
-            hidden, args = args[0], tuple(args[1:])
-        else:
-            hidden = kwargs.pop("hidden_states")
-        return BlockInputs(hidden.detach(), _map_tensors(args, torch.Tensor.detach),
-                           _map_tensors(kwargs, torch.Tensor.detach))
-
-    def run_block(self, block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
-        """The block's output hidden states (batch, tokens, hidden) for `inputs`."""
-        out = block(inputs.hidden, *inputs.args, **inputs.kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-    def tokens_per_sample(self, inputs: BlockInputs) -> torch.Tensor:
-        """(batch,) number of tokens of each sample that count in the statistics (all of them here)."""
-        b, s = inputs.hidden.shape[:2]
-        return torch.full((b,), s, dtype=torch.int64)
+            raise ValueError(f"{family} calibration batches need key(s) {missing}; this batch has {sorted(batch)}")
 
 
-class CLIPVisionAdapter(BlockAdapter):
-    """HF transformers CLIP vision towers (CLIPVisionModel, and CLIPModel's vision_model).
+class CLIPVisionAdapter(ModelAdapter):
+    """CLIP vision towers of HF transformers: CLIPVisionModel (transformers 5: 'encoder.layers';
+    4: 'vision_model.encoder.layers') and the vision tower of a full CLIPModel. Batches carry
+    "pixel_values" (batch, channels, height, width); every token counts."""
 
-    transformers 5 puts the encoder directly on CLIPVisionModel ('encoder.layers'); version 4 and
-    CLIPModel nest it under 'vision_model'. CLIPEncoderLayer.forward(hidden, attention_mask, **kw)
-    takes no causal mask in transformers 5; the captured arguments carry whatever it is given.
+    GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
+              ("mlp.fc1",), ("mlp.fc2",))
+
+    @staticmethod
+    def _tower(model: nn.Module) -> tuple[nn.Module, str]:
+        if hasattr(model, "text_model") and hasattr(model, "vision_model"):  # CLIPModel
+            return model.vision_model, "vision_model."
+        if isinstance(getattr(model, "vision_model", None), nn.Module):  # transformers 4 CLIPVisionModel
+            return model.vision_model, "vision_model."
+        return model, ""
+
+    def stages(self, model: nn.Module) -> list[Stage]:
+        tower, prefix = self._tower(model)
+        path = "encoder.layers"
+        if not isinstance(getattr(getattr(tower, "encoder", None), "layers", None), nn.ModuleList):
+            raise ValueError(f"{type(model).__name__} has no CLIP vision encoder ('{prefix}{path}')")
+        return [Stage("vision", prefix + path, self.GROUPS)]
+
+    def run_stage(self, model, stage, batch, context, device):
+        self.require(batch, ("pixel_values",), "CLIP vision")
+        tower, _ = self._tower(model)
+        dtype = tower.embeddings.patch_embedding.weight.dtype
+        return tower(**self.inputs(batch, ("pixel_values",), device, dtype)).last_hidden_state
+
+    def token_mask(self, model, stage, batch, source="self"):
+        tokens = self._tower(model)[0].embeddings.num_positions  # patches + the class token
+        return torch.ones(len(batch["pixel_values"]), tokens, dtype=torch.bool)
+
+
+class LlamaAdapter(ModelAdapter):
+    """Llama-style decoders (Llama, Mistral, Qwen2): batches of token ids, "attention_mask" optional
+    (1 = real token); padded tokens never enter the statistics. The KV cache is off, so that running
+    a block again never appends to it. True-sequential by default, as GPTQ does for LMs."""
+
+    true_sequential = True
+    GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+              ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+    @staticmethod
+    def _decoder(model: nn.Module) -> tuple[nn.Module, str]:
+        inner = getattr(model, "model", None)  # *ForCausalLM wraps the *Model
+        return (inner, "model.") if isinstance(getattr(inner, "layers", None), nn.ModuleList) else (model, "")
+
+    def stages(self, model):
+        decoder, prefix = self._decoder(model)
+        if not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
+            raise ValueError(f"{type(model).__name__} has no decoder layers ('model.layers')")
+        return [Stage("decoder", prefix + "layers", self.GROUPS)]
+
+    def run_stage(self, model, stage, batch, context, device):
+        self.require(batch, ("input_ids",), "causal LM")
+        decoder, _ = self._decoder(model)
+        inputs = self.inputs(batch, ("input_ids", "attention_mask"), device)
+        return decoder(**inputs, use_cache=False).last_hidden_state
+
+    def token_mask(self, model, stage, batch, source="self"):
+        return _mask_or_ones(batch.get("attention_mask"), batch["input_ids"])
+
+
+class T5Adapter(ModelAdapter):
+    """T5 and FLAN-T5 (T5ForConditionalGeneration, T5Model, T5EncoderModel): the encoder's blocks,
+    then the decoder's, which see the calibrated encoder's output.
+
+    Batches: "input_ids", "attention_mask" (optional) for the encoder; for the decoder
+    "decoder_input_ids" and optionally "decoder_attention_mask", or "labels" (-100 = ignored), which
+    are shifted right as T5 does for teacher forcing. Decoder tokens count where the decoder mask
+    is set (from labels: the start token and every position whose previous label is real).
     """
 
-    block_paths = ("encoder.layers", "vision_model.encoder.layers")
-    linear_names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                    "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
-    input_keys = ("pixel_values",)
+    _SELF = ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v")
+    _FF_IN = ("DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1")
 
-    def capture_block_inputs(self, model: nn.Module, batch: dict) -> BlockInputs:
-        # CLIPModel.forward wants text too; its vision tower alone reaches the blocks.
-        tower = model.vision_model if hasattr(model, "vision_model") and hasattr(model, "text_model") else model
-        return super().capture_block_inputs(tower, batch)
+    def stages(self, model):
+        stages = []
+        if isinstance(getattr(getattr(model, "encoder", None), "block", None), nn.ModuleList):
+            ff = "layer.1."
+            stages.append(Stage("encoder", "encoder.block", (
+                tuple("layer.0." + n for n in self._SELF), ("layer.0.SelfAttention.o",),
+                tuple(ff + n for n in self._FF_IN), (ff + "DenseReluDense.wo",))))
+        if isinstance(getattr(getattr(model, "decoder", None), "block", None), nn.ModuleList):
+            cross, ff = "layer.1.EncDecAttention.", "layer.2."
+            stages.append(Stage("decoder", "decoder.block", (
+                # cross-attention keys and values read the encoder's output: nothing in the block
+                # changes their inputs, so they go with the first group
+                tuple("layer.0." + n for n in self._SELF) + (cross + "k", cross + "v"),
+                ("layer.0.SelfAttention.o",), (cross + "q",), (cross + "o",),
+                tuple(ff + n for n in self._FF_IN), (ff + "DenseReluDense.wo",)),
+                context_layers=frozenset({cross + "k", cross + "v"})))
+        if not stages:
+            raise ValueError(f"{type(model).__name__} has no T5 encoder or decoder blocks")
+        return stages
+
+    def decoder_inputs(self, model, batch) -> torch.Tensor:
+        """decoder_input_ids (batch, tokens): given, or the labels shifted right (teacher forcing)."""
+        if "decoder_input_ids" in batch:
+            return torch.as_tensor(batch["decoder_input_ids"])
+        if "labels" not in batch:
+            raise ValueError(f"T5 decoder calibration batches need 'decoder_input_ids' or 'labels'; "
+                             f"this batch has {sorted(batch)}")
+        return model._shift_right(torch.as_tensor(batch["labels"]))
+
+    def run_stage(self, model, stage, batch, context, device):
+        self.require(batch, ("input_ids",), "T5")
+        enc = self.inputs(batch, ("input_ids", "attention_mask"), device)
+        if stage.name == "encoder":
+            return model.encoder(**enc).last_hidden_state
+        # as T5's own forward: no decoder mask unless the batch has one (padding sits after the
+        # real targets, so the causal mask already keeps it out of their attention)
+        dec = self.inputs(batch, ("decoder_attention_mask",), device)
+        return model.decoder(input_ids=self.decoder_inputs(model, batch).to(device),
+                             attention_mask=dec.get("decoder_attention_mask"),
+                             encoder_hidden_states=context["encoder"],
+                             encoder_attention_mask=enc.get("attention_mask"), use_cache=False).last_hidden_state
+
+    def token_mask(self, model, stage, batch, source="self"):
+        if stage.name == "encoder" or source == "context":
+            return _mask_or_ones(batch.get("attention_mask"), batch["input_ids"])
+        if "decoder_input_ids" in batch:
+            return _mask_or_ones(batch.get("decoder_attention_mask"), batch["decoder_input_ids"])
+        real = torch.as_tensor(batch["labels"]) != -100  # the start token, then every position after a real label
+        return torch.cat([torch.ones_like(real[:, :1]), real[:, :-1]], dim=1)
 
 
-class LlamaAdapter(BlockAdapter):
-    """Llama-style decoders (Llama, Mistral, Qwen2): calibration batches of equal-length token ids.
-
-    The captured kwargs carry the rotary tables (position_embeddings) and the causal mask; the KV
-    cache is switched off so that re-running a block never appends to it. Padded batches would also
-    need padded tokens masked out of the statistics (not done: use fixed-length chunks).
-    """
-
-    block_paths = ("model.layers", "layers")
-    linear_names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    input_keys = ("input_ids",)
-    model_kwargs = {"use_cache": False}
+def _mask_or_ones(mask, ids) -> torch.Tensor:
+    """An attention mask as bool, or every token of `ids` when there is none."""
+    return torch.ones(torch.as_tensor(ids).shape, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
 
 
 ADAPTERS = {"CLIPVisionModel": CLIPVisionAdapter, "CLIPVisionModelWithProjection": CLIPVisionAdapter,
             "CLIPModel": CLIPVisionAdapter,
             **{f"{family}{head}": LlamaAdapter for family in ("Llama", "Mistral", "Qwen2")
-               for head in ("Model", "ForCausalLM")}}
+               for head in ("Model", "ForCausalLM")},
+            **{name: T5Adapter for name in ("T5ForConditionalGeneration", "T5Model", "T5EncoderModel")}}
 
 
-def adapter_for(model: nn.Module) -> BlockAdapter:
+def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter for `model`'s class, by class name; ValueError listing the known ones."""
     name = type(model).__name__
     if name not in ADAPTERS:
-        raise ValueError(f"no block adapter for model class {name}; known: {sorted(ADAPTERS)}")
+        raise ValueError(f"no adapter for model class {name}; known: {sorted(ADAPTERS)}")
     return ADAPTERS[name]()

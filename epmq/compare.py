@@ -10,9 +10,10 @@
                     selection samples and tested; E-PMQ's result is the best of `quant.candidates` on
                     the selection samples, exactly as `run` chooses (never on test data)
 
-Shared instead of redone: the merged model, its captured block-0 inputs (one input_cache per merged
-model), the experts' per-layer targets (one ExpertActivationCache(keep=True) for every E-PMQ
-calibration at every bit width), the data. Written to the run folder: results.json (schema in
+Shared instead of redone: the merged model, the experts' per-layer targets (one
+ExpertActivationCache(keep=True) for every E-PMQ calibration at every bit width), the data. Every
+finished unit (one method at one bit width, one ablation setting) is saved in the run folder
+(units/), so that `resume=<run folder>` skips what a killed run already finished. Written to the run folder: results.json (schema in
 epmq/compare_report.py), results.md and plots/*.png; logged to W&B as a table and images when the
 wandb logger is on.
 """
@@ -20,6 +21,7 @@ wandb logger is on.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -31,11 +33,12 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks.expert_cache import ExpertActivationCache
 from epmq import compare_report
 from epmq.adapters import adapter_for
+from epmq.checkpoint import describe_changes
+from epmq.pipeline import (calibrate, claim_run_folder, close_loggers, evaluate, evaluate_experts, layer_losses, prepare,
+                           quiet_lightning, resolved_config, select_scores, selection_key, solvers)
 from epmq.regmean import gram_matrices, regmean
 from epmq.report import write_json_atomic
-from epmq.tracking import close_logger
-from epmq.run import (Candidate, build, calibrate, evaluate, evaluate_experts, prepare, quant_plan,
-                      quiet_lightning, resolved_config, select_scores, selection_key)
+from epmq.solvers import EPMQ, GPTQ, RTN
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +46,27 @@ METHODS = ("rtn", "gptq", "regmean_gptq", "epmq")
 
 
 def compare_plan(cfg: DictConfig):
-    """Validate `cfg.compare` and `cfg.quant` before any work: (methods, specs by bits, selection
-    candidates, ablation grid). The grid holds every selection candidate, strongest anchor first."""
+    """Validate `cfg.compare` and `cfg.quant` before any work: (methods, spec options by bits,
+    selection candidates as (strength, form), ablation grid). The grid holds every selection
+    candidate, strongest anchor first."""
     opts = cfg.compare
     methods = list(opts.methods)
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"compare.methods must be a non-empty subset of {METHODS}, got {methods}")
-    quant = OmegaConf.merge(cfg.quant, {"method": "epmq"})
-    _, spec, selection = quant_plan(quant)
+    quant = OmegaConf.merge(cfg.quant, {"_target_": "epmq.solvers.EPMQ"})
+    selection = [(s.strength, s.form) for s in solvers(quant)]
     bits = list(opts.bits)
     if not bits or len(set(bits)) != len(bits):
         raise ValueError(f"compare.bits must be a non-empty list of distinct bit widths, got {bits}")
-    specs = {int(b): dataclasses.replace(spec, bits=b) for b in bits}  # QuantSpec checks 2..8
+    spec = solvers(OmegaConf.merge(quant, {"strength": float("inf"), "form": "output"}))[0].spec
+    specs = {int(b): dataclasses.replace(spec, bits=b).__dict__ for b in bits}  # QuantSpec checks 2..8
+    for options in specs.values():
+        EPMQ(**options)
     ablation = OmegaConf.merge(quant, {"strength": "auto", "form": "auto", "candidates": {
         "strength": list(opts.ablation.strength), "form": list(opts.ablation.form)}})
-    _, _, grid = quant_plan(ablation)
-    grid = sorted(set(grid) | set(selection), key=lambda c: (-c.strength, c.form))
-    return methods, specs, selection, grid
+    grid = {(s.strength, s.form) for s in solvers(ablation)} | set(selection)
+    return methods, specs, selection, sorted(grid, key=lambda c: (-c[0], c[1]))
 
 
 def compare(cfg: DictConfig) -> dict:
@@ -70,45 +76,90 @@ def compare(cfg: DictConfig) -> dict:
     """
     start = time.perf_counter()
     quiet_lightning()
-    methods, specs, selection, grid = compare_plan(cfg)
+    plan = compare_plan(cfg)
     out_dir = Path(cfg.paths.output_dir)
-    suite, pool, merged_state, data = prepare(cfg)
+    prepared = prepare(cfg)
+    status = "failed"
+    try:
+        results = _compare(cfg, prepared, plan, out_dir, start)
+        status = "success"
+    finally:
+        close_loggers(prepared.loggers, status)
+    return results
+
+
+class Units:
+    """Finished units of a comparison run, one JSON file each under <run>/units/ (resume)."""
+
+    def __init__(self, out_dir: Path, fingerprint: dict):
+        self.folder = out_dir / "units"
+        self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
+
+    def path(self, key: str) -> Path:
+        return self.folder / (key.replace("/", "__") + ".json")
+
+    def get(self, key: str) -> dict | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        if saved["fingerprint"] != self.fingerprint:
+            raise ValueError(f"cannot resume {self.folder}: {describe_changes(saved['fingerprint'], self.fingerprint)}")
+        log.info("unit %s: finished by the resumed run", key)
+        return saved["result"]
+
+    def put(self, key: str, result: dict) -> dict:
+        if rank_zero_only.rank == 0:
+            write_json_atomic(self.path(key), {"fingerprint": self.fingerprint, "result": _json_ready(result)})
+        return result
+
+
+def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
+    methods, specs, selection, grid = plan
+    suite, pool, data = prepared.suite, prepared.pool, prepared.data
+    claim_run_folder(out_dir, prepared, resume=bool(cfg.get("resume")))
+    units = Units(out_dir, prepared.fingerprint)
     timings = {"setup_s": time.perf_counter() - start}
 
     t0 = time.perf_counter()
-    references = {"experts": {"test": evaluate_experts(cfg, suite, pool, data)},
-                  "merged": {"test": evaluate(cfg, suite, suite.tower(merged_state), data.test_dataloader(),
-                                              "merged/test").results}}
+    references = {"experts": {"test": evaluate_experts(cfg, prepared)},
+                  "merged": {"test": evaluate(cfg, prepared, suite.tower(prepared.merged_state),
+                                              data.test_dataloader(), "merged/test").results}}
     timings["reference_eval_s"] = time.perf_counter() - t0
-    states = {"merged": merged_state}
+    states = {"merged": prepared.merged_state}
     if "regmean_gptq" in methods:
         t0 = time.perf_counter()
         states["regmean"] = regmean_merge(suite, pool, data, cfg.compare.regmean_alpha)
         seconds = time.perf_counter() - t0
-        references["regmean"] = {"test": evaluate(cfg, suite, suite.tower(states["regmean"]),
+        references["regmean"] = {"test": evaluate(cfg, prepared, suite.tower(states["regmean"]),
                                                   data.test_dataloader(), "regmean/test").results,
                                  "seconds": seconds}
         timings["regmean_s"] = seconds
 
-    input_caches = {name: {} for name in states}
     expert_cache = ExpertActivationCache(pool, keep=True)
     entries, ablation = [], []
     for bits, spec in specs.items():
         for method in methods:
             if method == "epmq":
-                rows = [ablation_row(cfg, suite, pool, data, merged_state, spec, cand, k, len(grid),
-                                     expert_cache, input_caches["merged"]) for k, cand in enumerate(grid)]
+                rows = [units.get(f"epmq/bits_{bits}/{form}/strength_{strength:g}") or units.put(
+                            f"epmq/bits_{bits}/{form}/strength_{strength:g}",
+                            ablation_row(cfg, prepared, EPMQ(strength, form, **spec), k, len(grid), expert_cache))
+                        for k, (strength, form) in enumerate(grid)]
                 ablation += rows
                 entries.append(epmq_entry(rows, selection, cfg.quant.select_by, bits))
                 continue
-            state = "regmean" if method == "regmean_gptq" else "merged"
-            calib = calibrate(cfg, suite, pool, data, states[state], "rtn" if method == "rtn" else "gptq",
-                              spec, Candidate(math.inf, "output"), f"{method} {bits}-bit",
-                              input_cache=input_caches[state])
-            entries.append({"method": method, "bits": bits, "seconds": calib.seconds, "anchor": None,
-                            "test": evaluate(cfg, suite, calib.model, data.test_dataloader(), "test").results,
-                            **losses(calib)})
-            log.info("%s %d-bit: test accuracy %.2f", method, bits, 100 * entries[-1]["test"]["avg"])
+            key = f"{method}/bits_{bits}"
+            entry = units.get(key)
+            if entry is None:
+                state = "regmean" if method == "regmean_gptq" else "merged"
+                solver = RTN(**spec) if method == "rtn" else GPTQ(**spec)
+                calib = calibrate(cfg, prepared, solver, states[state], f"{method} {bits}-bit")
+                test = evaluate(cfg, prepared, calib.model, data.test_dataloader(),
+                                f"compare/{method}/bits_{bits}/test").results
+                entry = units.put(key, {"method": method, "bits": bits, "seconds": calib.seconds, "anchor": None,
+                                        "test": test, **layer_losses(calib)})
+            entries.append(entry)
+            log.info("%s %d-bit: test accuracy %.2f", method, bits, 100 * entry["test"]["avg"])
     del expert_cache
     timings["total_s"] = time.perf_counter() - start
 
@@ -120,7 +171,7 @@ def compare(cfg: DictConfig) -> dict:
         "merge": merge_description(cfg),
         "seed": cfg.seed,
         "bits": list(specs),
-        "group_size": next(iter(specs.values())).group_size,
+        "group_size": next(iter(specs.values()))["group_size"],
         "references": references,
         "methods": entries,
         "ablation": ablation,
@@ -128,7 +179,7 @@ def compare(cfg: DictConfig) -> dict:
         "config": resolved_config(cfg),
     }
     if rank_zero_only.rank == 0:
-        publish(cfg, results, out_dir)
+        publish(prepared.loggers, results, out_dir)
     return results
 
 
@@ -143,47 +194,44 @@ def regmean_merge(suite, pool, data, alpha: float) -> dict:
     for t, task in enumerate(suite.tasks):
         tower = suite.tower(pool.expert_state_dict(task))
         adapter = adapter_for(tower)
-        layers = {adapter.block_prefix(tower, i) + name + ".weight": linear
-                  for i, block in enumerate(adapter.blocks(tower))
-                  for name, linear in adapter.linear_layers(block).items()}
-        grams[task] = gram_matrices(tower, layers, [adapter.model_inputs(tower, b) for b in by_task[t]])
+        layers = {adapter.block_prefix(stage, i) + name + ".weight": linear
+                  for stage in adapter.stages(tower)
+                  for i, block in enumerate(adapter.blocks(tower, stage))
+                  for name, linear in adapter.linear_layers(block, stage).items()}
+        grams[task] = gram_matrices(tower, layers, [{"pixel_values": b["pixel_values"]} for b in by_task[t]])
         experts[task] = tower.state_dict()
     return regmean(base, experts, grams, alpha)
 
 
-def ablation_row(cfg, suite, pool, data, merged_state, spec, cand: Candidate, k: int, n: int,
-                 expert_cache, input_cache) -> dict:
+def ablation_row(cfg, prepared, solver, k: int, n: int, expert_cache) -> dict:
     """One anchor setting at one bit width: calibrate, score on the selection samples, test."""
-    label = f"{spec.bits}-bit {cand.label} ({k + 1}/{n})"
-    calib = calibrate(cfg, suite, pool, data, merged_state, "epmq", spec, cand, label, expert_cache, input_cache)
+    bits = solver.spec.bits
+    label = f"{bits}-bit {solver.form}/strength_{solver.strength:g} ({k + 1}/{n})"
+    calib = calibrate(cfg, prepared, solver, label=label, experts=expert_cache)
     t0 = time.perf_counter()
-    scores = select_scores(cfg, suite, calib.model, data)
+    where = f"ablation/{solver.form}/bits_{bits}/strength_{solver.strength:g}"
+    scores = select_scores(cfg, prepared, calib.model, where)
     select_seconds = time.perf_counter() - t0
-    test = evaluate(cfg, suite, calib.model, data.test_dataloader(), "test").results
+    test = evaluate(cfg, prepared, calib.model, prepared.data.test_dataloader(), f"{where}/test").results
     log.info("%s: select %.2f / nll %.4f, test %.2f", label, 100 * scores["select_avg_acc"],
              scores["select_avg_nll"], 100 * test["avg"])
-    return {"bits": spec.bits, "form": cand.form, "strength": cand.strength, **scores, "test": test,
-            "seconds": calib.seconds, "select_seconds": select_seconds, **losses(calib)}
+    return {"bits": bits, "form": solver.form, "strength": solver.strength, **scores, "test": test,
+            "seconds": calib.seconds, "select_seconds": select_seconds, **layer_losses(calib)}
 
 
-def epmq_entry(rows: list[dict], selection: list[Candidate], select_by: str, bits: int) -> dict:
+def epmq_entry(rows: list[dict], selection: list[tuple[float, str]], select_by: str, bits: int) -> dict:
     """E-PMQ's result: the selection candidates' best on the selection samples (strongest first,
-    ties keep the stronger anchor, as in `run`); its time is the whole selection's."""
-    wanted = {(c.strength, c.form) for c in selection}
-    pool = [r for r in rows if (r["strength"], r["form"]) in wanted]  # rows come strongest first
+    ties keep the stronger anchor, as in the main job); its time is the whole selection's."""
+    wanted = set(selection)
+    pool = [r for r in rows if (_strength(r["strength"]), r["form"]) in wanted]  # rows come strongest first
     best = max(pool, key=lambda r: selection_key(r, select_by))
     return {"method": "epmq", "bits": bits, "test": best["test"], "anchor": {"strength": best["strength"],
             "form": best["form"]}, "seconds": sum(r["seconds"] + r["select_seconds"] for r in pool),
             "layer_loss": best["layer_loss"], "rtn_layer_loss": best["rtn_layer_loss"]}
 
 
-def losses(calib) -> dict:
-    """Σ over layers of the solver's loss and of round-to-nearest's under the same H (None: RTN)."""
-    module = calib.module
-    if not module.rtn_losses:
-        return {"layer_loss": None, "rtn_layer_loss": None}
-    total = lambda per_block: sum(sum(layer.values()) for layer in per_block.values())  # noqa: E731
-    return {"layer_loss": total(module.block_losses), "rtn_layer_loss": total(module.rtn_losses)}
+def _strength(value) -> float:
+    return compare_report.strength_value(value)
 
 
 def merge_description(cfg: DictConfig) -> dict:
@@ -197,31 +245,20 @@ def merge_description(cfg: DictConfig) -> dict:
     return {"name": name, "label": label, "config": node}
 
 
-def publish(cfg, results: dict, out_dir: Path) -> None:
-    """Rank 0: results.json, results.md, plots; loggers get the flat metrics, a table and the plots."""
+def publish(loggers, results: dict, out_dir: Path) -> None:
+    """Rank 0: results.json, results.md, plots; W&B gets the table and the plots."""
     results = _json_ready(results)  # what results.json holds is what the report is made from
     json_path = write_json_atomic(out_dir / "results.json", results)
     paths = compare_report.write_report(results, out_dir)
-    flat = {}
-    for e in results["methods"]:
-        for t, acc in e["test"].items():
-            key = "avg_acc" if t == "avg" else f"{t}/acc"
-            flat[f"compare/{e['method']}/bits_{e['bits']}/test/{key}"] = acc
-    for r in results["ablation"]:
-        flat[f"ablation/{r['form']}/bits_{r['bits']}/strength_{r['strength']}/test/avg_acc"] = r["test"]["avg"]
     columns = ["bits", "method", *results["tasks"], "avg", "seconds"]
     rows = [[e["bits"], e["method"], *[e["test"][t] for t in results["tasks"]], e["test"]["avg"], e["seconds"]]
             for e in results["methods"]]
-    for logger_cfg in (cfg.logger or {}).values():
-        logger = build(logger_cfg)
-        logger.log_hyperparams(results["config"])
-        logger.log_metrics(flat)
+    for logger in loggers:
         if type(logger).__name__ == "WandbLogger":
             logger.log_table(key="compare/results", columns=columns, data=rows)
             images = [p for name, p in paths.items() if str(p).endswith(".png")]
             logger.log_image(key="compare/plots", images=[str(p) for p in images],
                              caption=[Path(p).stem for p in images])
-        close_logger(logger)
     print("\n" + compare_report.markdown_table(results))
     print(f"results: {json_path}\nreport: {paths.get('markdown', out_dir / 'results.md')}")
 

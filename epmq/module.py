@@ -1,26 +1,31 @@
-"""Block-wise calibration of a merged model as a LightningModule: one fit epoch = one block.
+"""Step-wise calibration of a merged model as a LightningModule: one fit epoch = one schedule step.
 
-    setup("fit")         capture block 0's inputs X̂ (with all forward kwargs) for every calibration
-                         batch this rank owns; count the tokens n_t of every task (summed over ranks)
-    epoch start          statistics H (and C for E-PMQ) for each quantized linear of block i,
-                         forward hooks that feed them
-    training_step        run merged block i on X̂; the hooks add H += w X̂ᵀX̂ (and C += w ỸᵀX̂,
-                         Ỹ = Y_t - b_m from the ExpertActivationCache callback), w = w_t / n_t
-    epoch end            finish_block(): all-reduce H, C over ranks; W* from the
-                         MergedWeightAnchoring callback (E-PMQ) or W_m (GPTQ); GPTQ-round W* with H
-                         (RTN: round W_m); write Q into the block; advance X̂ through the quantized block
+The schedule (epmq.schedule) lists stages, their blocks and each block's steps; a step is a group
+of linear layers solved together. For step k of block i of stage s:
+
+    setup("fit")        one pass over the calibration loader: each batch's task ids, the tokens n_t
+                        of every task (per stage, masks applied, summed over ranks), DDP checks;
+                        steps finished by an earlier run (resume) are written into the model
+    epoch start         statistics for the step's layers (H, and C when the solver needs targets)
+    training_step(b)    on a block's first step, capture block i's inputs X̂ for batch b from the
+                        stage's own forward (epmq.capture: earlier blocks replayed, never block 0's
+                        arguments reused); run the block: hooks add H += w X̂ᵀX̂ and
+                        C += w ỸᵀX̂ (Ỹ = Y_t − b_m, the experts' outputs from ExpertActivationCache),
+                        w = w_t / n_t per real token, 0 on padding
+    last batch          all-reduce H, C over ranks; the solver turns (H, C, W_m) into Q; Q is
+                        written into the block; per-layer metrics are logged; after the block's
+                        last step, the quantized block runs once more to give the next block its
+                        inputs
+
+The module never holds experts: the solver decides whether expert targets are needed, and the
+ExpertActivationCache callback (registered through configure_callbacks) computes them from each
+expert's weights of the current block only.
 
 DDP: every rank iterates the whole (unshuffled, unsharded) calibration loader and owns the batches
-with batch_idx % world_size == rank, so samples are split exactly (no padding: DistributedSampler's
-padding repeats samples and biases H) and every rank runs the same number of steps. That matters:
-Lightning 2.6 broadcasts a SIGTERM flag every training step under DDP, so ranks with different
-numbers of batches would pair that broadcast with another rank's all-reduce and hang. Build the
-Trainer with use_distributed_sampler=False. setup() checks across ranks that the loaders agree (or,
-with shard_batches=False, that pre-sharded loaders have equal lengths). All ranks solve the same
-summed statistics and end with the same weights.
-
-The module never holds the experts: the callbacks load one block of one expert at a time into
-scratch modules that are not registered here.
+with batch_idx % world_size == rank, so samples are split exactly (DistributedSampler's padding
+repeats samples and biases H) and every rank runs the same number of steps (Lightning runs a
+collective every step under DDP: uneven counts hang). Build the Trainer with
+use_distributed_sampler=False. All ranks solve the same summed statistics.
 """
 
 from __future__ import annotations
@@ -35,103 +40,109 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from epmq.adapters import BlockAdapter, BlockInputs, adapter_for
-from epmq.gptq import QuantResult, gptq, rtn
-from epmq.quant import QuantSpec
+from callbacks.expert_cache import ExpertActivationCache
+from epmq.adapters import ModelAdapter, adapter_for
+from epmq.capture import BlockInputs, Trace, run_block, walk_to
+from epmq.fingerprint import loader_fingerprint
+from epmq.gptq import QuantResult
+from epmq.pool import ExpertPool
+from epmq.quant import dequantize
+from epmq.schedule import Step, build_schedule
 from epmq.stats import LayerStatistics
 
-METHODS = ("rtn", "gptq", "epmq")
+
+@dataclasses.dataclass
+class FinishedStep:
+    """A solved step, as the module keeps it and a resumed run reloads it.
+
+    results: full layer name -> QuantResult (on CPU); metrics: full layer name -> logged numbers.
+    """
+
+    index: int
+    label: str
+    layers: tuple[str, ...]
+    results: dict[str, QuantResult]
+    metrics: dict[str, dict[str, float]]
 
 
 class BlockwiseCalibration(L.LightningModule):
-    """Calibrate (quantize) a merged transformer block by block.
+    """Quantize a merged model step by step with a solver (epmq.solvers: RTN, GPTQ, EPMQ).
 
     Args:
-        model: the merged model (e.g. transformers.CLIPVisionModel); quantized in place.
-        adapter: the family's BlockAdapter; None picks one from the model class.
-        spec: epmq.quant.QuantSpec (bits, group size, damping, ...).
-        method: "rtn" (round to nearest, no data), "gptq" (GPTQ of the merged model) or "epmq"
-            (needs the ExpertActivationCache and MergedWeightAnchoring callbacks).
-        task_names: names of the tasks; a batch's "task" entry indexes into this list.
+        model: the merged model (e.g. a transformers CLIPVisionModel); quantized in place.
+        solver: an epmq.solvers object (chosen by `_target_` in conf/quant).
+        task_names: the tasks; a batch's "task" entry indexes into this list.
+        experts: an epmq.pool.ExpertPool, or an ExpertActivationCache to share between fits
+            (keep=True); needed when the solver needs expert targets.
+        adapter: the family's ModelAdapter; None picks one from the model class.
         task_weights: w_t per task (mapping name -> w, or a sequence in task order); default 1 each.
-            Each token of task t is weighted w_t / n_t, n_t = task t's calibration tokens, so a
-            task counts by w_t whatever its number of samples.
-        cache_device: where the cached hidden states live between steps (None: the model's device;
-            "cpu" saves accelerator memory at the cost of transfers).
-        shard_batches: True (default): every rank's train loader yields the same full calibration
-            set and this module keeps batch b on rank b % world_size. False: the loader is already
-            sharded by rank (then every rank must get the same number of batches).
-        input_cache: a dict shared by calibrations of the same merged model on the same loader
-            (e.g. RTN, GPTQ and every E-PMQ anchor candidate): block 0's inputs X̂ are captured into
-            it once, by batch index, and reused afterwards. None: capture every time.
+            Each real token of task t weighs w_t / n_t, so a task counts by w_t whatever its size.
+        true_sequential: one step per layer group (GPTQ's true-sequential); None: the family's default.
+        offload_blocks: keep the blocks on the CPU and move each to the device only for its steps
+            (the rest of the model stays on the device).
+        cache_device: where hidden states wait between steps (None: the device).
+        shard_batches: True: every rank's loader yields the full calibration set and this module
+            keeps batch b on rank b % world_size; False: the loader is already sharded by rank.
+        resume: steps finished by an interrupted run (epmq.checkpoint), in schedule order.
 
-    Batches: dicts with the adapter's input keys (CLIP: "pixel_values") and "task" (batch,) ints.
-    After fit: `quant_results` (full layer name -> QuantResult on CPU, for export), `block_losses`
-    (block -> layer -> GPTQ loss tr((Q - W*) H (Q - W*)ᵀ)) and `rtn_losses` (the same for
-    round-to-nearest of the same W* under the same H; GPTQ and E-PMQ only).
+    Batches: dicts with the family's input keys and "task" (batch,) ints. After fit: `finished`
+    (FinishedStep per step), `quant_results` (full layer name -> QuantResult) and `layer_metrics`.
     """
 
-    def __init__(self, model: nn.Module, adapter: BlockAdapter | None = None, spec: QuantSpec = QuantSpec(),
-                 method: str = "gptq", task_names: Sequence[str] = (),
+    def __init__(self, model: nn.Module, solver, task_names: Sequence[str], experts=None,
+                 adapter: ModelAdapter | None = None,
                  task_weights: Mapping[str, float] | Sequence[float] | None = None,
+                 true_sequential: bool | None = None, offload_blocks: bool = False,
                  cache_device: str | torch.device | None = None, shard_batches: bool = True,
-                 input_cache: dict | None = None):
+                 resume: Sequence[FinishedStep] = ()):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if not isinstance(spec, QuantSpec):
-            raise ValueError(f"spec must be an epmq.quant.QuantSpec, got {type(spec).__name__}")
+        for attr in ("needs_statistics", "needs_targets", "solve"):
+            if not hasattr(solver, attr):
+                raise ValueError(f"solver must be an epmq.solvers object (RTN, GPTQ, EPMQ), got {type(solver).__name__}")
         task_names = list(task_names)
         if not task_names or len(set(task_names)) != len(task_names):
             raise ValueError(f"task_names must be a non-empty list of distinct names, got {task_names}")
-        self.model = model
+        # Not a registered submodule: Lightning would move the whole model to the device before
+        # setup, and this module places it itself (a block at a time with offload_blocks). DDP wraps
+        # only a module with a trainable parameter: a placeholder that nothing ever trains.
+        self.__dict__["model"] = model
+        self._ddp_placeholder = nn.Parameter(torch.zeros(1))
+        self.solver = solver
         self.adapter = adapter if adapter is not None else adapter_for(model)
-        self.spec = spec
-        self.method = method
         self.task_names = task_names
-        self.task_weights = self._parse_task_weights(task_weights, task_names)  # (T,) float64
+        self.task_weights = _task_weights(task_weights, task_names)  # (T,) float64
+        self.true_sequential = self.adapter.true_sequential if true_sequential is None else bool(true_sequential)
+        self.offload_blocks = bool(offload_blocks)
         self.cache_device = None if cache_device is None else torch.device(cache_device)
         self.shard_batches = bool(shard_batches)
-        self.input_cache = input_cache
         self.automatic_optimization = False
-        self.label = ""  # shown before the block in the progress bar, e.g. which anchor candidate
-        self.num_blocks = self.adapter.num_blocks(model)
-        self.adapter.linear_layers(self.adapter.blocks(model)[0])  # fail now if the layers are not there
+        self.label = ""  # shown before the step in the progress bar, e.g. which anchor candidate
+        self.stages = self.adapter.stages(model)
+        self.schedule: list[Step] = build_schedule(self.adapter, model, self.true_sequential)
+        self.experts = _expert_cache(experts) if solver.needs_targets else None
+        if solver.needs_targets and self.experts is None:
+            raise ValueError(f"{solver!r} needs expert targets: pass experts=ExpertPool(...) or an ExpertActivationCache")
+        self._resume = list(resume)
 
-        # Calibration state (plain attributes: never part of the state dict).
-        self.inputs: list[BlockInputs | None] = []   # per batch: X̂ of the current block (None: other rank)
-        self.batch_tasks: list[torch.Tensor] = []    # per batch: (batch,) task index of each sample
-        self.task_tokens = torch.zeros(len(task_names), dtype=torch.float64)  # n_t, summed over ranks
+        # calibration state: plain attributes, never part of the state dict
+        self.step_index = 0
+        self.finished: list[FinishedStep] = []
+        self.batch_tasks: list[torch.Tensor] = []          # per batch: (batch,) task index of each sample
+        self.task_tokens: dict[tuple[int, str], torch.Tensor] = {}  # (stage, source) -> (T,) n_t, all ranks
         self.statistics: dict[str, LayerStatistics] = {}
-        self.expert_targets: dict[str, torch.Tensor] = {}  # layer -> (batch, tokens, out), set per step
-        self.quant_results: dict[str, QuantResult] = {}
-        self.block_losses: dict[int, dict[str, float]] = {}
-        self.rtn_losses: dict[int, dict[str, float]] = {}
+        self._traces: dict[int, Trace] = {}               # batch -> where it stands in the model
+        self._inputs: dict[int, BlockInputs] = {}         # batch -> current block's inputs X̂
+        self._weights: dict[str, torch.Tensor] = {}       # source -> (batch, tokens) w_t / n_t, 0 on padding
+        self._targets: dict[str, torch.Tensor] = {}       # layer -> (batch, tokens, out) expert outputs Y_t
         self._hooks: list = []
-        self._sample_weights: torch.Tensor | None = None
-        self._finished_block = -1
-        self._reduced_block = -1
-
-    @staticmethod
-    def _parse_task_weights(task_weights, task_names) -> torch.Tensor:
-        if task_weights is None:
-            w = [1.0] * len(task_names)
-        elif isinstance(task_weights, Mapping):
-            unknown = sorted(set(task_weights) - set(task_names))
-            if unknown:
-                raise ValueError(f"task_weights names unknown task(s) {unknown}; tasks: {task_names}")
-            w = [float(task_weights.get(t, 1.0)) for t in task_names]
-        else:
-            w = [float(x) for x in task_weights]
-            if len(w) != len(task_names):
-                raise ValueError(f"task_weights has {len(w)} entries for {len(task_names)} tasks")
-        if not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) == 0:
-            raise ValueError(f"task_weights must be finite, >= 0 and not all 0, got {w}")
-        return torch.tensor(w, dtype=torch.float64)
+        self._num_batches = 0
 
     # -- Lightning plumbing ---------------------------------------------------------------
     def configure_optimizers(self):
         return None  # nothing is trained: manual optimization, no optimizer
+
+    def configure_callbacks(self):
+        return [self.experts] if self.experts is not None else []
 
     def forward(self, **inputs):
         return self.model(**inputs)
@@ -143,20 +154,34 @@ class BlockwiseCalibration(L.LightningModule):
         return self
 
     @property
-    def block_index(self) -> int:
-        return self.trainer.current_epoch
+    def current_step(self) -> Step:
+        return self.schedule[min(self.step_index, len(self.schedule) - 1)]
 
     @property
-    def rank_world(self) -> tuple[int, int]:
-        return self.trainer.global_rank, self.trainer.world_size
+    def remaining_steps(self) -> int:
+        return len(self.schedule) - len(self._resume)
+
+    @property
+    def quant_results(self) -> dict[str, QuantResult]:
+        return {k: r for s in self.finished for k, r in s.results.items()}
+
+    @property
+    def layer_metrics(self) -> dict[str, dict[str, float]]:
+        return {k: m for s in self.finished for k, m in s.metrics.items()}
+
+    @property
+    def device_(self) -> torch.device:
+        """Where calibration computes: the trainer's device (the model's when no trainer runs it)."""
+        if self._trainer is None:
+            return next(self.model.parameters()).device
+        return self.trainer.strategy.root_device
 
     def owns(self, batch_idx: int) -> bool:
         """Whether this rank calibrates on batch `batch_idx` (exact round-robin split)."""
-        rank, world = self.rank_world
-        return not self.shard_batches or batch_idx % world == rank
+        return not self.shard_batches or batch_idx % self.trainer.world_size == self.trainer.global_rank
 
-    def block(self, i: int | None = None) -> nn.Module:
-        return self.adapter.blocks(self.model)[self.block_index if i is None else i]
+    def block(self, step: Step) -> nn.Module:
+        return self.adapter.blocks(self.model, step.stage)[step.block]
 
     def calibration_loader(self):
         """The train loader as the datamodule (or fit's train_dataloaders) defines it."""
@@ -168,62 +193,103 @@ class BlockwiseCalibration(L.LightningModule):
                              "train_dataloaders to trainer.fit")
         return source.dataloader()
 
-    # -- setup: block-0 inputs and token counts ----------------------------------------------
+    # -- setup ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
         max_epochs = self.trainer.max_epochs
-        if max_epochs is not None and 0 <= max_epochs < self.num_blocks:
-            raise ValueError(f"Trainer(max_epochs={max_epochs}) is less than the model's {self.num_blocks} "
-                             f"blocks: one epoch calibrates one block, use max_epochs={self.num_blocks}")
+        if max_epochs is not None and 0 <= max_epochs < self.remaining_steps:
+            raise ValueError(f"Trainer(max_epochs={max_epochs}) is less than the {self.remaining_steps} steps "
+                             f"left in the schedule: one epoch calibrates one step")
         # Both are by design here: no optimizer, and a transformer kept in eval mode.
         warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-        if self.method == "epmq":
-            from callbacks.anchoring import MergedWeightAnchoring
-            from callbacks.expert_cache import ExpertActivationCache
-
-            for cls in (ExpertActivationCache, MergedWeightAnchoring):
-                if not any(isinstance(cb, cls) for cb in self.trainer.callbacks):
-                    raise ValueError(f"method='epmq' needs the {cls.__name__} callback in Trainer(callbacks=...)")
         self.model.eval()
-        self.inputs, self.batch_tasks = [], []
-        self.task_tokens = torch.zeros(len(self.task_names), dtype=torch.float64)
+        self._place_model()
+        self.apply_finished(self._resume)
+        self.step_index = len(self.finished)
+        self._traces, self._inputs = {}, {}
         self.check_loaders_across_ranks()  # even for rtn: uneven step counts would hang DDP
-        if self.method == "rtn":
-            return  # rounding needs no data
-        device = self.trainer.strategy.root_device
+        self.count_tokens()
+
+    def _place_model(self) -> None:
+        """The model on the device; with offload_blocks, its blocks stay on the CPU until their turn.
+
+        Spawned DDP processes receive the model's CPU tensors in shared memory: each rank writes its
+        quantized weights, so each takes a private copy first (else one rank's Q would become another
+        rank's W_m).
+        """
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            if t.device.type == "cpu" and t.is_shared():
+                t.data = t.data.clone()
+        device = self.device_
+        if not self.offload_blocks:
+            self.model.to(device)
+            return
+        blocks = [self.adapter.blocks(self.model, s) for s in self.stages]
+        held = [list(b) for b in blocks]
+        for b in blocks:  # detach the blocks, move the rest, put them back on the CPU
+            for j in range(len(b)):
+                b[j] = nn.Identity()
         self.model.to(device)
+        for b, mods in zip(blocks, held):
+            for j, mod in enumerate(mods):
+                b[j] = mod.to("cpu")
+
+    def apply_finished(self, steps: Sequence[FinishedStep]) -> None:
+        """Write the quantized weights of already solved steps into the model (resume)."""
+        for k, done in enumerate(steps):
+            step = self.schedule[k] if k < len(self.schedule) else None
+            if step is None or (done.index, done.label, tuple(done.layers)) != (step.index, step.label, step.layers):
+                raise ValueError(f"resumed step {k} ({done.label}: {list(done.layers)}) does not match this "
+                                 f"schedule ({step.label + ': ' + str(list(step.layers)) if step else 'none'})")
+            block = self.block(step)
+            for name in step.layers:
+                r = done.results[step.prefix + name]
+                linear = block.get_submodule(name)
+                W = dequantize(r.qweight.float(), r.scales[:, r.g_idx], r.zeros[:, r.g_idx])
+                with torch.no_grad():
+                    linear.weight.copy_(W.to(linear.weight))
+            self.finished.append(done)
+
+    def count_tokens(self) -> None:
+        """One pass over the loader: task ids per batch, n_t per (stage, token source), batch count."""
+        self.batch_tasks = []
+        counts: dict[tuple[int, str], torch.Tensor] = {}
+        T = len(self.task_names)
         for b, batch in enumerate(self.calibration_loader()):
             tasks = self.check_tasks(batch, b)
             self.batch_tasks.append(tasks)
             if not self.owns(b):
-                self.inputs.append(None)
                 continue
-            if self.input_cache is not None and b in self.input_cache:
-                inputs = self.input_cache[b]  # read only: advancing a block makes new BlockInputs
-            else:
-                inputs = self.adapter.capture_block_inputs(self.model, batch)
-                if self.input_cache is not None:
-                    self.input_cache[b] = inputs
-            n = self.adapter.tokens_per_sample(inputs).to(torch.float64)  # (batch,)
-            self.task_tokens.index_add_(0, tasks, n)
-            self.inputs.append(inputs if self.cache_device is None else inputs.to(self.cache_device))
-        self.all_reduce_(self.task_tokens)
-        empty = [t for t, n, w in zip(self.task_names, self.task_tokens, self.task_weights) if n == 0 and w > 0]
-        if empty:
-            raise ValueError(f"task(s) {empty} have no calibration samples (task_names={self.task_names})")
+            for s, stage in enumerate(self.stages):
+                for source in ("self", "context") if stage.context_layers else ("self",):
+                    n = self._token_mask(stage, batch, source).sum(1).to(torch.float64)
+                    counts.setdefault((s, source), torch.zeros(T, dtype=torch.float64)).index_add_(0, tasks, n)
+        self._num_batches = len(self.batch_tasks)
+        if self._num_batches == 0:
+            raise ValueError("the calibration loader yielded no batches")
+        for s, stage in enumerate(self.stages):  # every rank reduces the same keys, in the same order
+            for source in ("self", "context") if stage.context_layers else ("self",):
+                counts.setdefault((s, source), torch.zeros(T, dtype=torch.float64))
+        for key in sorted(counts):
+            self.all_reduce_(counts[key])
+        self.task_tokens = counts
+        if self.solver.needs_statistics:
+            empty = [t for t, n, w in zip(self.task_names, counts[(0, "self")], self.task_weights) if n == 0 and w > 0]
+            if empty:
+                raise ValueError(f"task(s) {empty} have no calibration samples (task_names={self.task_names})")
+
+    def _token_mask(self, stage, batch, source: str) -> torch.Tensor:
+        """(batch, tokens) float64 mask of the tokens that count (epmq.adapters)."""
+        return self.adapter.token_mask(self.model, stage, batch, source).to("cpu", torch.float64)
 
     def check_loaders_across_ranks(self) -> None:
-        """Under DDP: equal batch counts on all ranks, and identical loaders when shard_batches.
-
-        One pass over the loader without the model: (number of batches, a float64 fingerprint of
-        the batches' task ids and tensors) is gathered from every rank.
-        """
+        """Under DDP: equal batch counts on all ranks, and identical loaders when shard_batches."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         count, fingerprint = loader_fingerprint(self.calibration_loader())
-        mine = torch.tensor([count, fingerprint], dtype=torch.float64, device=self.trainer.strategy.root_device)
+        mine = torch.tensor([count, fingerprint], dtype=torch.float64, device=self.device_)
         every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(every, mine)
         counts = [int(x[0]) for x in every]
@@ -246,126 +312,142 @@ class BlockwiseCalibration(L.LightningModule):
                              f"for task_names={self.task_names}")
         return tasks
 
-    # -- one block: statistics ---------------------------------------------------------------
+    # -- one step: statistics -------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         self.model.eval()
-        if self.block_index >= self.num_blocks or self.method == "rtn":
+        if self.step_index >= len(self.schedule):
             return
-        layers = self.adapter.linear_layers(self.block())
-        device = self.trainer.strategy.root_device
-        with_C = self.method == "epmq"
-        self.statistics = {name: LayerStatistics(lin.in_features, lin.out_features if with_C else None,
-                                                 device=device)
-                           for name, lin in layers.items()}
-        self._hooks = [lin.register_forward_hook(self._statistics_hook(name)) for name, lin in layers.items()]
+        step = self.current_step
+        block = self.block(step)
+        if self.offload_blocks and step.first:
+            block.to(self.device_)
+        if not self.solver.needs_statistics:
+            return
+        with_C = self.solver.needs_targets
+        self.statistics = {}
+        for name in step.layers:
+            lin = block.get_submodule(name)
+            self.statistics[name] = LayerStatistics(lin.in_features, lin.out_features if with_C else None,
+                                                    device=self.device_)
+            self._hooks.append(lin.register_forward_hook(self._statistics_hook(name, step.stage.source(name))))
 
-    def _statistics_hook(self, name: str):
+    def _statistics_hook(self, name: str, source: str):
         def hook(linear: nn.Linear, args, output):
             X = args[0]  # (batch, tokens, in): the merged layer's inputs X̂
             Y = None
-            if self.method == "epmq":
-                Y = self.expert_targets[name]  # (batch, tokens, out): Y_t = W_t X^e + b_t
+            if self.solver.needs_targets:
+                Y = self._targets[name]  # (batch, tokens, out): Y_t = W_t X^e + b_t
                 if linear.bias is not None:
-                    Y = Y - linear.bias.to(Y)  # the merged layer keeps b_m: target Ỹ = Y_t - b_m
-            self.statistics[name].add(X, Y, weight=self._sample_weights)
+                    Y = Y - linear.bias.to(Y)  # the merged layer keeps b_m: target Ỹ = Y_t − b_m
+            self.statistics[name].add(X, Y, weight=self._weights[source])
         return hook
 
     @torch.no_grad()
     def training_step(self, batch, batch_idx: int):
-        if self.method == "rtn" or self.block_index >= self.num_blocks or not self.owns(batch_idx):
-            return None
-        if batch_idx >= len(self.inputs) or not torch.equal(self.check_tasks(batch, batch_idx),
-                                                            self.batch_tasks[batch_idx]):
-            raise ValueError(f"calibration batch {batch_idx} differs from the one captured in setup: the "
-                             f"train loader must be deterministic (shuffle=False) and keep its samples "
-                             f"(Trainer(use_distributed_sampler=False))")
-        tasks = self.batch_tasks[batch_idx]
-        device = self.trainer.strategy.root_device
-        # w_t / n_t per sample: each task's tokens sum to w_t
-        self._sample_weights = (self.task_weights / self.task_tokens.clamp_min(1))[tasks].to(device)
-        self.adapter.run_block(self.block(), self.inputs[batch_idx].to(device))
-        self.expert_targets = {}
+        step = self.current_step
+        if self.solver.needs_statistics and self.owns(batch_idx) and self.step_index < len(self.schedule):
+            if batch_idx >= len(self.batch_tasks) or not torch.equal(self.check_tasks(batch, batch_idx),
+                                                                     self.batch_tasks[batch_idx]):
+                raise ValueError(f"calibration batch {batch_idx} differs from the one seen in setup: the "
+                                 f"train loader must be deterministic (shuffle=False) and keep its samples "
+                                 f"(Trainer(use_distributed_sampler=False))")
+            device = self.device_
+            if batch_idx not in self._inputs:  # a block's first step (or the first after resuming)
+                self._inputs[batch_idx] = self.inputs_to_cache(self.walk(batch_idx, batch, step))
+            tasks = self.batch_tasks[batch_idx]
+            self._weights = {}
+            for (s, source), n_t in self.task_tokens.items():
+                if s == step.stage_index:
+                    per_sample = (self.task_weights / n_t.clamp_min(1))[tasks]  # w_t / n_t, (batch,)
+                    mask = self._token_mask(step.stage, batch, source)
+                    self._weights[source] = (per_sample[:, None] * mask).to(device)
+            if self.solver.needs_targets:
+                self._targets = self.experts.targets(batch_idx)
+            run_block(self.block(step), self._inputs[batch_idx].to(device))
+            self._targets = {}
+        if batch_idx == self._num_batches - 1:
+            self.finish_step()
         return None
 
-    # -- one block: solve -----------------------------------------------------------------------
+    def walk(self, batch_idx: int, batch, step: Step) -> BlockInputs:
+        """Block inputs X̂ of `step`'s block for one batch (epmq.capture.walk_to over this model)."""
+        trace = self._traces.setdefault(batch_idx, Trace())
+
+        def run(stage, i, inputs):  # only a resumed run walks through earlier (quantized) blocks
+            block = self.adapter.blocks(self.model, stage)[i]
+            if self.offload_blocks:
+                block.to(self.device_)
+            out = run_block(block, inputs)
+            if self.offload_blocks:
+                block.to("cpu")
+            return out
+
+        return walk_to(self.adapter, self.model, self.stages, trace, batch, (step.stage_index, step.block),
+                       self.device_, run, self.to_cache)
+
+    def to_cache(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor kept between steps, on cache_device when one is set."""
+        return t if self.cache_device is None else t.to(self.cache_device)
+
+    def inputs_to_cache(self, inputs: BlockInputs) -> BlockInputs:
+        return inputs if self.cache_device is None else inputs.to(self.cache_device)
+
+    # -- one step: solve ------------------------------------------------------------------------
     def all_reduce_(self, *tensors: torch.Tensor) -> None:
         """Sum tensors in place over all ranks (no-op without an initialised process group)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
-        device = self.trainer.strategy.root_device
-        flat = flat.to(device)
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).to(self.device_)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0
         for t in tensors:
             t.copy_(flat[offset: offset + t.numel()].view_as(t).to(t))
             offset += t.numel()
 
-    def reduce_statistics(self) -> None:
-        """Sum this block's raw H and C over ranks, once (idempotent, called before any solve)."""
-        if self._reduced_block == self.block_index:
-            return
-        buffers = [buf for stats in self.statistics.values() for buf in stats.buffers()]
-        if buffers:
-            self.all_reduce_(*buffers)
-        self._reduced_block = self.block_index
-
-    def anchoring(self):
-        from callbacks.anchoring import MergedWeightAnchoring
-
-        found = [cb for cb in self.trainer.callbacks if isinstance(cb, MergedWeightAnchoring)]
-        return found[0] if found else None
-
     @torch.no_grad()
-    def finish_block(self) -> None:
-        """Quantize the current block and advance X̂ (idempotent; the callbacks may call it first)."""
-        i = self.block_index
-        if self._finished_block == i or i >= self.num_blocks:
-            return
+    def finish_step(self) -> None:
+        """Solve the current step's layers, write Q, log, and move the batches past a finished block."""
+        step = self.current_step
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self.reduce_statistics()
-        block = self.block(i)
-        prefix = self.adapter.block_prefix(self.model, i)
-        anchor = self.anchoring() if self.method == "epmq" else None
-        losses, rtn_losses = {}, {}
-        for name, linear in self.adapter.linear_layers(block).items():
-            W_m = linear.weight.detach()  # (out, in)
-            if self.method == "rtn":
-                result = rtn(W_m, self.spec)
-            else:
-                stats = self.statistics[name]
-                if stats.tokens == 0:
-                    raise ValueError(f"block {i} layer '{name}': no calibration tokens reached it")
-                W_star, H = anchor.target(i, name, stats.H, stats.C, W_m) if anchor else (W_m, stats.H)
-                result = gptq(W_star, H, self.spec)
-                rtn_losses[name] = rtn(W_star, self.spec, H=H).loss  # the baseline GPTQ must beat
-            linear.weight.copy_(result.weight.to(linear.weight.dtype))
-            self.quant_results[prefix + name] = _to_cpu(result)
-            losses[name] = result.loss
-        self.block_losses[i] = losses
-        if rtn_losses:
-            self.rtn_losses[i] = rtn_losses
+        buffers = [buf for stats in self.statistics.values() for buf in stats.buffers()]
+        if buffers:
+            self.all_reduce_(*buffers)
+        block = self.block(step)
+        results, metrics = {}, {}
+        for name in step.layers:
+            linear = block.get_submodule(name)
+            solution = self.solver.solve(linear.weight.detach(), self.statistics.get(name))
+            linear.weight.copy_(solution.result.weight.to(linear.weight.dtype))
+            results[step.prefix + name] = _to_cpu(solution.result)
+            metrics[step.prefix + name] = solution.metrics
+            for key, value in solution.metrics.items():
+                self.log(f"calib/{step.label}/{name}/{key}", value, on_step=False, on_epoch=True, batch_size=1,
+                         sync_dist=True)
         self.statistics = {}
-        if self.method != "rtn" and i + 1 < self.num_blocks:
-            device = self.trainer.strategy.root_device
-            for b, inputs in enumerate(self.inputs):  # X̂ of block i+1 = quantized block i (X̂)
-                if inputs is not None:
-                    hidden = self.adapter.run_block(block, inputs.to(device))
-                    self.inputs[b] = inputs.with_hidden(hidden.to(inputs.hidden.device))
-        self._finished_block = i
-        if i + 1 == self.num_blocks:
-            self.inputs = []
+        self.finished.append(FinishedStep(step.index, step.label, step.layers, results, metrics))
+        if step.last:
+            for b, inputs in self._inputs.items():  # the quantized block's output feeds the next block
+                self._traces[b].advance(run_block(block, inputs.to(self.device_)), self.to_cache)
+            self._inputs = {}
+            if self.offload_blocks:
+                block.to("cpu")
+        self.step_index += 1
+        if self.step_index == len(self.schedule):
+            self._traces = {}
             self.trainer.should_stop = True
 
-    def on_train_epoch_end(self) -> None:
-        self.finish_block()
-
     def progress_description(self, batch=None) -> str:
-        """'block 2/4 · task mnist' for the progress bar (the tasks of `batch` when given)."""
-        i = min(self.block_index, self.num_blocks - 1) + 1
-        text = f"{self.label} · block {i}/{self.num_blocks}" if self.label else f"block {i}/{self.num_blocks}"
+        """'block 2/4 · task mnist' (with the step's first layer when true-sequential)."""
+        step = self.current_step
+        blocks = len(self.adapter.blocks(self.model, step.stage))
+        where = f"{step.stage.name} " if len(self.stages) > 1 else ""
+        text = f"{where}block {step.block + 1}/{blocks}"
+        if self.true_sequential:
+            text += f" · {step.layers[0].rsplit('.', 1)[-1]}"
+        if self.label:
+            text = f"{self.label} · {text}"
         if isinstance(batch, Mapping) and "task" in batch:
             ids = torch.as_tensor(batch["task"]).reshape(-1).unique().tolist()
             names = [self.task_names[t] if 0 <= t < len(self.task_names) else str(t) for t in ids]
@@ -373,18 +455,30 @@ class BlockwiseCalibration(L.LightningModule):
         return text
 
 
-def loader_fingerprint(loader) -> tuple[int, float]:
-    """(number of batches, Σ_b (b+1) · Σ entries of batch b's tensors) of a calibration loader.
+def _task_weights(task_weights, task_names) -> torch.Tensor:
+    if task_weights is None:
+        w = [1.0] * len(task_names)
+    elif isinstance(task_weights, Mapping):
+        unknown = sorted(set(task_weights) - set(task_names))
+        if unknown:
+            raise ValueError(f"task_weights names unknown task(s) {unknown}; tasks: {task_names}")
+        w = [float(task_weights.get(t, 1.0)) for t in task_names]
+    else:
+        w = [float(x) for x in task_weights]
+        if len(w) != len(task_names):
+            raise ValueError(f"task_weights has {len(w)} entries for {len(task_names)} tasks")
+    if not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) == 0:
+        raise ValueError(f"task_weights must be finite, >= 0 and not all 0, got {w}")
+    return torch.tensor(w, dtype=torch.float64)
 
-    Cheap and order-sensitive: tells one calibration set (or one batch order) from another.
-    """
-    count, fingerprint = 0, 0.0
-    for b, batch in enumerate(loader):
-        count += 1
-        for v in (batch.values() if isinstance(batch, Mapping) else ()):
-            if isinstance(v, torch.Tensor):
-                fingerprint += (b + 1) * v.double().sum().item()
-    return count, fingerprint
+
+def _expert_cache(experts):
+    """An ExpertActivationCache for `experts` (a pool, or a cache to share between fits)."""
+    if experts is None or isinstance(experts, ExpertActivationCache):
+        return experts
+    if isinstance(experts, ExpertPool):
+        return ExpertActivationCache(experts)
+    raise ValueError(f"experts must be an ExpertPool or an ExpertActivationCache, got {type(experts).__name__}")
 
 
 def _to_cpu(result: QuantResult) -> QuantResult:

@@ -21,6 +21,6 @@ def close_logger(logger, status: str = "success") -> None:
         return
     import wandb
 
-    logger.experiment.finish()
+    logger.experiment.finish(exit_code=0 if status == "success" else 1)
     if wandb.run is None:
         wandb.teardown()

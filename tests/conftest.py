@@ -19,13 +19,12 @@ from omegaconf import open_dict
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from callbacks.anchoring import MergedWeightAnchoring
-from callbacks.expert_cache import ExpertActivationCache
 from epmq.merge import task_arithmetic
 from epmq.module import BlockwiseCalibration
 from epmq.offline.zoo import build_zoo
 from epmq.pool import ExpertPool
 from epmq.quant import QuantSpec
+from epmq.solvers import EPMQ, GPTQ, RTN
 
 TASKS = ["mnist", "svhn"]
 SPEC = QuantSpec(bits=3, group_size=16, blocksize=16)
@@ -95,21 +94,33 @@ def calibration_set(n_per_task=(5, 4), seed: int = 1) -> CalibrationSet:
 
 
 def trainer_for(module: BlockwiseCalibration, callbacks=(), **kwargs) -> L.Trainer:
-    options = dict(accelerator="cpu", devices=1, max_epochs=module.num_blocks, logger=False,
+    options = dict(accelerator="cpu", devices=1, max_epochs=len(module.schedule), logger=False,
                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                    use_distributed_sampler=False, num_sanity_val_steps=0)
     options.update(kwargs)
     return L.Trainer(callbacks=list(callbacks), **options)
 
 
-def calibrate(merged_state: dict, method: str, data: CalibrationSet, pool: ExpertPool | None = None,
-              strength: float = float("inf"), spec: QuantSpec = SPEC, **trainer_kwargs) -> BlockwiseCalibration:
-    """Run BlockwiseCalibration on a fresh model holding `merged_state`; returns the module."""
-    module = BlockwiseCalibration(load_state(merged_state), spec=spec, method=method, task_names=TASKS)
-    callbacks = []
+SPEC_ARGS = dict(bits=SPEC.bits, group_size=SPEC.group_size, blocksize=SPEC.blocksize)
+
+
+def solver(method: str, strength: float = float("inf"), form: str = "output"):
+    """The solver of `method` ("rtn", "gptq", "epmq") with the tests' small QuantSpec."""
     if method == "epmq":
-        callbacks = [ExpertActivationCache(pool), MergedWeightAnchoring(strength)]
-    trainer_for(module, callbacks, **trainer_kwargs).fit(module, datamodule=CalibrationData(data))
+        return EPMQ(strength=strength, form=form, **SPEC_ARGS)
+    return {"rtn": RTN, "gptq": GPTQ}[method](**SPEC_ARGS)
+
+
+def calibrate(merged_state: dict, method: str, data: CalibrationSet, pool: ExpertPool | None = None,
+              strength: float = float("inf"), callbacks=(), **kwargs) -> BlockwiseCalibration:
+    """Run BlockwiseCalibration on a fresh model holding `merged_state`; returns the module.
+
+    kwargs go to the module when it takes them (true_sequential, ...), else to the Trainer."""
+    module_keys = {"true_sequential", "offload_blocks", "cache_device", "shard_batches", "task_weights", "resume"}
+    module = BlockwiseCalibration(load_state(merged_state), solver(method, strength), TASKS, experts=pool,
+                                  **{k: v for k, v in kwargs.items() if k in module_keys})
+    trainer_for(module, callbacks, **{k: v for k, v in kwargs.items() if k not in module_keys}).fit(
+        module, datamodule=CalibrationData(data))
     return module
 
 
@@ -135,8 +146,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def zoo_cache(tmp_path_factory) -> Path:
-    """A cache folder holding the micro offline zoo (built once per test session)."""
-    cache = tmp_path_factory.mktemp("zoo-cache")
+    """A cache folder holding the micro offline zoo (built once per test session): <epmq cache>/zoo,
+    so that the config's own path interpolation (suite.cache_dir: ${paths.cache_dir}/zoo) finds it."""
+    cache = tmp_path_factory.mktemp("epmq-cache") / "zoo"
     build_zoo("micro", cache_dir=cache, seed=0, progress=False)
     return cache
 
@@ -146,7 +158,7 @@ def make_cfg(out_dir: Path, zoo_cache: Path, *overrides: str):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", return_hydra_config=True, overrides=[
-            "suite.size=micro", f"suite.cache_dir={zoo_cache}", "suite.progress=false",
+            "suite.size=micro", f"paths.cache_dir={zoo_cache.parent}", "suite.progress=false",
             "data.calib_samples=8", "data.select_samples=8", "data.batch_size=8", "data.test_samples=48",
             "trainer.enable_progress_bar=false", *overrides])
     with open_dict(cfg):
@@ -190,6 +202,15 @@ def wandb_history(run_file: Path) -> dict:
             history.update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                             for i in record.history.item})
     return history
+
+
+def wandb_config(run_file: Path) -> dict:
+    """The run's config as the offline W&B run file holds it (later updates win)."""
+    config = {}
+    for record in wandb_records(run_file):
+        if record.WhichOneof("record_type") == "config":
+            config.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.config.update})
+    return config
 
 
 def wandb_finished(run_file: Path) -> bool:

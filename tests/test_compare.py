@@ -12,12 +12,14 @@ from epmq.compare import compare_plan
 from epmq.run import run
 
 
+OPTIONS = ("experiment=compare", "compare.bits=[2,4]", "data.test_samples=null", "data.calib_samples=16",
+           "compare.ablation.strength=[0,1,10000,inf]", "quant.candidates.strength=[0,1,inf]", "seed=1")
+
+
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, zoo_cache):
     out = tmp_path_factory.mktemp("compare")
-    cfg = make_cfg(out, zoo_cache, "experiment=compare", "compare.bits=[2,4]", "data.test_samples=null",
-                   "data.calib_samples=16", "compare.ablation.strength=[0,1,10000,inf]",
-                   "quant.candidates.strength=[0,1,inf]", "seed=1", "logger=wandb")
+    cfg = make_cfg(out, zoo_cache, *OPTIONS, "logger=wandb")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
@@ -90,3 +92,15 @@ def test_compare_rejects_bad_options_before_work(tmp_path, zoo_cache):
         cfg = make_cfg(tmp_path, zoo_cache, "experiment=compare", override)
         with pytest.raises(ValueError, match=message):
             compare_plan(cfg)
+
+
+def test_a_resumed_comparison_redoes_no_finished_unit(compared, zoo_cache, monkeypatch):
+    """resume=<run folder> of a finished comparison: every unit comes from units/, none is calibrated."""
+    import epmq.compare
+
+    out, results = compared
+    monkeypatch.setattr(epmq.compare, "calibrate", lambda *a, **k: pytest.fail("a finished unit was redone"))
+    again = run(make_cfg(out, zoo_cache, *OPTIONS, "logger=none", f"resume={out}"))
+    assert [(e["method"], e["bits"], e["test"]) for e in again["methods"]] == \
+        [(e["method"], e["bits"], e["test"]) for e in results["methods"]]
+    assert len(again["ablation"]) == len(results["ablation"])

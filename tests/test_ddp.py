@@ -6,11 +6,22 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.anchoring import MergedWeightAnchoring
-from callbacks.expert_cache import ExpertActivationCache
-from conftest import SPEC, TASKS, CalibrationData, calibration_set, load_state, trainer_for
+from conftest import SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, trainer_for
 from epmq.module import BlockwiseCalibration
 from epmq.pool import ExpertPool
+from epmq.solvers import EPMQ
+
+
+class RecordingEPMQ(EPMQ):
+    """E-PMQ that keeps the rank-summed statistics it solves from (layer -> [H, C, tokens])."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen = {}
+
+    def solve(self, W_m, stats):
+        self.seen[len(self.seen)] = [b.clone() for b in stats.buffers()]
+        return super().solve(W_m, stats)
 
 
 class Recorder(L.Callback):
@@ -20,10 +31,11 @@ class Recorder(L.Callback):
         self.out_dir = out_dir
 
     def on_train_epoch_end(self, trainer, pl_module):
-        pl_module.reduce_statistics()  # idempotent: the solve reuses the same summed buffers
-        stats = {name: [b.clone() for b in s.buffers()] for name, s in pl_module.statistics.items()}
-        torch.save({"stats": stats, "task_tokens": pl_module.task_tokens.clone()},
-                   self.out_dir / f"block{pl_module.block_index}_rank{trainer.global_rank}.pt")
+        step = pl_module.finished[-1]
+        stats = dict(zip(step.layers, pl_module.solver.seen.values()))
+        pl_module.solver.seen = {}
+        torch.save({"stats": stats, "task_tokens": pl_module.task_tokens[(0, "self")].clone()},
+                   self.out_dir / f"block{step.index}_rank{trainer.global_rank}.pt")
 
     def on_fit_end(self, trainer, pl_module):
         torch.save({"state": {k: v.clone() for k, v in pl_module.model.state_dict().items()},
@@ -34,9 +46,9 @@ class Recorder(L.Callback):
 def _run(zoo, out_dir, devices, shard_by_rank=False):
     out_dir.mkdir()
     pool = ExpertPool(zoo["root"] / "base", zoo["paths"])
-    module = BlockwiseCalibration(load_state(zoo["merged"]), spec=SPEC, method="epmq", task_names=TASKS,
-                                  shard_batches=not shard_by_rank)
-    callbacks = [Recorder(out_dir), ExpertActivationCache(pool), MergedWeightAnchoring(1.0)]
+    module = BlockwiseCalibration(load_state(zoo["merged"]), RecordingEPMQ(strength=1.0, **SPEC_ARGS), TASKS,
+                                  experts=pool, shard_batches=not shard_by_rank)
+    callbacks = [Recorder(out_dir)]
     strategy = "ddp_spawn" if devices > 1 else "auto"
     data = CalibrationData(calibration_set((6, 4)), batch_size=3, shard_by_rank=shard_by_rank)
     trainer_for(module, callbacks, devices=devices, strategy=strategy).fit(module, datamodule=data)
@@ -82,7 +94,7 @@ def test_two_processes_match_one(zoo, tmp_path):
 def test_uneven_rank_loaders_are_refused_before_calibration(zoo, tmp_path):
     """9 samples sharded by rank in batches of 2: 3 batches on rank 0, 2 on rank 1. Lightning
     broadcasts every step, so this would hang; the module refuses it in setup on every rank."""
-    module = BlockwiseCalibration(load_state(zoo["merged"]), spec=SPEC, method="gptq", task_names=TASKS,
+    module = BlockwiseCalibration(load_state(zoo["merged"]), EPMQ(strength=float("inf"), **SPEC_ARGS), TASKS,
                                   shard_batches=False)
     data = CalibrationData(calibration_set((5, 4)), batch_size=2, shard_by_rank=True)
     with pytest.raises(Exception, match="different numbers of calibration batches"):

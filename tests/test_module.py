@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from callbacks.anchoring import MergedWeightAnchoring
 from callbacks.block_metrics import BlockMetrics, BlockProgressBar
 from callbacks.expert_cache import ExpertActivationCache
-from conftest import (SPEC, TASKS, CalibrationData, CalibrationSet, calibrate, calibration_set, load_state, trainer_for)
+from conftest import (SPEC, TASKS, CalibrationData, CalibrationSet, calibrate, calibration_set, load_state, solver,
+                      trainer_for)
 from epmq.gptq import gptq
 from epmq.module import BlockwiseCalibration
 from epmq.pool import ExpertPool
@@ -27,6 +27,12 @@ def block_weights(module: BlockwiseCalibration) -> dict[str, torch.Tensor]:
 
 def distance(a: dict, b: dict) -> float:
     return math.sqrt(sum((a[k] - b[k]).double().square().sum().item() for k in a))
+
+
+def shifts(module: BlockwiseCalibration, block: int) -> dict[str, float]:
+    """layer -> ‖W* − W_m‖ / ‖W_m‖ of one block, as the solver reported it."""
+    prefix = f"encoder.layers.{block}."
+    return {k[len(prefix):]: m["anchor_shift"] for k, m in module.layer_metrics.items() if k.startswith(prefix)}
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +59,12 @@ def test_strength_inf_is_exactly_gptq_and_finite_strengths_approach_it(zoo, data
 
     # the continuous targets W* move monotonically toward W_m, and the rounded weights follow
     strengths = [0.0, 1.0, 100.0, 1e6]
-    dists, shifts = [], []
+    dists, moved = [], []
     for strength in strengths:
-        module = BlockwiseCalibration(load_state(zoo["merged"]), spec=SPEC, method="epmq", task_names=TASKS)
-        anchoring = MergedWeightAnchoring(strength)
-        trainer_for(module, [ExpertActivationCache(pool), anchoring]).fit(module, datamodule=CalibrationData(data))
+        module = calibrate(zoo["merged"], "epmq", data, pool=pool, strength=strength)
         dists.append(distance(block_weights(module), reference))
-        shifts.append(sum(anchoring.shifts[0].values()))
-    assert all(a > b for a, b in zip(shifts, shifts[1:])), shifts
+        moved.append(sum(shifts(module, 0).values()))
+    assert all(a > b for a, b in zip(moved, moved[1:])), moved
     assert all(a >= b for a, b in zip(dists, dists[1:])), dists
     assert dists[0] > 0 and dists[-1] < dists[0] / 10, dists
 
@@ -96,7 +100,7 @@ def test_gptq_through_the_loop_matches_core_gptq_on_independent_statistics(zoo, 
                 assert got.loss == pytest.approx(expected.loss, rel=1e-9)
                 lin.weight.copy_(expected.weight)
             hidden = [layer(h, None) for h in hidden]  # the next inputs come from the quantized block
-    assert torch.equal(gptq_run.task_tokens, torch.tensor([5.0 * 17, 4.0 * 17], dtype=torch.float64))
+    assert torch.equal(gptq_run.task_tokens[(0, "self")], torch.tensor([5.0 * 17, 4.0 * 17], dtype=torch.float64))
 
 
 def test_epmq_with_experts_equal_to_merged_gives_gptq_first_block(zoo, data, gptq_run, tmp_path):
@@ -104,11 +108,9 @@ def test_epmq_with_experts_equal_to_merged_gives_gptq_first_block(zoo, data, gpt
     for task in TASKS:
         merged.save_pretrained(tmp_path / task)
     same = ExpertPool(tmp_path / TASKS[0], {t: tmp_path / t for t in TASKS})
-    module = BlockwiseCalibration(load_state(zoo["merged"]), spec=SPEC, method="epmq", task_names=TASKS)
-    anchoring = MergedWeightAnchoring(0.0)  # pure expert guidance: no pull toward W_m at all
-    trainer_for(module, [ExpertActivationCache(same), anchoring]).fit(module, datamodule=CalibrationData(data))
+    module = calibrate(zoo["merged"], "epmq", data, pool=same, strength=0.0)  # pure expert guidance
     # C = W_m H up to the float32 rounding of the layer outputs and batch products (~1e-5)
-    assert max(anchoring.shifts[0].values()) < 1e-4, anchoring.shifts[0]
+    assert max(shifts(module, 0).values()) < 1e-4, shifts(module, 0)
     for name in LAYERS:
         key = f"encoder.layers.0.{name}"
         ours, ref = module.quant_results[key], gptq_run.quant_results[key]
@@ -117,22 +119,21 @@ def test_epmq_with_experts_equal_to_merged_gives_gptq_first_block(zoo, data, gpt
         # same codes; grids fitted on W* instead of W_m differ only by that rounding
         torch.testing.assert_close(ours.weight[agree], ref.weight[agree], rtol=1e-4, atol=1e-5)
     # later blocks differ: the targets come from the full-precision path (as in GPTAQ)
-    assert max(anchoring.shifts[1].values()) > 10 * max(anchoring.shifts[0].values())
+    assert max(shifts(module, 1).values()) > 10 * max(shifts(module, 0).values())
 
 
 def test_expert_cache_follows_each_experts_own_path(zoo, data, pool):
-    """X^e of task t's samples equals expert t's own hidden states, block after block."""
-    module = BlockwiseCalibration(load_state(zoo["merged"]), spec=SPEC, method="epmq", task_names=TASKS)
+    """X^e of task t's samples follows expert t's own hidden states, block after block."""
     cache = ExpertActivationCache(pool)
     seen = {}
 
-    class Probe(BlockMetrics):  # records the cache at each block start, after the cache has run
-        def on_train_epoch_start(self, trainer, pl_module):
-            seen[pl_module.block_index] = {b: {t: x.hidden.clone() for t, x in per.items()}
-                                           for b, per in cache.inputs.items()}
+    class Probe(BlockMetrics):  # after each block: the output of each expert's block, per batch and task
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen[pl_module.finished[-1].index] = {key: trace.replay.clone() for key, trace in cache._traces.items()}
 
+    module = BlockwiseCalibration(load_state(zoo["merged"]), solver("epmq", 1.0), TASKS, experts=cache)
     keys_before = set(module.state_dict())
-    trainer_for(module, [cache, MergedWeightAnchoring(1.0), Probe()]).fit(module, datamodule=CalibrationData(data))
+    trainer_for(module, [Probe()]).fit(module, datamodule=CalibrationData(data))
     assert set(module.state_dict()) == keys_before  # no expert weights were registered on the module
     for t, task in enumerate(TASKS):
         expert = zoo["experts"][task]
@@ -143,14 +144,16 @@ def test_expert_cache_follows_each_experts_own_path(zoo, data, pool):
                     continue
                 states = expert(pixel_values=data.pixel_values[3 * b: 3 * b + 3][idx],
                                 output_hidden_states=True).hidden_states
-                for block in (0, 1):
-                    torch.testing.assert_close(seen[block][b][t], states[block], rtol=1e-5, atol=1e-5)
-        # expert embeddings differ from the merged ones, so this is not the merged path
-        assert not torch.allclose(seen[0][0].get(t, torch.zeros(1)), torch.zeros(1))
+                for block in (0, 1):  # block i's output is the expert's hidden state i + 1
+                    torch.testing.assert_close(seen[block][(b, t)], states[block + 1], rtol=1e-5, atol=1e-5)
+    # the expert path is not the merged path
+    merged_states = load_state(zoo["merged"])(pixel_values=data.pixel_values[:3], output_hidden_states=True).hidden_states
+    t0 = data.tasks[0].item()
+    assert not torch.allclose(seen[0][(0, t0)], merged_states[1][data.tasks[:3] == t0], atol=1e-3)
 
 
 def test_progress_and_metrics_read_as_blocks_and_tasks(zoo, data):
-    module = BlockwiseCalibration(load_state(zoo["merged"]), spec=SPEC, method="gptq", task_names=TASKS)
+    module = BlockwiseCalibration(load_state(zoo["merged"]), solver("gptq"), TASKS)
     metrics = BlockMetrics()
     descriptions = []
 
@@ -168,32 +171,33 @@ def test_progress_and_metrics_read_as_blocks_and_tasks(zoo, data):
     logged = trainer.callback_metrics
     for i in (0, 1):
         for name in LAYERS:
-            assert logged[f"calib/block_{i}/{name}/loss"].item() == pytest.approx(module.block_losses[i][name])
+            expected = module.layer_metrics[f"encoder.layers.{i}.{name}"]
+            assert logged[f"calib/block_{i}/{name}/loss"].item() == pytest.approx(expected["loss"])
+            assert logged[f"calib/block_{i}/{name}/rtn_loss"].item() == pytest.approx(expected["rtn_loss"])
         assert logged[f"calib/block_{i}/time_s"] > 0
         assert logged[f"calib/block_{i}/peak_mem_mb"] > 0
-    assert [h["block"] for h in metrics.history] == [0, 1]
+    assert [h["block"] for h in metrics.history] == ["block_0", "block_1"]
 
 
 def test_rtn_needs_no_data_and_rounds_each_layer(zoo, data):
     module = calibrate(zoo["merged"], "rtn", data)
-    assert len(module.quant_results) == 12 and module.inputs == []
+    assert len(module.quant_results) == 12 and module._traces == {} and module._inputs == {}
     W = load_state(zoo["merged"]).encoder.layers[1].mlp.fc1.weight
     assert torch.equal(module.model.encoder.layers[1].mlp.fc1.weight, module.quant_results["encoder.layers.1.mlp.fc1"].weight)
     assert not torch.equal(module.model.encoder.layers[1].mlp.fc1.weight, W)
 
 
 def test_bad_configurations_fail_before_calibration(zoo, data):
-    with pytest.raises(ValueError, match="method"):
-        BlockwiseCalibration(load_state(zoo["merged"]), method="awq", task_names=TASKS)
+    with pytest.raises(ValueError, match="solver"):
+        BlockwiseCalibration(load_state(zoo["merged"]), "awq", TASKS)
     with pytest.raises(ValueError, match="task_weights"):
-        BlockwiseCalibration(load_state(zoo["merged"]), task_names=TASKS, task_weights={"cifar": 1.0})
-    module = BlockwiseCalibration(load_state(zoo["merged"]), spec=SPEC, method="gptq", task_names=TASKS)
+        BlockwiseCalibration(load_state(zoo["merged"]), solver("gptq"), TASKS, task_weights={"cifar": 1.0})
+    module = BlockwiseCalibration(load_state(zoo["merged"]), solver("gptq"), TASKS)
     with pytest.raises(ValueError, match="max_epochs"):
         trainer_for(module, max_epochs=1).fit(module, datamodule=CalibrationData(data))
-    module = BlockwiseCalibration(load_state(zoo["merged"]), spec=SPEC, method="epmq", task_names=TASKS)
-    with pytest.raises(ValueError, match="ExpertActivationCache"):
-        trainer_for(module).fit(module, datamodule=CalibrationData(data))
-    module = BlockwiseCalibration(load_state(zoo["merged"]), spec=SPEC, method="gptq", task_names=["mnist"])
+    with pytest.raises(ValueError, match="needs expert targets"):
+        BlockwiseCalibration(load_state(zoo["merged"]), solver("epmq", 1.0), TASKS)
+    module = BlockwiseCalibration(load_state(zoo["merged"]), solver("gptq"), ["mnist"])
     with pytest.raises(ValueError, match="out of range"):
         trainer_for(module).fit(module, datamodule=CalibrationData(data))
 
@@ -205,7 +209,7 @@ def test_shuffled_loader_is_refused(zoo, data):
             self.calls.append(1)
             return torch.utils.data.DataLoader(self.dataset, batch_size=3, shuffle=True, generator=g)
 
-    module = BlockwiseCalibration(load_state(zoo["merged"]), spec=SPEC, method="gptq", task_names=TASKS)
+    module = BlockwiseCalibration(load_state(zoo["merged"]), solver("gptq"), TASKS)
     with pytest.raises(ValueError, match="deterministic"):
         trainer_for(module).fit(module, datamodule=Shuffled(data))
 
@@ -234,14 +238,14 @@ def test_llama_adapter_block_kwargs_reproduce_the_models_own_layer_inputs():
     tasks = torch.tensor([0, 1, 0, 0, 1, 1, 0])
     data = TokenSet(torch.randint(0, 64, (7, 8), generator=gen), tasks)
     loader = torch.utils.data.DataLoader(data, batch_size=3, shuffle=False)
-    module = BlockwiseCalibration(copy.deepcopy(merged), spec=SPEC, method="gptq", task_names=TASKS)
+    module = BlockwiseCalibration(copy.deepcopy(merged), solver("gptq"), TASKS, true_sequential=False)
     trainer_for(module).fit(module, train_dataloaders=loader)  # no datamodule: fit's own loader
 
     reference = copy.deepcopy(merged)
     tokens = torch.bincount(tasks).double() * 8
     with torch.no_grad():
         for i, layer in enumerate(reference.model.layers):
-            names = module.adapter.linear_names
+            names = list(module.adapter.linear_layers(layer, module.stages[0]))
             stats = {n: LayerStatistics(layer.get_submodule(n).in_features) for n in names}
             current = {}
             handles = [layer.get_submodule(n).register_forward_hook(
@@ -258,10 +262,9 @@ def test_llama_adapter_block_kwargs_reproduce_the_models_own_layer_inputs():
                 lin.weight.copy_(expected.weight)
 
 
-def _epmq(merged_state, data, cache, strength=1.0, input_cache=None):
-    module = BlockwiseCalibration(load_state(merged_state), spec=SPEC, method="epmq", task_names=TASKS,
-                                  input_cache=input_cache)
-    trainer_for(module, [cache, MergedWeightAnchoring(strength)]).fit(module, datamodule=CalibrationData(data))
+def _epmq(merged_state, data, cache, strength=1.0):
+    module = BlockwiseCalibration(load_state(merged_state), solver("epmq", strength), TASKS, experts=cache)
+    trainer_for(module).fit(module, datamodule=CalibrationData(data))
     return module
 
 
@@ -269,7 +272,7 @@ def test_kept_expert_targets_replay_exactly_and_only_for_the_same_batches(zoo, d
     live = _epmq(zoo["merged"], data, ExpertActivationCache(pool), strength=0.5)
     cache = ExpertActivationCache(pool, keep=True)
     first = _epmq(zoo["merged"], data, cache, strength=0.5)
-    assert len(cache.trace) == live.num_blocks
+    assert len(cache.recorded) == len(first.schedule)
     for key, W in block_weights(live).items():
         assert torch.equal(block_weights(first)[key], W), key
 
@@ -287,7 +290,7 @@ def test_kept_expert_targets_replay_exactly_and_only_for_the_same_batches(zoo, d
         assert torch.equal(block_weights(other)[key], W), key
     monkeypatch.undo()
 
-    # other samples with the same task layout: the trace is recorded anew, not replayed
+    # other samples with the same task layout: the targets are recorded anew, not replayed
     moved = CalibrationSet(data.pixel_values + 0.5, data.tasks)
     fresh = _epmq(zoo["merged"], moved, ExpertActivationCache(pool), strength=0.5)
     again = _epmq(zoo["merged"], moved, cache, strength=0.5)
@@ -295,20 +298,22 @@ def test_kept_expert_targets_replay_exactly_and_only_for_the_same_batches(zoo, d
         assert torch.equal(block_weights(again)[key], W), key
 
 
-def test_shared_block_inputs_and_gptq_beats_rtn_on_every_layer(zoo, data, pool):
-    shared: dict = {}
-    first = BlockwiseCalibration(load_state(zoo["merged"]), spec=SPEC, method="gptq", task_names=TASKS,
-                                 input_cache=shared)
-    trainer_for(first).fit(first, datamodule=CalibrationData(data))
-    assert len(shared) == len(CalibrationData(data).train_dataloader())
-    second = BlockwiseCalibration(load_state(zoo["merged"]), spec=SPEC, method="gptq", task_names=TASKS,
-                                  input_cache=shared)
-    trainer_for(second).fit(second, datamodule=CalibrationData(data))
-    for key, W in block_weights(first).items():
-        assert torch.equal(block_weights(second)[key], W), key
-    # GPTQ's loss under H never exceeds rounding the same weights to nearest under the same H
-    for i, losses in first.block_losses.items():
-        for name, loss in losses.items():
-            assert 0 <= loss <= first.rtn_losses[i][name] * (1 + 1e-9), (i, name)
-    assert sum(sum(v.values()) for v in first.block_losses.values()) < \
-        0.9 * sum(sum(v.values()) for v in first.rtn_losses.values())
+def test_gptq_beats_rtn_on_every_layer(gptq_run):
+    """GPTQ's loss under H never exceeds rounding the same weights to nearest under the same H."""
+    metrics = gptq_run.layer_metrics
+    assert len(metrics) == 12
+    for name, m in metrics.items():
+        assert 0 <= m["loss"] <= m["rtn_loss"] * (1 + 1e-9), name
+    assert sum(m["loss"] for m in metrics.values()) < 0.9 * sum(m["rtn_loss"] for m in metrics.values())
+
+
+def test_offloaded_blocks_and_a_cpu_cache_give_the_same_weights(zoo, data, pool):
+    """offload_blocks (blocks on the CPU until their turn) and cache_device only move tensors."""
+    reference = block_weights(calibrate(zoo["merged"], "epmq", data, pool=pool, strength=1.0))
+    for options in ({"offload_blocks": True}, {"cache_device": "cpu"}, {"offload_blocks": True, "true_sequential": True}):
+        module = calibrate(zoo["merged"], "epmq", data, pool=pool, strength=1.0, **options)
+        if options.get("true_sequential"):
+            assert len(module.schedule) == 8  # four groups per block
+            continue
+        for key, W in reference.items():
+            assert torch.equal(block_weights(module)[key], W), (options, key)

@@ -2,29 +2,48 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from hydra.utils import get_method, instantiate
 from safetensors.torch import load_file
 
-from conftest import ROOT, make_cfg, wandb_finished, wandb_history
+from conftest import ROOT, make_cfg, wandb_config, wandb_finished, wandb_history
 from epmq.run import run
 
-
-@pytest.mark.parametrize("group,options", [
-    ("quant", ["epmq", "gptq", "rtn"]), ("merge", ["task_arithmetic", "ties", "simple_average", "none"]),
-    ("trainer", ["cpu", "gpu", "ddp"]), ("logger", ["none", "csv", "wandb"])])
-def test_every_config_option_composes(tmp_path, group, options):
-    for option in options:
-        cfg = make_cfg(tmp_path, tmp_path, f"{group}={option}")
-        assert cfg.quant.bits == 4 and cfg.seed == 0
+GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name != "hydra")
 
 
-def test_epmq_run_writes_report_model_and_table(tmp_path, zoo_cache, capsys):
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_config_file_composes_and_instantiates(tmp_path, zoo_cache, group):
+    """Each option of each group composes with the rest, and what it names can be built."""
+    for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
+        cfg = make_cfg(tmp_path, zoo_cache, f"{group}={path.stem}")
+        node = cfg.get(group) if group != "experiment" else cfg
+        if group == "experiment":
+            assert callable(get_method(cfg.job._target_))
+        elif group == "trainer" and cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+            with pytest.raises(Exception, match="GPU|gpu|CUDA|cuda"):  # a clear refusal without a GPU
+                instantiate(cfg.trainer)
+        elif group == "quant":
+            from epmq.pipeline import solvers
+
+            assert all(hasattr(s, "solve") for s in solvers(cfg.quant))
+        elif group in ("logger", "callbacks"):
+            for sub in (node or {}).values():
+                assert instantiate(sub) is not None
+        elif node is not None and "_target_" in node:
+            assert instantiate(node) is not None, path
+        assert cfg.seed == 0 and cfg.quant.bits == 4
+
+
+def test_epmq_run_writes_report_model_table_and_csv_metrics(tmp_path, zoo_cache, capsys):
     cfg = make_cfg(tmp_path, zoo_cache, "quant.strength=1.0", "quant.form=output", "logger=csv")
     report = run(cfg)
     printed = capsys.readouterr().out
@@ -40,8 +59,9 @@ def test_epmq_run_writes_report_model_and_table(tmp_path, zoo_cache, capsys):
         assert all(0.0 <= a <= 1.0 for a in accs.values())
         assert accs["avg"] == pytest.approx(sum(accs[t] for t in tasks) / len(tasks))
     assert on_disk["quant"]["strength"] == 1.0 and on_disk["selection"] == []
-    assert len(on_disk["calibration"]) == 2  # the micro tower has two blocks
-    assert on_disk["config"]["quant"]["method"] == "epmq"
+    assert [b["block"] for b in on_disk["calibration"]] == ["block_0", "block_1"]  # the micro tower's two blocks
+    assert on_disk["config"]["quant"]["_target_"] == "epmq.solvers.EPMQ"
+    assert len(on_disk["suite"]["weights_sha256"]) == 64
 
     # the saved model: dequantized weights equal codes mapped through their grids
     model_dir = tmp_path / "quantized_model"
@@ -52,9 +72,17 @@ def test_epmq_run_writes_report_model_and_table(tmp_path, zoo_cache, capsys):
     dequant = (q.float() - z[:, g.long()]) * s[:, g.long()]
     assert torch.allclose(dequant, weights[f"{layer}.weight"], atol=1e-6)
 
-    # the CSV logger got the test metrics
-    metrics_csv = next((tmp_path / "csv").rglob("metrics.csv")).read_text()
-    assert "test/avg_acc" in metrics_csv and "calib/block_0/mlp.fc1/loss" in metrics_csv
+    # everything the module, the callbacks and the evaluators log reaches the CSV logger
+    rows = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    logged = {k: float(v) for row in rows for k, v in row.items() if v}
+    assert logged["test/avg_acc"] == pytest.approx(report["objective"])
+    assert logged["merged/test/avg_acc"] == pytest.approx(report["metrics"]["merged"]["avg"])
+    assert logged["experts/test/avg_acc"] == pytest.approx(report["metrics"]["experts"]["avg"])
+    for i in (0, 1):
+        layers = on_disk["calibration"][i]["layers"]
+        assert logged[f"calib/block_{i}/mlp.fc1/loss"] == pytest.approx(layers["mlp.fc1"]["loss"])
+        assert logged[f"calib/block_{i}/mlp.fc1/anchor_shift"] == pytest.approx(layers["mlp.fc1"]["anchor_shift"])
+        assert logged[f"calib/block_{i}/time_s"] > 0
 
 
 @pytest.mark.parametrize("select_by,key,best", [("nll", "select_avg_nll", min), ("acc", "select_avg_acc", max)])
@@ -71,23 +99,40 @@ def test_auto_strength_picks_the_best_selection_score(tmp_path, zoo_cache, selec
 
 
 @pytest.mark.parametrize("override,match", [
-    ("quant.bits=9", "bits"), ("quant.strength=-1", "strength"), ("quant.form=sideways", "form"),
-    ("quant.method=awq", "method"), ("quant.group_size=0", "group_size"),
+    ("quant.bits=9", "quant.bits|bits"), ("quant.strength=-1", "strength"), ("quant.form=sideways", "form"),
+    ("job._target_=epmq.nothing.here", "job._target_"), ("quant.group_size=0", "group_size"),
     ("data.calib_samples=0", "calib_samples"), ("suite.tasks=[mnist,imagenet]", "imagenet"),
-    ("quant.select_by=loss", "select_by"),
+    ("quant.select_by=loss", "select_by"), ("merge=none", "suite.merged"),
+    ("merge.scaling_factor=-1", "scaling_factor"),
 ])
 def test_bad_options_fail_fast_naming_the_option(tmp_path, zoo_cache, override, match):
     cfg = make_cfg(tmp_path, zoo_cache, override)
     with pytest.raises(ValueError, match=match):
         run(cfg)
-    assert not (tmp_path / "report.json").exists()
+    assert not (tmp_path / "report.json").exists() and not (tmp_path / "calibration").exists()
 
 
-def test_wandb_offline_run_records_test_metrics(tmp_path, zoo_cache, monkeypatch):
+def test_command_line_errors_are_one_line_with_a_nonzero_status(tmp_path, zoo_cache):
+    """At the command line a bad option prints one line and exits 1; HYDRA_FULL_ERROR=1 shows the stack."""
+    def train(*overrides, **env):
+        return subprocess.run([sys.executable, "train.py", "suite.size=micro", f"suite.cache_dir={zoo_cache}",
+                               "suite.progress=false", f"hydra.run.dir={tmp_path / 'run'}", *overrides],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+
+    bad = train("quant.bits=9")
+    output = (bad.stdout + bad.stderr).strip().splitlines()
+    assert bad.returncode == 1
+    assert len(output) == 1 and "quant" in output[0] and "bits" in output[0] and "Traceback" not in bad.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".hydra", "train.log"]  # only Hydra's log
+    full = train("quant.bits=9", HYDRA_FULL_ERROR="1")
+    assert full.returncode != 0 and "Traceback" in full.stderr
+
+
+def test_wandb_offline_run_records_config_test_and_step_metrics(tmp_path, zoo_cache, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = make_cfg(tmp_path, zoo_cache, "quant=rtn", "logger=wandb", "save_model=false",
-                   "evaluate_references=false")
+    cfg = make_cfg(tmp_path, zoo_cache, "quant.strength=1.0", "quant.form=output", "logger=wandb",
+                   "save_model=false")
     report = run(cfg)
     runs = list(tmp_path.rglob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, f"expected one offline W&B run under {tmp_path}, found {runs}"
@@ -97,10 +142,30 @@ def test_wandb_offline_run_records_test_metrics(tmp_path, zoo_cache, monkeypatch
     assert history["test/avg_acc"] == pytest.approx(report["objective"])
     for task in report["suite"]["tasks"]:
         assert history[f"test/{task}/acc"] == pytest.approx(report["metrics"]["quantized"][task])
-    assert "calib/block_1/time_s" in history and history["calib/block_1/mlp.fc2/loss"] > 0
+        assert history[f"experts/test/{task}/acc"] == pytest.approx(report["metrics"]["experts"][task])
+    assert history["calib/block_1/time_s"] > 0 and history["calib/block_1/mlp.fc2/loss"] > 0
+    assert history["calib/block_1/mlp.fc2/anchor_shift"] == pytest.approx(
+        report["calibration"][1]["layers"]["mlp.fc2"]["anchor_shift"])
+    config = wandb_config(runs[0])
+    assert config["quant"]["_target_"] == "epmq.solvers.EPMQ" and config["quant"]["strength"] == 1.0
+
+
+def test_a_merged_model_brought_by_the_user_runs_end_to_end(tmp_path, zoo_cache):
+    """merge=none with suite.merged=<folder>: no merging, the folder's weights are quantized."""
+    from epmq.suite import OfflineSuite
+
+    suite = OfflineSuite("micro", cache_dir=str(zoo_cache), progress=False)
+    merged = suite.tower()  # the base as "merged model": other weights than task arithmetic's
+    merged.save_pretrained(tmp_path / "mine")
+    mine = run(make_cfg(tmp_path / "b", zoo_cache, "quant=gptq", "merge=none", f"suite.merged={tmp_path / 'mine'}"))
+    base_fp = mine["metrics"]["merged"]
+    reference = run(make_cfg(tmp_path / "c", zoo_cache, "quant=gptq", "merge=task_arithmetic",
+                             "merge.scaling_factor=0.0"))  # θ₀ + 0·Στ: the base again
+    assert base_fp == pytest.approx(reference["metrics"]["merged"])
+    assert mine["objective"] == pytest.approx(reference["objective"])
 
 
 def test_train_py_prints_the_job_config():
     out = subprocess.run([sys.executable, "train.py", "--cfg", "job", "quant=gptq", "quant.bits=3"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert "method: gptq" in out and "bits: 3" in out
+    assert "_target_: epmq.solvers.GPTQ" in out and "bits: 3" in out

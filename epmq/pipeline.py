@@ -1,0 +1,288 @@
+"""The steps every job shares: prepare the suite and data, merge, calibrate, evaluate, select.
+
+A job (epmq.quantize.quantize, epmq.compare.compare; chosen by `job._target_`) is a sequence of
+these steps. Everything a step logs goes through the Lightning loggers the job made once
+(`make_loggers`): every Trainer of the job gets them, and `close_loggers` ends them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks.block_metrics import BlockMetrics
+from callbacks.resume import StepCheckpoint
+from epmq.checkpoint import StepStore, describe_changes
+from epmq.evaluate import TaskEvaluator
+from epmq.fingerprint import run_fingerprint
+from epmq.module import BlockwiseCalibration
+from epmq.pool import ExpertPool
+from epmq.report import write_json_atomic
+from epmq.solvers import parse_strength
+from epmq.tracking import close_logger
+
+log = logging.getLogger(__name__)
+
+SELECT_BY = ("nll", "acc")
+# run-level keys of the quant node: how `auto` anchors are chosen, not arguments of the solver
+SELECTION_KEYS = ("select_by", "candidates")
+
+
+@dataclass
+class Prepared:
+    """What every job starts from: the suite, its validated experts, the merged weights, the data,
+    the loggers and the run's fingerprint (for resuming)."""
+
+    suite: object
+    pool: ExpertPool
+    merged_state: dict[str, torch.Tensor]
+    data: object
+    loggers: list
+    fingerprint: dict = field(default_factory=dict)
+
+
+def quiet_lightning() -> None:
+    """Keep the terminal for the block progress and the table: one trainer per calibration and
+    evaluation would otherwise repeat Lightning's device banner many times."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning internals
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+
+
+def build(node: DictConfig, where: str = "", **kwargs):
+    """hydra.utils.instantiate, re-raising a ValueError of the target itself (bad options)
+    unwrapped and prefixed with the config group it came from."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ValueError):
+            raise ValueError(f"{where}: {e.__cause__}" if where else str(e.__cause__)) from None
+        raise
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    """The run's config as plain data, interpolations resolved (Hydra's own node left out)."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+
+
+# -- solvers and anchor candidates -----------------------------------------------------------------
+def solvers(quant: DictConfig) -> list:
+    """The solver objects `cfg.quant` asks for: one, or one per anchor candidate when E-PMQ's
+    strength or form is `auto` (strongest anchor first, so that ties keep the setting closest to
+    GPTQ). ValueError on bad options, before any work."""
+    node = OmegaConf.masked_copy(quant, [k for k in quant if k not in SELECTION_KEYS])
+    if quant.get("select_by", "nll") not in SELECT_BY:
+        raise ValueError(f"quant.select_by must be one of {SELECT_BY}, got {quant.select_by!r}")
+    if "strength" not in node:
+        return [build(node, "quant")]
+    strengths = quant.candidates.strength if node.strength == "auto" else [node.strength]
+    forms = list(quant.candidates.form if node.form == "auto" else [node.form])
+    if not strengths or not forms:
+        raise ValueError("quant.candidates: the strength and form lists must not be empty")
+    try:
+        strengths = sorted({parse_strength(s) for s in strengths}, reverse=True)
+    except ValueError as e:
+        raise ValueError(f"quant.strength: {e}") from None
+    # inf (W* = W_m) and 0 are the same model whatever the form: tried once
+    pairs = [(s, f) for s in strengths for f in forms if f == forms[0] or 0 < s < math.inf]
+    return [build(node, "quant", strength=s, form=f) for s, f in pairs]
+
+
+def candidate_label(solver) -> str:
+    """'gptq', 'rtn', or 'epmq/<form>/strength_<λ>' (folder names and metric prefixes)."""
+    if hasattr(solver, "strength"):
+        return f"{solver.name}/{solver.form}/strength_{solver.strength:g}"
+    return solver.name
+
+
+# -- preparing ------------------------------------------------------------------------------------
+def prepare(cfg: DictConfig) -> Prepared:
+    """Seed, then the suite, the expert pool (every file validated before anything is merged), the
+    merged weights, the data and the loggers."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    suite = build(cfg.suite, "suite")
+    pool = ExpertPool(suite.base, suite.experts, merged=getattr(suite, "merged", None))
+    merged_state = merge(cfg, pool, suite)
+    data = suite.datamodule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
+    data.setup("fit")
+    prepared = Prepared(suite, pool, merged_state, data, [])
+    prepared.fingerprint = run_fingerprint(resolved_config(cfg), prepared)
+    prepared.loggers = make_loggers(cfg)
+    return prepared
+
+
+def merge(cfg: DictConfig, pool: ExpertPool, suite) -> dict[str, torch.Tensor]:
+    """The merged state dict: `cfg.merge` applied to the pool tensor by tensor, or the merged
+    model the suite brings (merge=none)."""
+    if cfg.merge and "_target_" in cfg.merge:
+        merger = build(cfg.merge, "merge")
+        merged = pool.merge(merger, tasks=suite.tasks)
+    else:
+        merged = pool.merged_state_dict()
+        if merged is None:
+            raise ValueError("merge=none needs a merged model: set suite.merged to its folder or hub id")
+    bad = next((k for k, v in merged.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f"the merged model has NaN/Inf values in '{bad}'")
+    return merged
+
+
+# -- logging --------------------------------------------------------------------------------------
+def make_loggers(cfg: DictConfig) -> list:
+    """The configured Lightning loggers (cfg.logger), made once per job; the resolved config goes
+    to each as hyperparameters."""
+    loggers = [build(node, "logger") for node in (cfg.logger or {}).values()]
+    config = resolved_config(cfg)
+    for logger in loggers:
+        logger.log_hyperparams(config)
+    return loggers
+
+
+def close_loggers(loggers: list, status: str = "success") -> None:
+    """End every logger of the job ("success" or "failed"), their files complete on return."""
+    for logger in loggers:
+        close_logger(logger, status)
+
+
+def trainer(cfg: DictConfig, prepared: Prepared, **kwargs) -> L.Trainer:
+    """A Trainer from cfg.trainer that logs to the job's loggers."""
+    return instantiate(cfg.trainer, logger=prepared.loggers or False, **kwargs)
+
+
+# -- calibrating ----------------------------------------------------------------------------------
+@dataclass
+class Calibration:
+    model: torch.nn.Module
+    module: BlockwiseCalibration
+    history: list[dict]
+    seconds: float
+
+
+def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = None, label: str = "",
+              experts=None, store: StepStore | None = None) -> Calibration:
+    """Quantize a fresh copy of the merged model (or of `state`) with `solver`; one fit epoch per step.
+
+    experts: an ExpertActivationCache to share the experts' targets between calibrations (None: the
+    module makes one from the pool when the solver needs targets). store: where finished steps are
+    saved and, when it already holds some, where the calibration resumes from.
+    """
+    suite = prepared.suite
+    model = suite.tower(prepared.merged_state if state is None else state)
+    done = store.load() if store is not None else []
+    opts = cfg.get("calibration") or {}
+    module = BlockwiseCalibration(model, solver, suite.tasks, experts=experts or prepared.pool,
+                                  true_sequential=opts.get("true_sequential"),
+                                  offload_blocks=opts.get("offload_blocks", False),
+                                  cache_device=opts.get("cache_device"), resume=done)
+    module.label = label
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
+        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
+    if store is not None:
+        callbacks.append(StepCheckpoint(store))
+    t0 = time.perf_counter()
+    if module.remaining_steps:
+        trainer(cfg, prepared, max_epochs=module.remaining_steps, callbacks=callbacks).fit(
+            module, datamodule=prepared.data)
+    else:  # every step was finished by the run being resumed
+        module.apply_finished(done)
+    seconds = time.perf_counter() - t0
+    metrics = next((cb for cb in callbacks if isinstance(cb, BlockMetrics)), None)
+    return Calibration(model, module, metrics.history if metrics else [], seconds)
+
+
+def layer_losses(calib: Calibration) -> dict:
+    """Σ over layers of the solver's loss and of round-to-nearest's under the same H (None: RTN)."""
+    metrics = list(calib.module.layer_metrics.values())
+    if not metrics or "rtn_loss" not in metrics[0]:
+        return {"layer_loss": None, "rtn_layer_loss": None}
+    return {"layer_loss": sum(m["loss"] for m in metrics), "rtn_layer_loss": sum(m["rtn_loss"] for m in metrics)}
+
+
+def calibration_record(calib: Calibration) -> list[dict]:
+    """Per block: its label, time, peak memory and every layer's logged numbers (for report.json)."""
+    blocks: dict[str, dict] = {}
+    for step in calib.module.finished:
+        entry = blocks.setdefault(step.label, {"block": step.label, "layers": {}})
+        prefix = calib.module.schedule[step.index].prefix
+        entry["layers"].update({name[len(prefix):]: m for name, m in step.metrics.items()})
+    for record in calib.history:
+        blocks.setdefault(record["block"], {"block": record["block"], "layers": {}}).update(
+            {k.rsplit("/", 1)[-1]: v for k, v in record.items() if k != "block"})
+    return list(blocks.values())
+
+
+# -- evaluating -----------------------------------------------------------------------------------
+def evaluate(cfg: DictConfig, prepared: Prepared, tower, loaders, prefix: str) -> TaskEvaluator:
+    """`tower` with each task's head on the per-task loaders; .results: accuracy in [0, 1] per task
+    and "avg", .nll: mean cross-entropy in nats per task and "avg"; logged as <prefix>/<task>/acc."""
+    suite = prepared.suite
+    evaluator = TaskEvaluator({t: suite.classifier(tower, t) for t in suite.tasks}, suite.num_classes, prefix)
+    _test(cfg, prepared, evaluator, loaders)
+    return evaluator
+
+
+def evaluate_experts(cfg: DictConfig, prepared: Prepared) -> dict[str, float]:
+    """Each expert on its own task's test split, one expert in memory at a time."""
+    suite, pool = prepared.suite, prepared.pool
+    builders = {t: (lambda t=t: suite.classifier(suite.tower(pool.expert_state_dict(t)), t)) for t in suite.tasks}
+    evaluator = TaskEvaluator(builders, suite.num_classes, "experts/test")
+    _test(cfg, prepared, evaluator, prepared.data.test_dataloader())
+    return evaluator.results
+
+
+def select_scores(cfg: DictConfig, prepared: Prepared, tower, label: str) -> dict[str, float]:
+    """Average accuracy and cross-entropy on the held-out selection samples (never test data)."""
+    evaluator = evaluate(cfg, prepared, tower, prepared.data.select_dataloader(), f"select/{label}")
+    return {"select_avg_acc": evaluator.results["avg"], "select_avg_nll": evaluator.nll["avg"]}
+
+
+def selection_key(scores: dict[str, float], select_by: str) -> float:
+    """Higher is better: -cross-entropy ("nll") or accuracy ("acc") on the selection samples."""
+    return -scores["select_avg_nll"] if select_by == "nll" else scores["select_avg_acc"]
+
+
+def _test(cfg: DictConfig, prepared: Prepared, evaluator: TaskEvaluator, loaders) -> None:
+    trainer(cfg, prepared, enable_progress_bar=False).test(evaluator, dataloaders=list(loaders), verbose=False)
+
+
+RUN_FINGERPRINT = "fingerprint.json"
+
+
+def claim_run_folder(out_dir: Path, prepared: Prepared, resume: bool) -> None:
+    """Tie the run folder to this run's fingerprint (models, data, options, version), before any work.
+
+    A new run refuses a folder that already holds one (no silent mixing); a resumed run
+    (resume=<folder>) refuses a folder whose fingerprint differs, naming every option that changed.
+    """
+    path = out_dir / RUN_FINGERPRINT
+    current = json.loads(json.dumps(prepared.fingerprint, default=str))
+    if resume:
+        if not path.is_file():
+            raise ValueError(f"resume={out_dir}: no run to resume there ({RUN_FINGERPRINT} is missing)")
+        changed = describe_changes(json.loads(path.read_text()), current)
+        if changed:
+            raise ValueError(f"cannot resume {out_dir}: {changed}")
+    elif rank_zero_only.rank == 0:  # other DDP ranks start later and find rank 0's claim: not theirs to judge
+        if path.is_file():
+            raise ValueError(f"{out_dir} already holds a run; pass resume={out_dir} to continue it, "
+                             f"or run in a new folder")
+        write_json_atomic(path, current)
+
+
+def run_folder_store(out_dir: Path, name: str, prepared: Prepared) -> StepStore:
+    """The StepStore of one calibration of this run (<run>/calibration/<name>)."""
+    return StepStore(out_dir / "calibration" / name, {**prepared.fingerprint, "calibration": name})

@@ -1,0 +1,132 @@
+"""quantize(cfg): the main job behind `python train.py` (`job._target_: epmq.quantize.quantize`).
+
+    1. check the quantization options (before any long work)
+    2. the suite: base, experts, tasks, data; the pool validates every expert file; merge
+    3. evaluate the experts (each on its own task) and the FP merged model
+    4. calibrate the merged model step by step (RTN, GPTQ or E-PMQ); with `strength: auto` or
+       `form: auto`, once per candidate, keeping the one with the best score on held-out
+       calibration samples (never test data)
+    5. evaluate the quantized model; print the table, write report.json, save the model
+
+Every finished calibration step is saved in the run folder (calibration/<candidate>/), so that
+`python train.py <same options> resume=<run folder>` continues a killed run where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from callbacks.block_metrics import peak_memory_mb
+from callbacks.expert_cache import ExpertActivationCache
+from epmq.export import save_quantized
+from epmq.pipeline import (calibrate, calibration_record, candidate_label, claim_run_folder, close_loggers, evaluate,
+                           evaluate_experts, prepare, quiet_lightning, resolved_config, run_folder_store,
+                           select_scores, selection_key, solvers)
+from epmq.report import accuracy_table, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def quantize(cfg: DictConfig) -> dict:
+    """Merge, quantize and evaluate as `cfg` says; returns the report (also written to report.json).
+
+    The report's "objective" is the quantized model's average test accuracy, for sweepers.
+    """
+    start = time.perf_counter()
+    quiet_lightning()
+    candidates = solvers(cfg.quant)
+    out_dir = Path(cfg.paths.output_dir)
+    prepared = prepare(cfg)
+    status = "failed"
+    try:
+        report = _quantize(cfg, prepared, candidates, out_dir, start)
+        status = "success"
+    finally:
+        close_loggers(prepared.loggers, status)
+    return report
+
+
+def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
+    suite, data = prepared.suite, prepared.data
+    claim_run_folder(out_dir, prepared, resume=bool(cfg.get("resume")))
+    timings = {"setup_s": time.perf_counter() - start}
+    metrics: dict[str, dict[str, float]] = {}
+    if cfg.evaluate_references:
+        t0 = time.perf_counter()
+        metrics["experts"] = evaluate_experts(cfg, prepared)
+        metrics["merged"] = evaluate(cfg, prepared, suite.tower(prepared.merged_state), data.test_dataloader(),
+                                     "merged/test").results
+        timings["reference_eval_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    selection, best = [], None
+    # E-PMQ's targets do not depend on the anchor: record them once, replay them for every candidate
+    expert_cache = ExpertActivationCache(prepared.pool, keep=len(candidates) > 1)
+    for k, solver in enumerate(candidates):
+        label = candidate_label(solver)
+        store = run_folder_store(out_dir, label, prepared)
+        shown = f"{label} ({k + 1}/{len(candidates)})" if len(candidates) > 1 else ""
+        calib = calibrate(cfg, prepared, solver, label=shown, experts=expert_cache, store=store)
+        if len(candidates) == 1:
+            best = (None, solver, calib)
+            continue
+        scores = store.extra.get("select") or select_scores(cfg, prepared, calib.model, label)
+        if rank_zero_only.rank == 0:
+            store.record(select=scores)
+        selection.append({"strength": solver.strength, "form": solver.form, **scores, "seconds": calib.seconds})
+        log.info("candidate %s: select accuracy %.2f, nll %.4f", label, 100 * scores["select_avg_acc"],
+                 scores["select_avg_nll"])
+        key = selection_key(scores, cfg.quant.select_by)
+        if best is None or key > best[0]:  # candidates come strongest first: ties keep the stronger
+            best = (key, solver, calib)
+    del expert_cache
+    _, chosen, calib = best
+    timings["calibration_s"] = time.perf_counter() - t0
+    timings["chosen_calibration_s"] = calib.seconds
+
+    t0 = time.perf_counter()
+    metrics["quantized"] = evaluate(cfg, prepared, calib.model, data.test_dataloader(), "test").results
+    timings["quantized_eval_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - start
+
+    described = chosen.describe()
+    report = {
+        "objective": metrics["quantized"]["avg"],
+        "suite": suite.describe(),
+        "method": described["method"],
+        "quant": {"spec": described["spec"], "strength": described.get("strength"), "form": described.get("form")},
+        "selection": selection,
+        "metrics": metrics,
+        "calibration": calibration_record(calib),
+        "timings": timings,
+        "peak_memory_mb": peak_memory_mb(calib.module.device_),
+        "config": resolved_config(cfg),
+    }
+    if rank_zero_only.rank == 0:
+        publish(cfg, report, suite.tasks, calib, out_dir)
+    return report
+
+
+def publish(cfg, report: dict, tasks: list[str], calib, out_dir: Path) -> None:
+    """Rank 0: the terminal table, report.json and (optionally) the quantized model."""
+    metrics = report["metrics"]
+    names = {"experts": "experts (each on its task)", "merged": "merged (FP32)",
+             "quantized": f"{report['method']} {report['quant']['spec']['bits']}-bit"}
+    table = accuracy_table({names[k]: v for k, v in metrics.items()}, tasks)
+    chosen = report["quant"]
+    print(f"\n{table}\n")
+    if report["method"] == "epmq":
+        print(f"anchor: strength {chosen['strength']:g}, form {chosen['form']}"
+              + (" (chosen on held-out calibration samples)" if report["selection"] else ""))
+    if cfg.save_model:
+        model_dir = save_quantized(calib.model, calib.module.quant_results, out_dir / "quantized_model",
+                                   {"method": report["method"], **chosen, "config": report["config"]})
+        report["model_dir"] = str(model_dir)
+        print(f"quantized model: {model_dir}")
+    path = write_json_atomic(out_dir / "report.json", report)
+    print(f"report: {path}")

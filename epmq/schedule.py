@@ -1,0 +1,54 @@
+"""The calibration schedule: stages, their blocks, and each block's steps (one fit epoch each).
+
+A step is a group of a block's linear layers solved together from the same statistics. Without
+true-sequential calibration a block is one step (all its layers see the block's float inputs);
+with it, each adapter group is a step whose inputs are recomputed once the groups before it are
+quantized (GPTQ's `--true-sequential` for LMs: q/k/v, then o, then gate/up, then down).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from epmq.adapters import ModelAdapter, Stage
+
+
+@dataclass(frozen=True)
+class Step:
+    """One fit epoch: the layers `layers` of block `block` of stage `stage` (index `stage_index`).
+
+    index: position in the whole schedule; first/last: whether it opens/closes its block;
+    label: "block_<i>" for single-stage models, "<stage>/block_<i>" otherwise (metric keys).
+    """
+
+    index: int
+    stage: Stage
+    stage_index: int
+    block: int
+    layers: tuple[str, ...]
+    first: bool
+    last: bool
+    label: str
+
+    @property
+    def prefix(self) -> str:
+        """State-dict prefix of the step's block, e.g. 'encoder.block.3.'."""
+        return f"{self.stage.blocks}.{self.block}."
+
+
+def build_schedule(adapter: ModelAdapter, model: nn.Module, true_sequential: bool) -> list[Step]:
+    """Every step of `model`, in calibration order: stages, then blocks, then groups."""
+    stages: list[Stage] = adapter.stages(model)
+    multi = len(stages) > 1
+    steps: list[Step] = []
+    for s, stage in enumerate(stages):
+        for i, block in enumerate(adapter.blocks(model, stage)):
+            groups = adapter.groups(block, stage)
+            if not true_sequential:
+                groups = [tuple(name for group in groups for name in group)]
+            label = f"{stage.name}/block_{i}" if multi else f"block_{i}"
+            for k, layers in enumerate(groups):
+                steps.append(Step(len(steps), stage, s, i, layers, k == 0, k == len(groups) - 1, label))
+    return steps

@@ -1,0 +1,131 @@
+"""Solvers: how one linear layer becomes its quantized version, chosen by `_target_` (conf/quant).
+
+The calibration engine gathers a layer's statistics (H from the merged model's inputs, C from the
+experts' targets when the solver asks for them) and hands them to `solver.solve(W_m, stats)`:
+
+    RTN    round W_m to the nearest point of its grids; needs no data
+    GPTQ   GPTQ of W_m under H (the merged model's own outputs are the targets)
+    EPMQ   GPTQ of W* = relaxed_target(H, C, W_m, λ, form) under H (epmq.anchor): the experts
+           supply the targets and the merged weights anchor the solution; λ = inf is GPTQ exactly
+
+Each returns a Solution: the QuantResult (codes, grids, dequantized weight) and a few numbers per
+layer that the engine logs (`loss` = the solver's own objective at Q, `rtn_loss` = that of
+round-to-nearest of the same target under the same H, `anchor_shift` = ‖W* − W_m‖ / ‖W_m‖).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from epmq.anchor import FORMS, relaxed_target, rounding_hessian
+from epmq.gptq import QuantResult, gptq, rtn
+from epmq.quant import QuantSpec
+from epmq.stats import LayerStatistics
+
+
+@dataclass
+class Solution:
+    """A quantized layer and what is logged about it (floats, keyed by metric name)."""
+
+    result: QuantResult
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class RTN:
+    """Round-to-nearest on min-max grids (epmq.quant); no calibration data.
+
+    Args: the QuantSpec fields (bits, group_size, sym, ...); act_order, static_groups, percdamp
+    and blocksize are accepted for a uniform config and play no role.
+    """
+
+    name = "rtn"
+    needs_statistics = False
+    needs_targets = False
+
+    def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, act_order: bool = False,
+                 static_groups: bool = False, percdamp: float = 0.01, blocksize: int = 128):
+        self.spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                              static_groups=static_groups, percdamp=percdamp, blocksize=blocksize)
+
+    def solve(self, W_m: torch.Tensor, stats: LayerStatistics | None = None) -> Solution:
+        """W_m (out, in) rounded; loss = ‖Q − W_m‖² (there is no H)."""
+        result = rtn(W_m, self.spec)
+        return Solution(result, {"loss": result.loss})
+
+    def describe(self) -> dict:
+        return {"method": self.name, "spec": self.spec.__dict__}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec})"
+
+
+class GPTQ(RTN):
+    """GPTQ of the merged weights under H = Σ_t w_t X̂_tᵀX̂_t / n_t (epmq.gptq)."""
+
+    name = "gptq"
+    needs_statistics = True
+
+    def target(self, W_m: torch.Tensor, stats: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(W to round (out, in), H to round it with (in, in), extra metrics)."""
+        return W_m, stats.H, {}
+
+    def solve(self, W_m: torch.Tensor, stats: LayerStatistics | None = None) -> Solution:
+        if stats is None or stats.tokens == 0:
+            raise ValueError(f"{self.name}: no calibration tokens reached this layer")
+        W, H, metrics = self.target(W_m, stats)
+        result = gptq(W, H, self.spec)
+        # the baseline GPTQ must beat: round the same W to nearest, scored under the same H
+        return Solution(result, {"loss": result.loss, "rtn_loss": rtn(W, self.spec, H=H).loss, **metrics})
+
+
+class EPMQ(GPTQ):
+    """E-PMQ: GPTQ of the anchored expert-guided target W* (DESIGN §1, epmq.anchor).
+
+    Args:
+        strength: anchor strength λ >= 0 (output form) or λ' (weight form); inf (or "inf") is plain
+            GPTQ of the merged model, exactly, and then no expert targets are needed.
+        form: "output" (anchor in output space) or "weight" (in weight space).
+        Others: the QuantSpec fields; percdamp is also the δ of the relaxation.
+    """
+
+    name = "epmq"
+
+    def __init__(self, strength: float | str = 1.0, form: str = "output", **spec):
+        super().__init__(**spec)
+        self.strength = parse_strength(strength)
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        self.form = form
+
+    @property
+    def needs_targets(self) -> bool:
+        return not math.isinf(self.strength)
+
+    def target(self, W_m, stats):
+        if not self.needs_targets:
+            return W_m, stats.H, {"anchor_shift": 0.0}
+        W_star = relaxed_target(stats.H, stats.C, W_m, self.strength, self.form, self.spec.percdamp)
+        shift = (W_star.double() - W_m.double()).norm() / W_m.double().norm().clamp_min(1e-30)
+        return W_star, rounding_hessian(stats.H, self.strength, self.form), {"anchor_shift": shift.item()}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "strength": self.strength, "form": self.form}
+
+    def __repr__(self) -> str:
+        return f"EPMQ(strength={self.strength:g}, form={self.form!r}, {self.spec})"
+
+
+def parse_strength(value) -> float:
+    """An anchor strength: a number >= 0, or inf (YAML's .inf, the command line's inf)."""
+    if isinstance(value, str) and value.strip().lower() in (".inf", "inf", "infinity"):
+        return math.inf
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"strength must be a number >= 0 or inf, got {value!r}") from None
+    if math.isnan(s) or s < 0:
+        raise ValueError(f"strength must be >= 0 (inf allowed), got {value!r}")
+    return s
