@@ -117,7 +117,7 @@ class Units:
 def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
     methods, specs, selection, grid = plan
     suite, pool, data = prepared.suite, prepared.pool, prepared.data
-    claim_run_folder(out_dir, prepared, resume=bool(cfg.get("resume")))
+    claim_run_folder(out_dir, prepared, resume=cfg.get("resume"))
     units = Units(out_dir, prepared.fingerprint)
     timings = {"setup_s": time.perf_counter() - start}
 

@@ -21,6 +21,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.block_metrics import BlockMetrics
@@ -68,9 +69,15 @@ def build(node: DictConfig, where: str = "", **kwargs):
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
-        if isinstance(e.__cause__, ValueError):
-            raise ValueError(f"{where}: {e.__cause__}" if where else str(e.__cause__)) from None
+        if isinstance(e.__cause__, (ValueError, MisconfigurationException)):
+            raise ValueError(_in(where, e.__cause__)) from None
         raise
+
+
+def _in(where: str, error: Exception) -> str:
+    """An error message that starts with the config node it is about."""
+    message = str(error)
+    return message if not where or message.startswith(where) else f"{where}: {message}"
 
 
 def resolved_config(cfg: DictConfig) -> dict:
@@ -110,14 +117,18 @@ def candidate_label(solver) -> str:
 
 # -- preparing ------------------------------------------------------------------------------------
 def prepare(cfg: DictConfig) -> Prepared:
-    """Seed, then the suite, the expert pool (every file validated before anything is merged), the
-    merged weights, the data and the loggers."""
+    """Seed, then the suite, the expert pool (every file validated), the data (options and splits
+    checked), the merged weights and the loggers: every check before the merge, the long part."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    build(cfg.trainer, "trainer", logger=False)  # e.g. trainer=gpu without a GPU: refused now, not after the merge
     suite = build(cfg.suite, "suite")
     pool = ExpertPool(suite.base, suite.experts, merged=getattr(suite, "merged", None))
+    try:
+        data = suite.datamodule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
+        data.setup("fit")
+    except ValueError as e:
+        raise ValueError(_in("data", e)) from None
     merged_state = merge(cfg, pool, suite)
-    data = suite.datamodule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
-    data.setup("fit")
     prepared = Prepared(suite, pool, merged_state, data, [])
     prepared.fingerprint = run_fingerprint(resolved_config(cfg), prepared)
     prepared.loggers = make_loggers(cfg)
@@ -262,7 +273,7 @@ def _test(cfg: DictConfig, prepared: Prepared, evaluator: TaskEvaluator, loaders
 RUN_FINGERPRINT = "fingerprint.json"
 
 
-def claim_run_folder(out_dir: Path, prepared: Prepared, resume: bool) -> None:
+def claim_run_folder(out_dir: Path, prepared: Prepared, resume: str | None) -> None:
     """Tie the run folder to this run's fingerprint (models, data, options, version), before any work.
 
     A new run refuses a folder that already holds one (no silent mixing); a resumed run
@@ -270,6 +281,9 @@ def claim_run_folder(out_dir: Path, prepared: Prepared, resume: bool) -> None:
     """
     path = out_dir / RUN_FINGERPRINT
     current = json.loads(json.dumps(prepared.fingerprint, default=str))
+    if resume and Path(resume).expanduser().resolve() != out_dir.resolve():
+        raise ValueError(f"resume={resume} but the run folder is {out_dir} (hydra.run.dir overrides it): "
+                         f"pass resume alone, it sets the run folder")
     if resume:
         if not path.is_file():
             raise ValueError(f"resume={out_dir}: no run to resume there ({RUN_FINGERPRINT} is missing)")

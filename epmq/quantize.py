@@ -53,7 +53,7 @@ def quantize(cfg: DictConfig) -> dict:
 
 def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
     suite, data = prepared.suite, prepared.data
-    claim_run_folder(out_dir, prepared, resume=bool(cfg.get("resume")))
+    claim_run_folder(out_dir, prepared, resume=cfg.get("resume"))
     timings = {"setup_s": time.perf_counter() - start}
     metrics: dict[str, dict[str, float]] = {}
     if cfg.evaluate_references:
