@@ -1,6 +1,8 @@
 """Wall time and peak memory of RTN, GPTQ and E-PMQ calibration on the same merged model.
 
     python benchmarks/calibration_cost.py                       # defaults: about 2 minutes on 2 cores
+    python benchmarks/calibration_cost.py --hidden 768 --layers 2 --image 224 --patch 32 --experts 2 4 8 16 --samples 64
+                                                                # ViT-B/32 blocks, 2-16 experts: about 4 minutes
     python benchmarks/calibration_cost.py --experts 2 4 8 --samples 256 --repeats 3
     python benchmarks/calibration_cost.py --device cuda --hidden 768 --layers 12 --threads 0
 
