@@ -34,7 +34,7 @@ from callbacks.expert_cache import ExpertActivationCache
 from epmq import compare_report
 from epmq.adapters import adapter_for
 from epmq.checkpoint import describe_changes
-from epmq.pipeline import (calibrate, claim_run_folder, close_loggers, evaluate, evaluate_experts, layer_losses, prepare,
+from epmq.pipeline import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, prepare,
                            quiet_lightning, resolved_config, select_scores, selection_key, solvers)
 from epmq.regmean import gram_matrices, regmean
 from epmq.report import write_json_atomic
@@ -79,13 +79,8 @@ def compare(cfg: DictConfig) -> dict:
     plan = compare_plan(cfg)
     out_dir = Path(cfg.paths.output_dir)
     prepared = prepare(cfg)
-    status = "failed"
-    try:
-        results = _compare(cfg, prepared, plan, out_dir, start)
-        status = "success"
-    finally:
-        close_loggers(prepared.loggers, status)
-    return results
+    with logging_to(prepared.loggers):
+        return _compare(cfg, prepared, plan, out_dir, start)
 
 
 class Units:

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,6 +167,17 @@ def close_loggers(loggers: list, status: str = "success") -> None:
     """End every logger of the job ("success" or "failed"), their files complete on return."""
     for logger in loggers:
         close_logger(logger, status)
+
+
+@contextmanager
+def logging_to(loggers: list):
+    """The job's body: its loggers end as "success", or "failed" if the body raises."""
+    status = "failed"
+    try:
+        yield
+        status = "success"
+    finally:
+        close_loggers(loggers, status)
 
 
 def trainer(cfg: DictConfig, prepared: Prepared, **kwargs) -> L.Trainer:

@@ -24,8 +24,8 @@ from omegaconf import DictConfig
 from callbacks.block_metrics import peak_memory_mb
 from callbacks.expert_cache import ExpertActivationCache
 from epmq.export import save_quantized
-from epmq.pipeline import (calibrate, calibration_record, candidate_label, claim_run_folder, close_loggers, evaluate,
-                           evaluate_experts, prepare, quiet_lightning, resolved_config, run_folder_store,
+from epmq.pipeline import (calibrate, calibration_record, candidate_label, claim_run_folder, evaluate,
+                           evaluate_experts, logging_to, prepare, quiet_lightning, resolved_config, run_folder_store,
                            select_scores, selection_key, solvers)
 from epmq.report import accuracy_table, write_json_atomic
 
@@ -42,13 +42,8 @@ def quantize(cfg: DictConfig) -> dict:
     candidates = solvers(cfg.quant)
     out_dir = Path(cfg.paths.output_dir)
     prepared = prepare(cfg)
-    status = "failed"
-    try:
-        report = _quantize(cfg, prepared, candidates, out_dir, start)
-        status = "success"
-    finally:
-        close_loggers(prepared.loggers, status)
-    return report
+    with logging_to(prepared.loggers):
+        return _quantize(cfg, prepared, candidates, out_dir, start)
 
 
 def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:

@@ -26,6 +26,8 @@ from epmq.pool import ExpertPool
 from epmq.quant import QuantSpec
 from epmq.solvers import EPMQ, GPTQ, RTN
 
+import families
+
 TASKS = ["mnist", "svhn"]
 SPEC = QuantSpec(bits=3, group_size=16, blocksize=16)
 
@@ -39,14 +41,7 @@ def tiny_model(seed: int = 0) -> CLIPVisionModel:
 
 def with_task_vector(base: CLIPVisionModel, seed: int, scale: float = 0.05) -> CLIPVisionModel:
     """A copy of base whose every float tensor moves by scale * ||tensor||-relative noise."""
-    expert = tiny_model()
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in base.state_dict().items():
-        noise = torch.randn(v.shape, generator=gen)
-        sd[k] = v + scale * v.abs().mean().clamp_min(1e-3) * noise if v.is_floating_point() else v
-    expert.load_state_dict(sd)
-    return expert
+    return families.with_task_vector(base, tiny_model(), seed, scale)
 
 
 def load_state(state: dict) -> CLIPVisionModel:

@@ -19,6 +19,18 @@ from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaF
 TASKS = ["alpha", "beta"]
 
 
+def with_task_vector(base: nn.Module, fresh: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
+    """`fresh` (a model of base's class) holding base's weights, every float tensor moved by
+    `scale` x its mean magnitude x standard normal noise drawn from `seed`: a tiny fine-tune."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, v in base.state_dict().items():
+        noise = torch.randn(v.shape, generator=gen)
+        state[k] = v + scale * v.abs().mean().clamp_min(1e-3) * noise if v.is_floating_point() else v
+    fresh.load_state_dict(state)
+    return fresh.eval()
+
+
 def clip_model() -> nn.Module:
     return CLIPVisionModel(CLIPVisionConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32,
                                             intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
@@ -83,15 +95,7 @@ class Family:
         return self.make().eval()
 
     def expert(self, base: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
-        """A copy of base whose float tensors move by `scale` x their mean magnitude x noise."""
-        expert = self.base()
-        gen = torch.Generator().manual_seed(seed)
-        state = {}
-        for k, v in base.state_dict().items():
-            noise = torch.randn(v.shape, generator=gen)
-            state[k] = v + scale * v.abs().mean().clamp_min(1e-3) * noise if v.is_floating_point() else v
-        expert.load_state_dict(state)
-        return expert.eval()
+        return with_task_vector(base, self.base(), seed, scale)
 
     def save_zoo(self, root: Path, seed: int = 0) -> tuple[nn.Module, dict[str, nn.Module], dict[str, Path]]:
         """base/ and one folder per task with save_pretrained; returns (base, experts, expert folders)."""
