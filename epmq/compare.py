@@ -118,7 +118,7 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
 
     t0 = time.perf_counter()
     references = {"experts": {"test": evaluate_experts(cfg, prepared)},
-                  "merged": {"test": evaluate(cfg, prepared, suite.tower(prepared.merged_state),
+                  "merged": {"test": evaluate(cfg, prepared, suite.model(prepared.merged_state),
                                               data.test_dataloader(), "merged/test").results}}
     timings["reference_eval_s"] = time.perf_counter() - t0
     states = {"merged": prepared.merged_state}
@@ -126,7 +126,7 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
         t0 = time.perf_counter()
         states["regmean"] = regmean_merge(suite, pool, data, cfg.compare.regmean_alpha)
         seconds = time.perf_counter() - t0
-        references["regmean"] = {"test": evaluate(cfg, prepared, suite.tower(states["regmean"]),
+        references["regmean"] = {"test": evaluate(cfg, prepared, suite.model(states["regmean"]),
                                                   data.test_dataloader(), "regmean/test").results,
                                  "seconds": seconds}
         timings["regmean_s"] = seconds
@@ -180,14 +180,14 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
 
 def regmean_merge(suite, pool, data, alpha: float) -> dict:
     """RegMean of the experts, each expert's Grams from its own task's calibration samples."""
-    base = suite.tower(pool.base_state_dict()).state_dict()
+    base = suite.model(pool.base_state_dict()).state_dict()
     by_task = {t: [] for t in range(len(suite.tasks))}  # task index -> its calibration samples, batched
     for batch in data.train_dataloader():
         for t in batch["task"].unique().tolist():
             by_task[t].append({k: v[batch["task"] == t] for k, v in batch.items()})
     experts, grams = {}, {}
     for t, task in enumerate(suite.tasks):
-        tower = suite.tower(pool.expert_state_dict(task))
+        tower = suite.model(pool.expert_state_dict(task))
         adapter = adapter_for(tower)
         layers = {adapter.block_prefix(stage, i) + name + ".weight": linear
                   for stage in adapter.stages(tower)

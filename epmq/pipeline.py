@@ -28,7 +28,6 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks.block_metrics import BlockMetrics
 from callbacks.resume import StepCheckpoint
 from epmq.checkpoint import StepStore, describe_changes
-from epmq.evaluate import TaskEvaluator
 from epmq.fingerprint import run_fingerprint
 from epmq.module import BlockwiseCalibration
 from epmq.pool import ExpertPool
@@ -203,7 +202,7 @@ def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = 
     saved and, when it already holds some, where the calibration resumes from.
     """
     suite = prepared.suite
-    model = suite.tower(prepared.merged_state if state is None else state)
+    model = suite.model(prepared.merged_state if state is None else state)
     done = store.load() if store is not None else []
     opts = cfg.get("calibration") or {}
     module = BlockwiseCalibration(model, solver, suite.tasks, experts=experts or prepared.pool,
@@ -249,11 +248,12 @@ def calibration_record(calib: Calibration) -> list[dict]:
 
 
 # -- evaluating -----------------------------------------------------------------------------------
-def evaluate(cfg: DictConfig, prepared: Prepared, tower, loaders, prefix: str) -> TaskEvaluator:
-    """`tower` with each task's head on the per-task loaders; .results: accuracy in [0, 1] per task
-    and "avg", .nll: mean cross-entropy in nats per task and "avg"; logged as <prefix>/<task>/acc."""
+def evaluate(cfg: DictConfig, prepared: Prepared, model, loaders, prefix: str):
+    """`model` on every task's loader (the suite's evaluator); .results: the suite's metric per task
+    and "avg" (accuracy in [0, 1] for classifiers), .nll: mean negative log-likelihood in nats per
+    task and "avg"; logged as <prefix>/<task>/<metric>."""
     suite = prepared.suite
-    evaluator = TaskEvaluator({t: suite.classifier(tower, t) for t in suite.tasks}, suite.num_classes, prefix)
+    evaluator = suite.evaluator({t: model for t in suite.tasks}, prefix)
     _test(cfg, prepared, evaluator, loaders)
     return evaluator
 
@@ -261,15 +261,15 @@ def evaluate(cfg: DictConfig, prepared: Prepared, tower, loaders, prefix: str) -
 def evaluate_experts(cfg: DictConfig, prepared: Prepared) -> dict[str, float]:
     """Each expert on its own task's test split, one expert in memory at a time."""
     suite, pool = prepared.suite, prepared.pool
-    builders = {t: (lambda t=t: suite.classifier(suite.tower(pool.expert_state_dict(t)), t)) for t in suite.tasks}
-    evaluator = TaskEvaluator(builders, suite.num_classes, "experts/test")
+    builders = {t: (lambda t=t: suite.model(pool.expert_state_dict(t))) for t in suite.tasks}
+    evaluator = suite.evaluator(builders, "experts/test")
     _test(cfg, prepared, evaluator, prepared.data.test_dataloader())
     return evaluator.results
 
 
-def select_scores(cfg: DictConfig, prepared: Prepared, tower, label: str) -> dict[str, float]:
+def select_scores(cfg: DictConfig, prepared: Prepared, model, label: str) -> dict[str, float]:
     """Average accuracy and cross-entropy on the held-out selection samples (never test data)."""
-    evaluator = evaluate(cfg, prepared, tower, prepared.data.select_dataloader(), f"select/{label}")
+    evaluator = evaluate(cfg, prepared, model, prepared.data.select_dataloader(), f"select/{label}")
     return {"select_avg_acc": evaluator.results["avg"], "select_avg_nll": evaluator.nll["avg"]}
 
 
@@ -278,7 +278,7 @@ def selection_key(scores: dict[str, float], select_by: str) -> float:
     return -scores["select_avg_nll"] if select_by == "nll" else scores["select_avg_acc"]
 
 
-def _test(cfg: DictConfig, prepared: Prepared, evaluator: TaskEvaluator, loaders) -> None:
+def _test(cfg: DictConfig, prepared: Prepared, evaluator, loaders) -> None:
     trainer(cfg, prepared, enable_progress_bar=False).test(evaluator, dataloaders=list(loaders), verbose=False)
 
 

@@ -54,7 +54,7 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
     if cfg.evaluate_references:
         t0 = time.perf_counter()
         metrics["experts"] = evaluate_experts(cfg, prepared)
-        metrics["merged"] = evaluate(cfg, prepared, suite.tower(prepared.merged_state), data.test_dataloader(),
+        metrics["merged"] = evaluate(cfg, prepared, suite.model(prepared.merged_state), data.test_dataloader(),
                                      "merged/test").results
         timings["reference_eval_s"] = time.perf_counter() - t0
 
@@ -94,6 +94,7 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
         "objective": metrics["quantized"]["avg"],
         "suite": suite.describe(),
         "method": described["method"],
+        "metric": suite.metric,
         "quant": {"spec": described["spec"], "strength": described.get("strength"), "form": described.get("form")},
         "selection": selection,
         "metrics": metrics,

@@ -102,11 +102,12 @@ def load_runs(files: list[Path]) -> list[dict]:
         except (ValueError, KeyError) as err:
             raise SystemExit(f"results_doc: {path}: {err}") from None
         runs.append(results)
-        by_fingerprint[results.get("suite", {}).get("fingerprint")].append(path)
+        suite = results.get("suite", {})
+        by_fingerprint[(suite.get("fingerprint"), suite.get("weights_sha256"))].append(path)
         by_seed[(results["merge"]["label"], results.get("seed"))].append(path)
     if len(by_fingerprint) > 1:
         listing = "; ".join(f"{fp}: {', '.join(map(str, ps))}" for fp, ps in by_fingerprint.items())
-        raise SystemExit(f"results_doc: the files disagree on suite.fingerprint ({listing})")
+        raise SystemExit(f"results_doc: the files disagree on the suite (fingerprint, weights) ({listing})")
     for (label, seed), paths in by_seed.items():
         if len(paths) > 1:
             raise SystemExit(f"results_doc: merge {label!r} seed {seed} appears {len(paths)} times: "
@@ -229,6 +230,16 @@ def ablation_table(merge: MergeRuns) -> str:
     return "\n".join(lines)
 
 
+def weights_sentence(suite: dict) -> str:
+    """Which weights the runs used: the zoo's weights hash (epmq.offline.zoo.weights_sha256)."""
+    sha = suite.get("weights_sha256")
+    if not sha:
+        return "built before zoos recorded a hash of their weights (the runs cannot say which weights they used)."
+    return (f"weights sha256 `{sha}` (a zoo's `weights_sha256` in its zoo.json, checked by "
+            f"`epmq.offline.zoo.open_zoo(root).verify_weights()`; the build is deterministic, so "
+            f"`python train.py` on a fresh machine builds these same weights).")
+
+
 def header_section(runs: list[dict], merges: dict[str, MergeRuns], commands: list[str],
                    doc_command: str) -> str:
     """How the document was produced: commands, run and seed counts, suite fingerprint, date."""
@@ -241,8 +252,9 @@ def header_section(runs: list[dict], merges: dict[str, MergeRuns], commands: lis
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `{doc_command}` from "
         f"{len(runs)} results.json file{'s' if len(runs) > 1 else ''}. Runs: {seeds}.", "",
         f"Suite `{suite.get('name', '?')}` (tasks: {', '.join(runs[0]['tasks'])}), fingerprint "
-        f"`{suite.get('fingerprint', '?')}`. All numbers below are the offline suite's (the project's own "
-        "small CLIP-architecture tower and experts, trained here), not the paper's models.", "",
+        f"`{suite.get('fingerprint', '?')}`, " + weights_sentence(suite) + " All numbers below are the "
+        "offline suite's (the project's own small CLIP-architecture tower and experts, trained here), "
+        "not the paper's models.", "",
         "Runs produced with:", "", produced, "",
         "Accuracy: average over tasks of test accuracy, in %, mean ± sample standard deviation over "
         "seeds; the best quantized mean per bit width in bold. Calibration seconds: mean over seeds "

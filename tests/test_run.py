@@ -152,10 +152,10 @@ def test_wandb_offline_run_records_config_test_and_step_metrics(tmp_path, zoo_ca
 
 def test_a_merged_model_brought_by_the_user_runs_end_to_end(tmp_path, zoo_cache):
     """merge=none with suite.merged=<folder>: no merging, the folder's weights are quantized."""
-    from epmq.suite import OfflineSuite
+    from epmq.suites.offline import OfflineSuite
 
     suite = OfflineSuite("micro", cache_dir=str(zoo_cache), progress=False)
-    merged = suite.tower()  # the base as "merged model": other weights than task arithmetic's
+    merged = suite.model()  # the base as "merged model": other weights than task arithmetic's
     merged.save_pretrained(tmp_path / "mine")
     mine = run(make_cfg(tmp_path / "b", zoo_cache, "quant=gptq", "merge=none", f"suite.merged={tmp_path / 'mine'}"))
     base_fp = mine["metrics"]["merged"]

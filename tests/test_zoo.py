@@ -18,7 +18,7 @@ from epmq.offline.heads import fit_head
 from epmq.offline.pretrain import rotate_batch
 from epmq.offline.sources import TASKS
 from epmq.offline.zoo import SIZES, build_zoo, default_cache_dir, open_zoo, weights_sha256
-from epmq.suite import OfflineSuite
+from epmq.suites.offline import OfflineSuite
 
 MICRO = SIZES["micro"]
 

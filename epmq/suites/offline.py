@@ -1,24 +1,15 @@
-"""Suites: which base, which experts, which tasks, and how a tower becomes a per-task classifier.
-
-A suite is what a run's `suite:` config group instantiates (`_target_`). It answers:
-
-    tasks, num_classes      the task names and their label counts
-    base, experts, merged   model sources for epmq.pool.ExpertPool (folders, files or hub ids;
-                            merged: None unless the user brings a merged model)
-    tower(state_dict)       a model of the suite's family holding the given weights
-    classifier(tower, t)    an nn.Module: pixel_values (B, C, H, W) -> logits (B, num_classes[t])
-    datamodule(**data)      the per-task epmq.data.TaskDataModule (calibration, selection, test)
-"""
+"""The embedded offline suite: a small CLIP vision zoo built here, classified by frozen linear heads."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from epmq.data import TaskDataModule
+from epmq.evaluate import TaskEvaluator
 from epmq.offline.classifier import CLIPClassifier
 from epmq.offline.zoo import build_zoo, open_zoo
 
@@ -56,7 +47,9 @@ class OfflineSuite:
         self._config = CLIPVisionConfig.from_pretrained(str(self.base))
         self._heads = {t: self.zoo.head(t) for t in self.tasks}
 
-    def tower(self, state_dict: dict[str, torch.Tensor] | None = None) -> CLIPVisionModel:
+    metric = "acc"
+
+    def model(self, state_dict: dict[str, torch.Tensor] | None = None) -> CLIPVisionModel:
         """A CLIPVisionModel in eval mode with `state_dict` loaded (None: the base's weights)."""
         if state_dict is None:
             return CLIPVisionModel.from_pretrained(str(self.base)).eval()
@@ -67,6 +60,14 @@ class OfflineSuite:
     def classifier(self, tower: nn.Module, task: str) -> nn.Module:
         """Task t's classifier: the frozen linear head of task t on `tower`'s pooled features."""
         return CLIPClassifier(tower, self._heads[task]).eval()
+
+    def evaluator(self, models: Mapping[str, nn.Module | Callable[[], nn.Module]], prefix: str) -> TaskEvaluator:
+        """Per-task accuracy of each task's model under its frozen head (epmq.evaluate.TaskEvaluator)."""
+        def classifier(task, model):
+            if isinstance(model, nn.Module):
+                return self.classifier(model, task)
+            return lambda: self.classifier(model(), task)  # built when its task's turn comes
+        return TaskEvaluator({t: classifier(t, models[t]) for t in self.tasks}, self.num_classes, prefix)
 
     def datamodule(self, **data) -> TaskDataModule:
         """Per-task calibration, selection and test data from the zoo's saved splits."""

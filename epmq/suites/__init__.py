@@ -1,0 +1,19 @@
+"""Suites: which base, which experts, which tasks and data, and how a model is evaluated on each task.
+
+A suite is what a run's `suite:` config group instantiates (`_target_`). The jobs ask it:
+
+    tasks                   the task names, in report order
+    base, experts, merged   model sources for epmq.pool.ExpertPool (folders, files or hub ids;
+                            merged: None unless the user brings a merged model)
+    model(state_dict)       a model of the suite's family holding the given weights (what is calibrated)
+    datamodule(**data)      the per-task data (calibration, selection, test loaders)
+    evaluator(models, p)    a LightningModule for trainer.test: models maps each task to a model (or a
+                            function building one, for experts loaded one at a time); after the test,
+                            .results (task -> metric, and "avg") and .nll (task -> mean negative
+                            log-likelihood, and "avg", which chooses the anchor); logs <p>/<task>/<metric>
+    metric                  the name of the per-task metric ("acc": accuracy in [0, 1], higher is better)
+    describe()              what report.json records about the suite
+
+Families: `offline` (epmq.suites.offline.OfflineSuite, the embedded default). A new suite is a class
+with these members and a conf/suite/<name>.yaml whose `_target_` names it.
+"""
