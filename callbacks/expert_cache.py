@@ -21,10 +21,14 @@ and the memory that grows with the number of experts is one block of weights per
 The targets depend only on the experts and the calibration batches, never on the merged model,
 the bit width or the anchor. With keep=True they are recorded in the first fit and replayed by
 later fits on the same batches (anchor candidates, bit widths, merges) without reading the pool.
-That costs memory: Σ over steps and layers of samples x tokens x out.
+That costs memory, Σ over steps and layers of samples x tokens x out values (for a 7B LM on 384
+windows of 2048 tokens, terabytes): past `keep_budget_gb` the recording stops and is dropped, and
+later fits compute the targets again.
 """
 
 from __future__ import annotations
+
+import logging
 
 import lightning as L
 import torch
@@ -34,6 +38,8 @@ from epmq.capture import BlockInputs, Trace, hookless_copy, run_block, walk_to
 from epmq.fingerprint import loader_fingerprint
 from epmq.pool import ExpertPool, match_prefix
 
+log = logging.getLogger(__name__)
+
 
 class ExpertActivationCache(L.Callback):
     """Expert targets for BlockwiseCalibration when its solver needs them (E-PMQ).
@@ -41,13 +47,20 @@ class ExpertActivationCache(L.Callback):
     Args:
         pool: epmq.pool.ExpertPool holding an expert for every task in the module's task_names.
         keep: record every step's targets and replay them in later fits on the same batches.
+        keep_budget_gb: the most the recording may hold (GiB, where the module keeps hidden states);
+            beyond it nothing is kept.
     """
 
-    def __init__(self, pool: ExpertPool, keep: bool = False):
+    def __init__(self, pool: ExpertPool, keep: bool = False, keep_budget_gb: float = 4.0):
         if not isinstance(pool, ExpertPool):
             raise ValueError(f"pool must be an epmq.pool.ExpertPool, got {type(pool).__name__}")
+        if not keep_budget_gb >= 0:
+            raise ValueError(f"keep_budget_gb must be >= 0, got {keep_budget_gb!r}")
         self.pool = pool
         self.keep = bool(keep)
+        self.keep_budget = keep_budget_gb * 2**30  # bytes
+        self._recording = False
+        self._recorded_bytes = 0
         self.recorded: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # step -> batch -> layer -> Y
         self._layout = None     # what the recording depends on (tasks, batches, this rank's share, steps)
         self._replaying = False
@@ -82,6 +95,7 @@ class ExpertActivationCache(L.Callback):
         if self._replaying:
             return
         self.recorded, self._layout = {}, layout
+        self._recording, self._recorded_bytes = self.keep, 0
         self._traces, self._inputs, self._blocks, self._block, self._stem_task = {}, {}, {}, None, None
         # A copy of the model whose blocks share the model's tensors: only its stem is ever run (the
         # capture replays or stops at blocks), and it takes each expert's stem weights in turn.
@@ -165,9 +179,15 @@ class ExpertActivationCache(L.Callback):
             for h in hooks:
                 h.remove()
         self._targets[batch_idx] = targets
-        if self.keep:
-            store = pl_module.to_cache
-            self.recorded.setdefault(step.index, {})[batch_idx] = {k: store(Y) for k, Y in targets.items()}
+        if self._recording:
+            self._recorded_bytes += sum(Y.numel() * Y.element_size() for Y in targets.values())
+            if self._recorded_bytes > self.keep_budget:  # too big to keep: compute them again next time
+                self.recorded, self._layout, self._recording, self.keep = {}, None, False, False
+                log.info("expert targets exceed keep_budget_gb=%g: not kept for later fits",
+                         self.keep_budget / 2**30)
+            else:
+                self.recorded.setdefault(step.index, {})[batch_idx] = {k: pl_module.to_cache(Y)
+                                                                       for k, Y in targets.items()}
 
     def _walk(self, pl_module, key, batch, step) -> BlockInputs:
         """X^e of step's block for task key[1]'s samples of batch key[0]."""

@@ -194,7 +194,7 @@ class T5Adapter(ModelAdapter):
     Batches: "input_ids", "attention_mask" (optional) for the encoder; for the decoder
     "decoder_input_ids" and optionally "decoder_attention_mask", or "labels" (-100 = ignored), which
     are shifted right as T5 does for teacher forcing. Decoder tokens count where the decoder mask
-    is set (from labels: the start token and every position whose previous label is real).
+    is set (from labels: every position whose own label is real, i.e. the positions the loss scores).
     """
 
     _SELF = ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v")
@@ -247,8 +247,7 @@ class T5Adapter(ModelAdapter):
             return _mask_or_ones(batch.get("attention_mask"), batch["input_ids"])
         if "decoder_input_ids" in batch:
             return _mask_or_ones(batch.get("decoder_attention_mask"), batch["decoder_input_ids"])
-        real = torch.as_tensor(batch["labels"]) != -100  # the start token, then every position after a real label
-        return torch.cat([torch.ones_like(real[:, :1]), real[:, :-1]], dim=1)
+        return torch.as_tensor(batch["labels"]) != -100  # the positions T5's loss scores: padding never counts
 
 
 def _mask_or_ones(mask, ids) -> torch.Tensor:

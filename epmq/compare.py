@@ -27,6 +27,7 @@ import math
 import time
 from pathlib import Path
 
+from hydra.utils import get_class
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -54,6 +55,12 @@ def compare_plan(cfg: DictConfig):
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"compare.methods must be a non-empty subset of {METHODS}, got {methods}")
+    # a suite whose batches RegMean's Gram pass cannot read says why (its `regmean_unsupported`)
+    why = getattr(get_class(cfg.suite._target_), "regmean_unsupported", None) if "regmean_gptq" in methods else None
+    if why:
+        rest = ",".join(m for m in methods if m != "regmean_gptq")
+        raise ValueError(f"compare.methods: regmean_gptq is not available for suite {cfg.suite._target_}: {why}; "
+                         f"leave it out: compare.methods=[{rest}]")
     quant = OmegaConf.merge(cfg.quant, {"_target_": "epmq.solvers.EPMQ"})
     selection = [(s.strength, s.form) for s in solvers(quant)]
     bits = list(opts.bits)
@@ -131,7 +138,8 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
                                  "seconds": seconds}
         timings["regmean_s"] = seconds
 
-    expert_cache = ExpertActivationCache(pool, keep=True)
+    expert_cache = ExpertActivationCache(pool, keep=True,
+                                         keep_budget_gb=(cfg.get("calibration") or {}).get("keep_targets_gb", 4.0))
     entries, ablation = [], []
     for bits, spec in specs.items():
         for method in methods:
@@ -141,7 +149,8 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
                             ablation_row(cfg, prepared, EPMQ(strength, form, **spec), k, len(grid), expert_cache))
                         for k, (strength, form) in enumerate(grid)]
                 ablation += rows
-                entries.append(epmq_entry(rows, selection, cfg.quant.select_by, bits))
+                entries.append(epmq_entry(rows, selection, cfg.quant.select_by, bits,
+                                          getattr(prepared.suite, "higher_is_better", True)))
                 continue
             key = f"{method}/bits_{bits}"
             entry = units.get(key)
@@ -214,12 +223,13 @@ def ablation_row(cfg, prepared, solver, k: int, n: int, expert_cache) -> dict:
             "seconds": calib.seconds, "select_seconds": select_seconds, **layer_losses(calib)}
 
 
-def epmq_entry(rows: list[dict], selection: list[tuple[float, str]], select_by: str, bits: int) -> dict:
+def epmq_entry(rows: list[dict], selection: list[tuple[float, str]], select_by: str, bits: int,
+               higher_is_better: bool = True) -> dict:
     """E-PMQ's result: the selection candidates' best on the selection samples (strongest first,
     ties keep the stronger anchor, as in the main job); its time is the whole selection's."""
     wanted = set(selection)
     pool = [r for r in rows if (_strength(r["strength"]), r["form"]) in wanted]  # rows come strongest first
-    best = max(pool, key=lambda r: selection_key(r, select_by))
+    best = max(pool, key=lambda r: selection_key(r, select_by, higher_is_better))
     return {"method": "epmq", "bits": bits, "test": best["test"], "anchor": {"strength": best["strength"],
             "form": best["form"]}, "seconds": sum(r["seconds"] + r["select_seconds"] for r in pool),
             "layer_loss": best["layer_loss"], "rtn_layer_loss": best["rtn_layer_loss"]}

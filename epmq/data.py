@@ -20,15 +20,15 @@ replace the batch sampler with a padded DistributedSampler.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-import lightning as L
 import torch
 from datasets import DatasetDict, load_dataset, load_from_disk
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from epmq.task_data import PerTaskDataModule
 
 # Hub names that differ from the task name (DESIGN §4).
 HUB_NAMES = {"stanford-cars": "stanford_cars"}
@@ -55,11 +55,14 @@ def hub_id(task: str, hub: str = DEFAULT_HUB) -> str:
 
 def is_local(root_or_hub: str | Path) -> bool:
     """A root_or_hub names local data when it is an existing directory."""
-    return Path(root_or_hub).expanduser().is_dir()
+    return isinstance(root_or_hub, (str, Path)) and Path(root_or_hub).expanduser().is_dir()
 
 
 def load_task_dataset(task: str, root_or_hub: str | Path = DEFAULT_HUB) -> DatasetDict:
-    """Load one task's DatasetDict from a local folder (zoo root or folder of saved datasets) or the hub."""
+    """Load one task's DatasetDict from a local folder (zoo root or folder of saved datasets) or the hub,
+    or from a suite's own loader (a callable task -> DatasetDict with "train"/"test" splits)."""
+    if callable(root_or_hub):
+        return root_or_hub(task)
     if is_local(root_or_hub):
         root = Path(root_or_hub).expanduser()
         path = _local_task_dir(root, task)
@@ -115,18 +118,13 @@ class TaskSamples(Dataset):
         return {"pixel_values": x, "label": y, "task": torch.tensor(self.task_id, dtype=torch.long)}
 
 
-def _generator(seed: int, task: str, stream: str) -> torch.Generator:
-    """A generator per (seed, task, stream), so one task's draw never depends on the other tasks."""
-    digest = hashlib.sha256(f"{seed}/{task}/{stream}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-class TaskDataModule(L.LightningDataModule):
+class TaskDataModule(PerTaskDataModule):
     """Calibration, selection and test data for a list of tasks.
 
     tasks: task names, in the order that defines the task index. root_or_hub: a local folder (a zoo
     root or a folder of saved DatasetDicts) or a hub namespace such as "tanganke" (or a template
-    "org/{task}"). calib_samples / select_samples: rows per task for calibration / anchor selection
+    "org/{task}"), or a callable task -> DatasetDict (a suite's loader, e.g. per-task hub ids and
+    columns). calib_samples / select_samples: rows per task for calibration / anchor selection
     (disjoint, both from the calibration split). test_samples: None for the whole test split, else
     a seeded subset of that many rows per task.
     """
@@ -134,17 +132,7 @@ class TaskDataModule(L.LightningDataModule):
     def __init__(self, tasks: Sequence[str], root_or_hub: str | Path = DEFAULT_HUB, calib_samples: int = 64,
                  select_samples: int = 0, batch_size: int = 32, seed: int = 0, transform: Callable | None = None,
                  test_samples: int | None = None, num_workers: int = 0):
-        super().__init__()
-        if isinstance(tasks, str) or not tasks:
-            raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}")
-        if len(set(tasks)) != len(tasks):
-            raise ValueError(f"tasks contains duplicates: {list(tasks)}")
-        for name, value, low in (("calib_samples", calib_samples, 1), ("select_samples", select_samples, 0),
-                                 ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if test_samples is not None and (not isinstance(test_samples, int) or test_samples < 1):
-            raise ValueError(f"test_samples must be None or a positive integer, got {test_samples!r}")
+        super().__init__(tasks, calib_samples, select_samples, test_samples, batch_size, seed, num_workers)
         if str(root_or_hub).startswith(("/", ".", "~")) and not is_local(root_or_hub):
             raise ValueError(f"root_or_hub: no folder {root_or_hub!r} (hub ids look like 'tanganke')")
         if is_local(root_or_hub):  # fail on unknown tasks now, before any loading
@@ -152,16 +140,11 @@ class TaskDataModule(L.LightningDataModule):
             unknown = [t for t in tasks if _local_task_dir(root, t) is None]
             if unknown:
                 raise ValueError(f"unknown task(s) {unknown} under {root}; available: {_local_tasks(root)}")
-        self.tasks, self.root_or_hub = list(tasks), root_or_hub
-        self.calib_samples, self.select_samples, self.test_samples = calib_samples, select_samples, test_samples
-        self.batch_size, self.seed, self.transform, self.num_workers = batch_size, seed, transform, num_workers
+        self.root_or_hub, self.transform = root_or_hub, transform
         self.calib_rows: dict[str, list[int]] = {}
         self.select_rows: dict[str, list[int]] = {}
         self.test_rows: dict[str, list[int]] = {}
         self.num_classes: dict[str, int] = {}
-        self._calib: list[TaskSamples] = []
-        self._select: list[TaskSamples] = []
-        self._test: list[TaskSamples] = []
 
     def prepare_data(self) -> None:
         """Download hub datasets once (rank 0); local folders need nothing."""
@@ -178,53 +161,11 @@ class TaskDataModule(L.LightningDataModule):
             if "test" not in dd:
                 raise ValueError(f"task {task!r} has no 'test' split (splits: {list(dd)})")
             calib_split = dd["calibration"] if "calibration" in dd else dd["train"]
-            need = self.calib_samples + self.select_samples
-            if need > len(calib_split):
-                raise ValueError(f"task {task!r}: calib_samples + select_samples = {need} exceed the "
-                                 f"{len(calib_split)} rows of its calibration source split")
-            perm = torch.randperm(len(calib_split), generator=_generator(self.seed, task, "calibration")).tolist()
-            self.calib_rows[task] = perm[:self.calib_samples]
-            self.select_rows[task] = perm[self.calib_samples:need]
-            n_test = len(dd["test"]) if self.test_samples is None else self.test_samples
-            if n_test > len(dd["test"]):
-                raise ValueError(f"task {task!r}: test_samples = {n_test} exceed its {len(dd['test'])} test rows")
-            test_perm = torch.randperm(len(dd["test"]), generator=_generator(self.seed, task, "test")).tolist()
-            self.test_rows[task] = list(range(n_test)) if self.test_samples is None else sorted(test_perm[:n_test])
+            self.calib_rows[task], self.select_rows[task] = self.draw_rows(task, len(calib_split),
+                                                                           "calibration source split")
+            self.test_rows[task] = self.held_out_rows(task, len(dd["test"]), "test")
             label = dd["test"].features.get("label")
             self.num_classes[task] = getattr(label, "num_classes", None) or int(max(dd["test"]["label"])) + 1
             self._calib.append(TaskSamples(calib_split, self.calib_rows[task], i, self.transform, task))
             self._select.append(TaskSamples(calib_split, self.select_rows[task], i, self.transform, task))
             self._test.append(TaskSamples(dd["test"], self.test_rows[task], i, self.transform, task))
-
-    def calibration_batches(self) -> list[list[int]]:
-        """Index lists into the concatenated calibration datasets: each batch from one task, task-major.
-
-        Every rank gets this same full list; under DDP, BlockwiseCalibration keeps the batches with
-        batch_idx % world_size == rank, an exact split with no padding (DistributedSampler's padding
-        would repeat samples and bias H) and the same number of steps on every rank.
-        """
-        self.setup()
-        batches, offset = [], 0
-        for ds in self._calib:
-            batches += [list(range(offset + k, offset + min(k + self.batch_size, len(ds))))
-                        for k in range(0, len(ds), self.batch_size)]
-            offset += len(ds)
-        return batches
-
-    def _loader(self, ds: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(ds, num_workers=self.num_workers, **kwargs)
-
-    def train_dataloader(self) -> DataLoader:
-        """The calibration batches (see calibration_batches), in a fixed order on every rank."""
-        self.setup()
-        return self._loader(ConcatDataset(self._calib), batch_sampler=self.calibration_batches())
-
-    def select_dataloader(self) -> list[DataLoader]:
-        """One loader per task (task order) over its anchor-selection rows."""
-        self.setup()
-        return [self._loader(ds, batch_size=self.batch_size) for ds in self._select]
-
-    def test_dataloader(self) -> list[DataLoader]:
-        """One loader per task (task order) over its held-out test rows."""
-        self.setup()
-        return [self._loader(ds, batch_size=self.batch_size) for ds in self._test]

@@ -46,6 +46,10 @@ def file_digest(path: Path, sample: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# Calibration options that only place tensors (tested bit-identical): a run may resume with others.
+PLACEMENT = ("offload_blocks", "cache_device", "keep_targets_gb")
+
+
 def run_fingerprint(config: dict, prepared) -> dict:
     """What a calibration's result depends on, for resuming: the epmq version, the models (the merged
     weights' content, each expert file's digest), the calibration data and the options that change
@@ -55,6 +59,8 @@ def run_fingerprint(config: dict, prepared) -> dict:
     options = {k: config.get(k) for k in ("suite", "merge", "quant", "data", "calibration", "seed")}
     if isinstance(options["suite"], dict):
         options["suite"] = {k: v for k, v in options["suite"].items() if k != "progress"}  # display only
+    if isinstance(options["calibration"], dict):  # where tensors wait moves them, it does not change them
+        options["calibration"] = {k: v for k, v in options["calibration"].items() if k not in PLACEMENT}
     experts = {task: {str(f): file_digest(Path(f)) for f in sorted({str(p) for p in ckpt.files.values()})}
                for task, ckpt in prepared.pool.experts.items()}
     count, total = loader_fingerprint(prepared.data.train_dataloader())

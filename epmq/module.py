@@ -79,7 +79,8 @@ class BlockwiseCalibration(L.LightningModule):
             Each real token of task t weighs w_t / n_t, so a task counts by w_t whatever its size.
         true_sequential: one step per layer group (GPTQ's true-sequential); None: the family's default.
         offload_blocks: keep the blocks on the CPU and move each to the device only for its steps
-            (the rest of the model stays on the device).
+            (the rest of the model stays on the device). "auto": only on a GPU whose free memory is
+            less than twice the model's size (the other half is for statistics and hidden states).
         cache_device: where hidden states wait between steps (None: the device).
         shard_batches: True: every rank's loader yields the full calibration set and this module
             keeps batch b on rank b % world_size; False: the loader is already sharded by rank.
@@ -92,7 +93,7 @@ class BlockwiseCalibration(L.LightningModule):
     def __init__(self, model: nn.Module, solver, task_names: Sequence[str], experts=None,
                  adapter: ModelAdapter | None = None,
                  task_weights: Mapping[str, float] | Sequence[float] | None = None,
-                 true_sequential: bool | None = None, offload_blocks: bool = False,
+                 true_sequential: bool | None = None, offload_blocks: bool | str = False,
                  cache_device: str | torch.device | None = None, shard_batches: bool = True,
                  resume: Sequence[FinishedStep] = ()):
         super().__init__()
@@ -112,7 +113,9 @@ class BlockwiseCalibration(L.LightningModule):
         self.task_names = task_names
         self.task_weights = _task_weights(task_weights, task_names)  # (T,) float64
         self.true_sequential = self.adapter.true_sequential if true_sequential is None else bool(true_sequential)
-        self.offload_blocks = bool(offload_blocks)
+        if offload_blocks not in (True, False, "auto"):
+            raise ValueError(f"offload_blocks must be true, false or auto, got {offload_blocks!r}")
+        self.offload_blocks = offload_blocks  # "auto" is decided in setup, once the device is known
         self.cache_device = None if cache_device is None else torch.device(cache_device)
         self.shard_batches = bool(shard_batches)
         self.automatic_optimization = False
@@ -223,6 +226,8 @@ class BlockwiseCalibration(L.LightningModule):
             if t.device.type == "cpu" and t.is_shared():
                 t.data = t.data.clone()
         device = self.device_
+        if self.offload_blocks == "auto":
+            self.offload_blocks = device.type == "cuda" and 2 * _bytes(self.model) > torch.cuda.mem_get_info(device)[0]
         if not self.offload_blocks:
             self.model.to(device)
             return
@@ -485,3 +490,8 @@ def _to_cpu(result: QuantResult) -> QuantResult:
     return dataclasses.replace(result, **{f.name: getattr(result, f.name).cpu()
                                           for f in dataclasses.fields(result)
                                           if isinstance(getattr(result, f.name), torch.Tensor)})
+
+
+def _bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

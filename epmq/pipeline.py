@@ -207,7 +207,7 @@ def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = 
     opts = cfg.get("calibration") or {}
     module = BlockwiseCalibration(model, solver, suite.tasks, experts=experts or prepared.pool,
                                   true_sequential=opts.get("true_sequential"),
-                                  offload_blocks=opts.get("offload_blocks", False),
+                                  offload_blocks=opts.get("offload_blocks", "auto"),
                                   cache_device=opts.get("cache_device"), resume=done)
     module.label = label
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
@@ -273,9 +273,12 @@ def select_scores(cfg: DictConfig, prepared: Prepared, model, label: str) -> dic
     return {"select_avg_acc": evaluator.results["avg"], "select_avg_nll": evaluator.nll["avg"]}
 
 
-def selection_key(scores: dict[str, float], select_by: str) -> float:
-    """Higher is better: -cross-entropy ("nll") or accuracy ("acc") on the selection samples."""
-    return -scores["select_avg_nll"] if select_by == "nll" else scores["select_avg_acc"]
+def selection_key(scores: dict[str, float], select_by: str, higher_is_better: bool = True) -> float:
+    """Higher is better: -cross-entropy ("nll") or the suite's metric ("acc": accuracy, exact match;
+    negated for a metric where lower is better, such as perplexity) on the selection samples."""
+    if select_by == "nll":
+        return -scores["select_avg_nll"]
+    return scores["select_avg_acc"] if higher_is_better else -scores["select_avg_acc"]
 
 
 def _test(cfg: DictConfig, prepared: Prepared, evaluator, loaders) -> None:

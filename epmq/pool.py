@@ -46,6 +46,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # Files looked for inside a save_pretrained folder, in order of preference.
 FOLDER_FILES = ("model.safetensors.index.json", "model.safetensors",
                 "pytorch_model.bin.index.json", "pytorch_model.bin")
+# Buffers that transformers < 4.31 saved beside the weights (CLIP's position_ids: an arange, not a
+# weight): skipped in a checkpoint whose base has none, instead of refused as unknown keys.
+SAVED_BUFFERS = (".position_ids",)
 
 
 def _looks_like_hub_id(s: str) -> bool:
@@ -53,32 +56,28 @@ def _looks_like_hub_id(s: str) -> bool:
             and not s.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES))
 
 
-def resolve_source(source) -> Path:
+def resolve_source(source, what: str = "model source") -> Path:
     """Local path of a model source: an existing file/folder, or a hub id downloaded to the HF cache.
 
-    Raises ValueError naming the source when a local path does not exist.
+    Raises ValueError naming `what` (e.g. "suite.base") and the source when it cannot be found.
     """
     path = Path(os.path.expanduser(str(source)))
     if path.exists():
         return path
     if isinstance(source, str) and _looks_like_hub_id(source):
-        from huggingface_hub import snapshot_download  # only reached for hub ids, never in tests
+        from epmq.hub import snapshot  # fails within seconds, naming the id, when the hub does not answer
 
-        try:
-            return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-        except Exception as e:  # offline, unknown repo, no access: all mean "cannot use this source"
-            raise ValueError(f"model source '{source}' is not a local path and could not be fetched "
-                             f"from the Hugging Face hub: {type(e).__name__}: {e}") from None
-    raise ValueError(f"model source '{source}' does not exist (not a file, folder or hub id)")
+        return snapshot(source, allow_patterns=["*.json", "*.safetensors", "*.bin"], what=what)
+    raise ValueError(f"{what} '{source}' does not exist (not a file, folder or hub id)")
 
 
 class _Checkpoint:
     """One model's weights on disk: key -> (file, key in file), shapes and dtypes from headers."""
 
-    def __init__(self, source, allow_pickle: bool = False):
+    def __init__(self, source, allow_pickle: bool = False, what: str = "model source"):
         self.source = str(source)
         self.allow_pickle = allow_pickle
-        path = resolve_source(source)
+        path = resolve_source(source, what)
         self.files = self._weight_files(path)  # key in file -> file path
         self.meta = {}  # key in file -> (shape, dtype)
         for file in sorted(set(self.files.values())):
@@ -327,7 +326,7 @@ class ExpertPool:
         self.experts: dict[str, _Checkpoint] = {}
         self._maps: dict[str, dict[str, str]] = {}  # task -> base key -> key in file
         for task, source in experts.items():
-            ckpt = _Checkpoint(source, allow_pickle)
+            ckpt = _Checkpoint(source, allow_pickle, f"expert '{task}'")
             self._maps[task] = self._validate(ckpt, f"expert '{task}'")
             self.experts[task] = ckpt
             if check_finite:
@@ -341,7 +340,7 @@ class ExpertPool:
             return {k: v.detach() for k, v in source.state_dict().items()}, None
         if isinstance(source, Mapping):
             return dict(source), None
-        return None, _Checkpoint(source, self.allow_pickle)
+        return None, _Checkpoint(source, self.allow_pickle, what)
 
     @staticmethod
     def _meta(sd, ckpt) -> dict[str, tuple[tuple, str]]:
@@ -356,7 +355,10 @@ class ExpertPool:
         for fkey in ckpt.meta:
             if not fkey.startswith(strip):
                 continue  # outside the base's tower (e.g. a CLIPModel's text tower)
-            mapping[add + fkey[len(strip):]] = fkey
+            key = add + fkey[len(strip):]
+            if key.endswith(SAVED_BUFFERS) and key not in self.base_meta:
+                continue
+            mapping[key] = fkey
         unknown = sorted(k for k in mapping if k not in self.base_meta)
         if unknown:
             raise ValueError(f"{what} ({ckpt.files[mapping[unknown[0]]]}): key '{mapping[unknown[0]]}' "

@@ -30,13 +30,14 @@ def write_json_atomic(path: str | Path, payload: dict) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, default=str)))
 
 
-def accuracy_table(metrics: dict[str, dict[str, float]], tasks: list[str]) -> str:
+def accuracy_table(metrics: dict[str, dict[str, float]], tasks: list[str], scale: float = 100) -> str:
     """A plain-text table: one row per evaluated model, one column per task, then the average.
 
-    metrics: model name -> {task: accuracy in [0, 1], ..., "avg": mean}; printed in percent.
+    metrics: model name -> {task: metric, ..., "avg": mean}; printed times `scale` (100: accuracies
+    in [0, 1] as percent; 1: a perplexity as it is).
     """
     header = ["model", *tasks, "avg"]
-    rows = [[name, *(_pct(accs.get(t)) for t in tasks), _pct(accs.get("avg"))]
+    rows = [[name, *(_fmt(accs.get(t), scale) for t in tasks), _fmt(accs.get("avg"), scale)]
             for name, accs in metrics.items()]
     widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
 
@@ -48,5 +49,5 @@ def accuracy_table(metrics: dict[str, dict[str, float]], tasks: list[str]) -> st
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
+def _fmt(x: float | None, scale: float) -> str:
+    return "-" if x is None else f"{scale * x:.2f}"

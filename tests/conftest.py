@@ -149,11 +149,16 @@ def zoo_cache(tmp_path_factory) -> Path:
 
 
 def make_cfg(out_dir: Path, zoo_cache: Path, *overrides: str):
-    """The composed train config with the micro suite, writing into out_dir."""
+    """The composed train config with the micro suite, writing into out_dir.
+
+    The micro zoo's options (suite.size, suite.progress) apply when the overrides keep the offline
+    suite; an override choosing another suite (suite=..., or an experiment that does) gets none."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        chosen = compose("train", overrides=list(overrides)).suite.get("_target_", "")
+        micro = ["suite.size=micro", "suite.progress=false"] if chosen.endswith(".OfflineSuite") else []
         cfg = compose("train", return_hydra_config=True, overrides=[
-            "suite.size=micro", f"paths.cache_dir={zoo_cache.parent}", "suite.progress=false",
+            *micro, f"paths.cache_dir={zoo_cache.parent}",
             "data.calib_samples=8", "data.select_samples=8", "data.batch_size=8", "data.test_samples=48",
             "trainer.enable_progress_bar=false", *overrides])
     with open_dict(cfg):

@@ -210,3 +210,34 @@ def run_recording(block, calls, layers) -> dict[str, list[torch.Tensor]]:
     for h in hooks:
         h.remove()
     return seen
+
+
+class Keeping(Unchanged):
+    """Unchanged, and keeps every solved layer's statistics in solve order."""
+
+    def __init__(self):
+        super().__init__(needs_targets=False)
+        self.stats = []
+
+    def solve(self, W, stats):
+        self.stats.append(stats)
+        return super().solve(W, stats)
+
+
+def test_t5_labels_padded_further_change_no_decoder_statistics():
+    """From labels alone, a decoder position counts when its own label is real (what T5's loss
+    scores): an extra -100 column reaches the layers with weight 0."""
+    family = FAMILIES["t5"]
+    batches = [{k: v for k, v in b.items()} for b in family.batches(torch.Generator().manual_seed(0))]
+    padded = [b | {"labels": torch.cat([b["labels"], torch.full((len(b["labels"]), 2), -100)], dim=1)}
+              for b in batches]
+    runs = []
+    for data in (batches, padded):
+        solver = Keeping()
+        module = BlockwiseCalibration(family.base(), solver, TASKS)
+        trainer_for(module, max_epochs=len(module.schedule)).fit(module, train_dataloaders=loader(data))
+        runs.append(solver.stats)
+    assert len(runs[0]) == len(runs[1]) == 2 * 7 + 2 * 11  # every linear of the two stages
+    assert sum(b.tokens > a.tokens for a, b in zip(*runs)) == 2 * 7 + 4  # the pad rows reach the decoder's
+    for a, b in zip(*runs):  # ... self-attention and MLP layers, with weight 0
+        torch.testing.assert_close(b.H, a.H, rtol=1e-4, atol=1e-6 * a.H.abs().max().item())

@@ -317,3 +317,23 @@ def test_offloaded_blocks_and_a_cpu_cache_give_the_same_weights(zoo, data, pool)
             continue
         for key, W in reference.items():
             assert torch.equal(block_weights(module)[key], W), (options, key)
+
+
+def test_automatic_offload_keeps_a_cpu_model_whole_and_refuses_other_values(zoo, data, pool):
+    module = calibrate(zoo["merged"], "gptq", data, offload_blocks="auto")
+    assert module.offload_blocks is False  # decided in setup: a CPU device never offloads
+    with pytest.raises(ValueError, match="offload_blocks must be true, false or auto"):
+        calibrate(zoo["merged"], "gptq", data, offload_blocks="sometimes")
+
+
+def test_kept_targets_over_their_budget_are_dropped_and_computed_again(zoo, data, pool, monkeypatch):
+    cache = ExpertActivationCache(pool, keep=True, keep_budget_gb=1e-6)  # about 1 KiB: less than one batch
+    first = _epmq(zoo["merged"], data, cache, strength=0.5)
+    assert cache.recorded == {} and not cache.keep
+    calls = []
+    read = pool.expert_subset
+    monkeypatch.setattr(pool, "expert_subset", lambda *a, **k: calls.append(a) or read(*a, **k))
+    second = _epmq(zoo["merged"], data, cache, strength=0.5)
+    assert calls  # the pool was read again: nothing was replayed
+    for key, W in block_weights(first).items():
+        assert torch.equal(block_weights(second)[key], W), key

@@ -1,0 +1,111 @@
+"""What every per-task DataModule shares: checked options, seeded per-task draws and the loaders.
+
+Each family fills, in its `setup`, three lists of datasets in task order: calibration, anchor
+selection and held-out test. Calibration batches never mix tasks (E-PMQ weighs tokens per task) and
+come in the same fixed order on every rank: BlockwiseCalibration keeps batch b on rank
+b % world_size, an exact split with no padding (DistributedSampler's padding would repeat samples
+and bias H). Selection and test data come as one loader per task.
+
+Every random draw has its own generator per (seed, task, stream), so one task's rows never depend
+on which other tasks are in the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+
+def task_generator(seed: int, task: str, stream: str) -> torch.Generator:
+    """A torch.Generator for one (seed, task, stream), e.g. stream "calibration" or "test"."""
+    digest = hashlib.sha256(f"{seed}/{task}/{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def check_integers(**options: tuple[object, int]) -> None:
+    """ValueError naming the first option whose value is not an integer >= its lower bound.
+
+    options: name -> (value, lower bound)."""
+    for name, (value, low) in options.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+class PerTaskDataModule(L.LightningDataModule):
+    """Base of the families' DataModules.
+
+    tasks: task names, in the order that defines the task index. calib_samples / select_samples:
+    samples per task for calibration / anchor selection (disjoint). test_samples: None for the whole
+    held-out split, else that many per task. Subclasses fill `_calib`, `_select` and `_test` (one
+    dataset per task, in task order) in `setup`, and may set `collate_fn`.
+    """
+
+    collate_fn = None
+
+    def __init__(self, tasks: Sequence[str], calib_samples: int, select_samples: int, test_samples: int | None,
+                 batch_size: int, seed: int, num_workers: int):
+        super().__init__()
+        if isinstance(tasks, str) or not tasks or len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks must be a non-empty list of distinct task names, got {tasks!r}")
+        check_integers(calib_samples=(calib_samples, 1), select_samples=(select_samples, 0),
+                       batch_size=(batch_size, 1), num_workers=(num_workers, 0))
+        if test_samples is not None and (not isinstance(test_samples, int) or test_samples < 1):
+            raise ValueError(f"test_samples must be None or a positive integer, got {test_samples!r}")
+        self.tasks = list(tasks)
+        self.calib_samples, self.select_samples, self.test_samples = calib_samples, select_samples, test_samples
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self._calib: list[Dataset] = []
+        self._select: list[Dataset] = []
+        self._test: list[Dataset] = []
+
+    # -- seeded rows ------------------------------------------------------------------------
+    def draw_rows(self, task: str, n_rows: int, split: str) -> tuple[list[int], list[int]]:
+        """Disjoint calibration and selection row indices of a split of n_rows rows (seeded)."""
+        need = self.calib_samples + self.select_samples
+        if need > n_rows:
+            raise ValueError(f"task {task!r}: calib_samples + select_samples = {need} exceed the "
+                             f"{n_rows} rows of its {split}")
+        perm = torch.randperm(n_rows, generator=task_generator(self.seed, task, "calibration")).tolist()
+        return perm[:self.calib_samples], perm[self.calib_samples:need]
+
+    def held_out_rows(self, task: str, n_rows: int, split: str) -> list[int]:
+        """Row indices to score: all n_rows, or a seeded sorted subset of test_samples rows."""
+        if self.test_samples is None:
+            return list(range(n_rows))
+        if self.test_samples > n_rows:
+            raise ValueError(f"task {task!r}: test_samples = {self.test_samples} exceed its {n_rows} {split} rows")
+        perm = torch.randperm(n_rows, generator=task_generator(self.seed, task, "test")).tolist()
+        return sorted(perm[:self.test_samples])
+
+    # -- loaders ----------------------------------------------------------------------------
+    def calibration_batches(self) -> list[list[int]]:
+        """Index lists into the concatenated calibration datasets: each batch from one task, task-major."""
+        self.setup()
+        batches, offset = [], 0
+        for ds in self._calib:
+            batches += [list(range(offset + k, offset + min(k + self.batch_size, len(ds))))
+                        for k in range(0, len(ds), self.batch_size)]
+            offset += len(ds)
+        return batches
+
+    def _loader(self, ds: Dataset, **kwargs) -> DataLoader:
+        return DataLoader(ds, num_workers=self.num_workers, collate_fn=self.collate_fn, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        """The calibration batches (see calibration_batches), in a fixed order on every rank."""
+        self.setup()
+        return self._loader(ConcatDataset(self._calib), batch_sampler=self.calibration_batches())
+
+    def select_dataloader(self) -> list[DataLoader]:
+        """One loader per task (task order) over its anchor-selection samples."""
+        self.setup()
+        return [self._loader(ds, batch_size=self.batch_size) for ds in self._select]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per task (task order) over its held-out samples."""
+        self.setup()
+        return [self._loader(ds, batch_size=self.batch_size) for ds in self._test]
