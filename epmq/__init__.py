@@ -6,3 +6,13 @@ __version__ = "0.1.0"
 
 # `${epmq.either:a,b}` is a unless a is null, else b: the run folder is the resumed run's, or a new one.
 OmegaConf.register_new_resolver("epmq.either", lambda a, b: b if a is None else a, replace=True)
+
+
+def __getattr__(name: str):
+    # `from epmq import load_quantized` without importing torch and transformers at `import epmq`
+    # (train.py imports the package before Hydra starts)
+    if name == "load_quantized":
+        from epmq.load import load_quantized
+
+        return load_quantized
+    raise AttributeError(f"module 'epmq' has no attribute {name!r}")

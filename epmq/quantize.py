@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from callbacks.block_metrics import peak_memory_mb
 from callbacks.expert_cache import ExpertActivationCache
-from epmq.export import save_quantized
+from epmq.export import check_exportable, checkpoint_size, save_quantized
 from epmq.pipeline import (calibrate, calibration_record, candidate_label, claim_run_folder, evaluate,
                            evaluate_experts, logging_to, prepare, quiet_lightning, resolved_config, run_folder_store,
                            select_scores, selection_key, solvers)
@@ -40,6 +40,8 @@ def quantize(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     quiet_lightning()
     candidates = solvers(cfg.quant)
+    if cfg.save_model:  # refused now, not after the calibration
+        check_exportable(cfg.quant.bits, cfg.get("checkpoint_format") or "gptq")
     out_dir = Path(cfg.paths.output_dir)
     prepared = prepare(cfg)
     with logging_to(prepared.loggers):
@@ -61,7 +63,8 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
     t0 = time.perf_counter()
     selection, best = [], None
     # E-PMQ's targets do not depend on the anchor: record them once, replay them for every candidate
-    expert_cache = ExpertActivationCache(prepared.pool, keep=len(candidates) > 1)
+    expert_cache = ExpertActivationCache(prepared.pool, keep=len(candidates) > 1,
+                                         keep_budget_gb=(cfg.get("calibration") or {}).get("keep_targets_gb", 4.0))
     for k, solver in enumerate(candidates):
         label = candidate_label(solver)
         store = run_folder_store(out_dir, label, prepared)
@@ -74,9 +77,9 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
         if rank_zero_only.rank == 0:
             store.record(select=scores)
         selection.append({"strength": solver.strength, "form": solver.form, **scores, "seconds": calib.seconds})
-        log.info("candidate %s: select accuracy %.2f, nll %.4f", label, 100 * scores["select_avg_acc"],
+        log.info("candidate %s: select %s %.4g, nll %.4f", label, suite.metric, scores["select_avg_acc"],
                  scores["select_avg_nll"])
-        key = selection_key(scores, cfg.quant.select_by)
+        key = selection_key(scores, cfg.quant.select_by, getattr(suite, "higher_is_better", True))
         if best is None or key > best[0]:  # candidates come strongest first: ties keep the stronger
             best = (key, solver, calib)
     del expert_cache
@@ -86,6 +89,8 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
 
     t0 = time.perf_counter()
     metrics["quantized"] = evaluate(cfg, prepared, calib.model, data.test_dataloader(), "test").results
+    extra = getattr(suite, "extra_evaluation", None)  # e.g. lm-eval tasks of a causal LM
+    extra_metrics = extra(calib.model) if extra else {}
     timings["quantized_eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - start
 
@@ -95,9 +100,11 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
         "suite": suite.describe(),
         "method": described["method"],
         "metric": suite.metric,
+        "metric_scale": getattr(suite, "metric_scale", 100),  # how tables print it (100: percent)
         "quant": {"spec": described["spec"], "strength": described.get("strength"), "form": described.get("form")},
         "selection": selection,
         "metrics": metrics,
+        **({"extra_metrics": extra_metrics} if extra_metrics else {}),
         "calibration": calibration_record(calib),
         "timings": timings,
         "peak_memory_mb": peak_memory_mb(calib.module.device_),
@@ -111,9 +118,9 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
 def publish(cfg, report: dict, tasks: list[str], calib, out_dir: Path) -> None:
     """Rank 0: the terminal table, report.json and (optionally) the quantized model."""
     metrics = report["metrics"]
-    names = {"experts": "experts (each on its task)", "merged": "merged (FP32)",
+    names = {"experts": "experts (each on its task)", "merged": "merged (FP)",
              "quantized": f"{report['method']} {report['quant']['spec']['bits']}-bit"}
-    table = accuracy_table({names[k]: v for k, v in metrics.items()}, tasks)
+    table = accuracy_table({names[k]: v for k, v in metrics.items()}, tasks, scale=report["metric_scale"])
     chosen = report["quant"]
     print(f"\n{table}\n")
     if report["method"] == "epmq":
@@ -121,8 +128,11 @@ def publish(cfg, report: dict, tasks: list[str], calib, out_dir: Path) -> None:
               + (" (chosen on held-out calibration samples)" if report["selection"] else ""))
     if cfg.save_model:
         model_dir = save_quantized(calib.model, calib.module.quant_results, out_dir / "quantized_model",
-                                   {"method": report["method"], **chosen, "config": report["config"]})
+                                   chosen["spec"], method=report["method"], strength=chosen["strength"],
+                                   form=chosen["form"], true_sequential=calib.module.true_sequential,
+                                   checkpoint_format=cfg.get("checkpoint_format") or "gptq")
         report["model_dir"] = str(model_dir)
+        report["model_size"] = checkpoint_size(model_dir)
         print(f"quantized model: {model_dir}")
     path = write_json_atomic(out_dir / "report.json", report)
     print(f"report: {path}")

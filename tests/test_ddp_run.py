@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
+from epmq import load_quantized
+from epmq.load import QuantLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,10 +30,9 @@ def test_two_processes_give_the_one_process_model_and_accuracy(tmp_path):
     two = train(tmp_path / "two", cache, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
     for task, acc in one["metrics"]["quantized"].items():
         assert abs(two["metrics"]["quantized"][task] - acc) <= 0.002, task  # within 0.2 points
-    w1 = load_file(str(tmp_path / "one" / "quantized_model" / "quantizer.safetensors"))
-    w2 = load_file(str(tmp_path / "two" / "quantized_model" / "quantizer.safetensors"))
-    codes = [k for k in w1 if k.endswith(".qweight")]
-    assert codes and set(w1) == set(w2)
-    same = sum(int((w1[k] == w2[k]).sum()) for k in codes)
-    total = sum(w1[k].numel() for k in codes)
+    m1, m2 = (load_quantized(tmp_path / run / "quantized_model") for run in ("one", "two"))
+    codes = {name: m.codes() for name, m in m1.named_modules() if isinstance(m, QuantLinear)}
+    assert codes and codes.keys() == {name for name, m in m2.named_modules() if isinstance(m, QuantLinear)}
+    same = sum(int((c == m2.get_submodule(name).codes()).sum()) for name, c in codes.items())
+    total = sum(c.numel() for c in codes.values())
     assert same / total >= 0.999, f"only {same / total:.4%} of the codes agree"

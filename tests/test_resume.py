@@ -58,11 +58,10 @@ def test_sigkill_mid_calibration_then_resume_gives_the_uninterrupted_weights(tmp
     resumed = train(killed, zoo_cache, f"resume={killed}")
     assert "Traceback" not in resumed.stderr
     assert_complete(killed)
-    for name in ("quantizer.safetensors", "model.safetensors"):
-        a, b = load_file(str(whole / "quantized_model" / name)), load_file(str(killed / "quantized_model" / name))
-        assert a.keys() == b.keys() and len(a) > 0
-        for key in a:
-            assert torch.equal(a[key], b[key]), (name, key)
+    a, b = load_file(str(whole / "quantized_model" / "model.safetensors")), load_file(str(killed / "quantized_model" / "model.safetensors"))
+    assert a.keys() == b.keys() and any(k.endswith(".qweight") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
     reports = [json.loads((d / "report.json").read_text()) for d in (whole, killed)]
     assert reports[0]["metrics"] == reports[1]["metrics"]
 
@@ -74,6 +73,7 @@ def test_resuming_with_other_options_is_refused_by_name(tmp_path, zoo_cache):
         run(make_cfg(out, zoo_cache, *OPTIONS[1:], "quant.strength=2.0", f"resume={out}"))
     with pytest.raises(ValueError, match="already holds a run"):  # and no silent mixing without resume=
         run(make_cfg(out, zoo_cache, *OPTIONS))
-    # the same options resume a finished calibration without redoing it
-    again = run(make_cfg(out, zoo_cache, *OPTIONS, "save_model=false", f"resume={out}"))
+    # the same options resume a finished calibration without redoing it, wherever its tensors wait
+    again = run(make_cfg(out, zoo_cache, *OPTIONS, "save_model=false", f"resume={out}",
+                         "calibration.offload_blocks=true", "calibration.cache_device=cpu"))
     assert again["calibration"][0]["layers"]
