@@ -3,13 +3,17 @@
     python benchmarks/calibration_cost.py                       # defaults: about 2 minutes on 2 cores
     python benchmarks/calibration_cost.py --hidden 768 --layers 2 --image 224 --patch 32 --experts 2 4 8 16 --samples 64
                                                                 # ViT-B/32 blocks, 2-16 experts: about 4 minutes
+    python benchmarks/calibration_cost.py --family llama --hidden 1024 --layers 2 --experts 2 4 8 --samples 32
+                                                                # a Llama-shaped decoder (true-sequential)
     python benchmarks/calibration_cost.py --experts 2 4 8 --samples 256 --repeats 3
     python benchmarks/calibration_cost.py --device cuda --hidden 768 --layers 12 --threads 0
 
-What it builds, in a temporary folder: a random CLIPVisionModel base (--hidden, --layers, ...), T
+What it builds, in a temporary folder: a random CLIPVisionModel base (--family clip; or a
+LlamaForCausalLM with --family llama: --hidden, --layers, --vocab, --seq-len), T
 experts = base + random task vectors, and for every T in --experts the task-arithmetic merge of the
 first T experts, all saved with save_pretrained (safetensors), so that ExpertPool reads the experts
-lazily, one block at a time, exactly as in a real run. Calibration data are random pixels.
+lazily, one block at a time, exactly as in a real run. Calibration data are random pixels (random
+token ids for llama, calibrated true-sequentially as the causal_lm suite does by default).
 
 What it measures: every (T, method) pair runs `trainer.fit` of BlockwiseCalibration in a fresh
 Python process (a process's peak RSS only ever grows, so one process per measurement), wired as
@@ -59,9 +63,19 @@ MiB = 2**20
 
 
 # -- the model zoo of this benchmark ------------------------------------------------------------
-def model_config(args):
-    from transformers import CLIPVisionConfig
+def model_class(args):
+    from transformers import CLIPVisionModel, LlamaForCausalLM
 
+    return LlamaForCausalLM if args.family == "llama" else CLIPVisionModel
+
+
+def model_config(args):
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    if args.family == "llama":
+        return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                           num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                           num_key_value_heads=args.heads, max_position_embeddings=max(args.seq_len, 64))
     return CLIPVisionConfig(image_size=args.image, patch_size=args.patch, num_channels=args.channels,
                             hidden_size=args.hidden, intermediate_size=args.intermediate,
                             num_hidden_layers=args.layers, num_attention_heads=args.heads)
@@ -70,14 +84,13 @@ def model_config(args):
 def build_models(args, root: Path) -> dict:
     """Save base/, experts/task_<k>/ and merged_<T>/ under root; returns sizes in MiB."""
     import torch
-    from transformers import CLIPVisionModel
     from transformers.utils import logging as hf_logging
 
     from epmq.merge import task_arithmetic
 
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per saved model otherwise
     torch.manual_seed(args.seed)
-    base = CLIPVisionModel(model_config(args)).eval()
+    base = model_class(args)(model_config(args)).eval()
     base.save_pretrained(root / "base")
     base_sd = base.state_dict()
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -94,7 +107,7 @@ def build_models(args, root: Path) -> dict:
     # a one-block miniature of the same layout, calibrated untimed first in every worker
     tiny = argparse.Namespace(**{**vars(args), "hidden": 32, "intermediate": 64, "heads": 2, "layers": 1})
     torch.manual_seed(args.seed)
-    warm = CLIPVisionModel(model_config(tiny)).eval()
+    warm = model_class(args)(model_config(tiny)).eval()
     warm.save_pretrained(root / "warmup" / "base")
     for k in range(2):
         warm.save_pretrained(root / "warmup" / "experts" / task_name(k))
@@ -104,7 +117,8 @@ def build_models(args, root: Path) -> dict:
 def sizes_of(model) -> dict:
     """Float32 weight sizes in MiB of one block and of the whole model."""
     size = lambda module: sum(p.numel() * p.element_size() for p in module.parameters()) / MiB  # noqa: E731
-    return {"block_mb": size(model.encoder.layers[0]), "model_mb": size(model)}
+    blocks = model.model.layers if hasattr(model, "model") else model.encoder.layers
+    return {"block_mb": size(blocks[0]), "model_mb": size(model)}
 
 
 def save_state(template, state: dict, folder: Path) -> None:
@@ -142,7 +156,10 @@ def calibration_batches(args, T: int):
     if min(counts) == 0:
         raise ValueError(f"--samples {args.samples} leaves a task without samples at T={T}")
     gen = torch.Generator().manual_seed(args.seed + 2)
-    pixels = torch.randn(args.samples, args.channels, args.image, args.image, generator=gen)
+    if args.family == "llama":
+        inputs = {"input_ids": torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=gen)}
+    else:
+        inputs = {"pixel_values": torch.randn(args.samples, args.channels, args.image, args.image, generator=gen)}
     tasks = torch.repeat_interleave(torch.arange(T), torch.tensor(counts))
 
     class Samples(Dataset):
@@ -150,7 +167,7 @@ def calibration_batches(args, T: int):
             return len(tasks)
 
         def __getitem__(self, i):
-            return {"pixel_values": pixels[i], "task": tasks[i]}
+            return {**{k: v[i] for k, v in inputs.items()}, "task": tasks[i]}
 
     batches, start = [], 0
     for n in counts:
@@ -165,14 +182,12 @@ def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str):
     The pool reads base/ next to experts_dir and experts_dir/task_<k> for the first T tasks.
     """
     import lightning as L
-    from transformers import CLIPVisionModel
-
     from epmq.module import BlockwiseCalibration
     from epmq.pool import ExpertPool
     from epmq.solvers import EPMQ, GPTQ, RTN
 
     tasks = [task_name(k) for k in range(T)]
-    model = CLIPVisionModel.from_pretrained(merged_dir).eval()
+    model = model_class(args).from_pretrained(merged_dir).eval()
     cuda = args.device.startswith("cuda")
     if cuda:
         model.to(args.device)
@@ -270,9 +285,9 @@ def report(args, sizes: dict, results: dict) -> None:
             for key, rs in results.items()}
     base = {key: statistics.median(r["gpu_baseline_mb" if gpu else "rss_baseline_mb"] for r in rs)
             for key, rs in results.items()}
-    tokens = (args.image // args.patch) ** 2 + 1
+    tokens = args.seq_len if args.family == "llama" else (args.image // args.patch) ** 2 + 1
     memory = "GPU memory allocated (torch.cuda)" if gpu else "process RSS"
-    print(f"\nCLIPVisionModel: hidden {args.hidden}, mlp {args.intermediate}, {args.layers} blocks, "
+    print(f"\n{model_class(args).__name__}: hidden {args.hidden}, mlp {args.intermediate}, {args.layers} blocks, "
           f"{tokens} tokens per sample")
     print(f"one block's weights {sizes['block_mb']:.1f} MiB, whole model {sizes['model_mb']:.1f} MiB (float32)")
     print(f"calibration: {args.samples} samples in total for every T (split evenly over the T tasks, so only "
@@ -309,6 +324,10 @@ def report(args, sizes: dict, results: dict) -> None:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=("clip", "llama"), default="clip",
+                   help="clip: a CLIPVisionModel tower; llama: a LlamaForCausalLM decoder (default clip)")
+    p.add_argument("--vocab", type=int, default=4096, help="llama: vocabulary size (default 4096)")
+    p.add_argument("--seq-len", type=int, default=128, help="llama: tokens per sample (default 128)")
     p.add_argument("--hidden", type=int, default=512, help="hidden width (default 512)")
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x hidden)")
     p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")

@@ -1,0 +1,153 @@
+"""Causal language models of the Llama layout (Llama, Mistral, Qwen2): experts of one base, perplexity.
+
+    python train.py suite=causal_lm suite.base=<hub id or folder> \
+        suite.experts='{math: <id or folder>, code: <id or folder>}' \
+        suite.datasets='{math: <id or folder>, code: <id or folder>}' suite.text_columns='{math: text, code: text}'
+
+Experts are a mapping task -> source, or a pattern with `{task}` plus `suite.tasks`; sharded
+safetensors folders (model.safetensors.index.json) load one tensor at a time. Each task has its
+own text (a hub dataset id or a `save_to_disk` folder with train and test splits and a text column),
+or one shared source for every task. The engine calibrates the decoder layers true-sequentially
+(q/k/v, o, gate/up, down) unless `calibration.true_sequential=false`. Evaluation is each task's
+perplexity on its own held-out text (epmq.perplexity; lower is better).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from epmq.perplexity import PerplexityEvaluator
+from epmq.pool import resolve_source
+from epmq.text_chunks import TextWindowDataModule
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2")  # the model types epmq.adapters.LlamaAdapter serves
+
+
+def _per_task(value, tasks: Sequence[str], what: str) -> dict[str, str]:
+    """task -> value from a mapping, a `{task}` pattern or one value shared by every task."""
+    if isinstance(value, Mapping):
+        missing = [t for t in tasks if t not in value]
+        if missing:
+            raise ValueError(f"suite.{what}: no entry for task(s) {missing}; it has {sorted(value)}")
+        return {t: str(value[t]) for t in tasks}
+    if value is None:
+        raise ValueError(f"suite.{what} is not set")
+    return {t: str(value).format(task=t) for t in tasks}
+
+
+class CausalLMSuite:
+    """Experts of a causal-LM base, each with its own text for calibration and perplexity.
+
+    Args:
+        base: hub id or folder of the base AutoModelForCausalLM (with its tokenizer).
+        experts: task -> hub id or folder, or a pattern with `{task}`.
+        tasks: task names (the keys of `experts` when it is a mapping and tasks is None).
+        datasets: task -> dataset source, a `{task}` pattern, or one source for every task.
+        text_columns: task -> text column, or one column name for every task.
+        splits: names of the train split (calibration, selection) and the held-out split (perplexity).
+        seq_len: tokens per window (calibration and evaluation).
+        dtype: "float32", "bfloat16" or "float16": the weights' dtype while calibrating and evaluating
+            (statistics and solves stay in float32/float64).
+        tokenizer: where the tokenizer lives (default: the base).
+        merged: a merged model to quantize as is (merge=none).
+        lm_eval_tasks: lm-evaluation-harness task names to run on the quantized model as well (needs the
+            `lmeval` extra; skipped with a warning when it is not installed). lm_eval_limit: examples
+            per lm-eval task (None: all).
+    """
+
+    name = "causal_lm"
+    metric = "perplexity"
+    higher_is_better = False
+    metric_scale = 1  # tables print perplexity as it is (accuracies print in percent)
+
+    def __init__(self, base: str, experts, tasks: Sequence[str] | None = None, datasets=None, text_columns="text",
+                 splits: Sequence[str] = ("train", "test"), seq_len: int = 512, dtype: str = "float32",
+                 tokenizer: str | None = None, merged: str | None = None, lm_eval_tasks: Sequence[str] = (),
+                 lm_eval_limit: int | None = None):
+        if tasks is None:
+            if not isinstance(experts, Mapping):
+                raise ValueError("suite.tasks is needed when suite.experts is a pattern")
+            tasks = list(experts)
+        self.tasks = list(tasks)
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"suite.tasks must be a non-empty list of distinct names, got {self.tasks}")
+        if dtype not in DTYPES:
+            raise ValueError(f"suite.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if len(tuple(splits)) != 2:
+            raise ValueError(f"suite.splits must name the train and the held-out split, got {list(splits)}")
+        self.base = str(base)
+        self.experts = _per_task(experts, self.tasks, "experts")
+        self.sources = _per_task(datasets, self.tasks, "datasets")
+        self.text_columns = _per_task(text_columns, self.tasks, "text_columns")
+        self.splits, self.seq_len, self.dtype, self.merged = tuple(splits), int(seq_len), DTYPES[dtype], merged
+        self.lm_eval_tasks, self.lm_eval_limit = list(lm_eval_tasks or ()), lm_eval_limit
+        base_dir = resolve_source(self.base, "suite.base")
+        self.config = AutoConfig.from_pretrained(str(base_dir))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_source(tokenizer, "suite.tokenizer") if tokenizer else base_dir))
+        if self.config.model_type not in LLAMA_LAYOUT:
+            raise ValueError(f"suite.base {self.base}: model type {self.config.model_type!r} is not of the Llama "
+                             f"layout that the causal_lm suite calibrates ({', '.join(LLAMA_LAYOUT)})")
+
+    def model(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        """The base's architecture holding `state_dict` (None: the base's own weights), in eval mode."""
+        if state_dict is None:
+            return AutoModelForCausalLM.from_pretrained(str(resolve_source(self.base, "suite.base")), dtype=self.dtype).eval()
+        model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        result = model.load_state_dict(state_dict, strict=False)
+        tied = set(_tied_keys(model))
+        missing = sorted(set(result.missing_keys) - tied)
+        if missing or result.unexpected_keys:
+            raise ValueError(f"weights do not fit {type(model).__name__}: missing {missing[:3]}, "
+                             f"unexpected {result.unexpected_keys[:3]}")
+        model.tie_weights()  # a tied output head follows the embeddings it shares
+        return model.eval()
+
+    def datamodule(self, calib_samples: int = 64, select_samples: int = 16, batch_size: int = 8, seed: int = 0,
+                   test_samples: int | None = 64, num_workers: int = 0) -> TextWindowDataModule:
+        """Windows of seq_len tokens per task (epmq.text_chunks)."""
+        return TextWindowDataModule(self.tasks, self.sources, self.text_columns, self.tokenizer, self.seq_len,
+                                    calib_samples, select_samples, test_samples, batch_size, seed, num_workers,
+                                    self.splits)
+
+    def evaluator(self, models, prefix: str) -> PerplexityEvaluator:
+        return PerplexityEvaluator({t: models[t] for t in self.tasks}, prefix)
+
+    def extra_evaluation(self, model: nn.Module) -> dict:
+        """lm-evaluation-harness scores of `model` on `lm_eval_tasks` ({} when none are asked for, or when
+        lm-eval is not installed: then a warning says so)."""
+        if not self.lm_eval_tasks:
+            return {}
+        try:
+            from lm_eval import simple_evaluate
+            from lm_eval.models.huggingface import HFLM
+        except ImportError:
+            log.warning("suite.lm_eval_tasks %s skipped: lm-eval is not installed (pip install -e '.[lmeval]')",
+                        self.lm_eval_tasks)
+            return {}
+        results = simple_evaluate(model=HFLM(pretrained=model, tokenizer=self.tokenizer), tasks=self.lm_eval_tasks,
+                                  limit=self.lm_eval_limit)
+        return {"lm_eval": results["results"]}
+
+    def describe(self) -> dict:
+        return {"name": self.name, "base": self.base, "experts": self.experts, "tasks": self.tasks,
+                "datasets": self.sources, "seq_len": self.seq_len, "dtype": str(self.dtype).removeprefix("torch."),
+                "metric": self.metric, "higher_is_better": self.higher_is_better}
+
+
+def _tied_keys(model: nn.Module) -> list[str]:
+    """State-dict keys that share storage with an earlier key (e.g. lm_head.weight = embed_tokens)."""
+    seen, tied = {}, []
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        ptr = tensor.data_ptr() if tensor.device.type != "meta" else id(tensor)
+        if ptr in seen:
+            tied.append(key)
+        seen.setdefault(ptr, key)
+    return tied

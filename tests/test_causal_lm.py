@@ -1,0 +1,153 @@
+"""suite=causal_lm end to end on a tiny LlamaForCausalLM: sharded experts, two text tasks, true-sequential
+E-PMQ, perplexity that equals exp(mean token NLL) computed here independently."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, DatasetDict
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from conftest import ROOT, make_cfg
+from epmq.run import run
+from families import FAMILIES
+
+WORDS = ("the a cat dog sat ran on under mat log big small red blue one two three four five six "
+         "seven eight nine ten plus minus equals sum code loop if else return print").split()
+TEXTS = {
+    "alpha": [" ".join(WORDS[(i * 3 + k) % 12] for k in range(7 + i % 5)) for i in range(60)],
+    "beta": [" ".join(WORDS[12 + (i * 5 + k) % 22] for k in range(6 + i % 7)) for i in range(60)],
+}
+SEQ_LEN = 12
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: 4 + i for i, w in enumerate(WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def fine_tuned(base: LlamaForCausalLM, texts: list[str], steps: int = 30) -> LlamaForCausalLM:
+    """A copy of base trained a few steps on next-token prediction over `texts`: a real expert."""
+    tok = tiny_tokenizer()
+    stream = [i for text in texts for i in tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    windows = torch.tensor(stream[: len(stream) // SEQ_LEN * SEQ_LEN]).view(-1, SEQ_LEN)
+    expert = FAMILIES["llama"].base()
+    expert.load_state_dict(base.state_dict())
+    expert.train()
+    opt = torch.optim.AdamW(expert.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = windows[torch.randint(len(windows), (8,), generator=gen)]
+        loss = expert(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return expert.eval()
+
+
+@pytest.fixture(scope="module")
+def llm_zoo(tmp_path_factory):
+    """base/ (with its tokenizer), two experts saved as sharded safetensors, a text dataset per task."""
+    root = tmp_path_factory.mktemp("llm")
+    family = FAMILIES["llama"]
+    base = family.base()
+    base.save_pretrained(root / "base", max_shard_size="40KB")
+    tiny_tokenizer().save_pretrained(root / "base")
+    for t, task in enumerate(TEXTS):
+        fine_tuned(base, TEXTS[task][:45]).save_pretrained(root / task, max_shard_size="40KB")
+        texts = TEXTS[task]
+        DatasetDict({"train": Dataset.from_dict({"text": texts[:45]}),
+                     "test": Dataset.from_dict({"text": texts[45:]})}).save_to_disk(str(root / f"{task}_text"))
+    assert (root / "alpha" / "model.safetensors.index.json").is_file()  # really sharded
+    return root
+
+
+def options(root, *extra):
+    return ["suite=causal_lm", f"suite.base={root / 'base'}",
+            f"suite.experts={{alpha: {root / 'alpha'}, beta: {root / 'beta'}}}",
+            f"suite.datasets={{alpha: {root / 'alpha_text'}, beta: {root / 'beta_text'}}}",
+            f"suite.seq_len={SEQ_LEN}", "data.calib_samples=6", "data.select_samples=2", "data.test_samples=4",
+            "data.batch_size=3", "quant.bits=3", "quant.group_size=16", *extra]
+
+
+def independent_perplexity(model_dir, task: str) -> float:
+    """exp(mean NLL) of the expert's next-token predictions on the task's held-out windows, computed
+    from the texts here: tokens of the test texts in order, joined by EOS, cut into SEQ_LEN windows."""
+    tok = tiny_tokenizer()
+    stream = []
+    for text in TEXTS[task][45:]:
+        stream += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    windows = torch.tensor(stream[: 4 * SEQ_LEN]).view(4, SEQ_LEN)
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    return math.exp(nll.item())
+
+
+def test_true_sequential_epmq_and_perplexity_of_every_model(llm_zoo, zoo_cache, tmp_path):
+    report = run(make_cfg(tmp_path, zoo_cache, *options(llm_zoo, "quant.strength=1.0", "quant.form=output")))
+    assert report["metric"] == "perplexity" and report["suite"]["higher_is_better"] is False
+    metrics = report["metrics"]
+    for model in ("experts", "merged", "quantized"):
+        assert set(metrics[model]) == {"alpha", "beta", "avg"}
+        assert all(v > 1 for v in metrics[model].values())
+        assert metrics[model]["avg"] == pytest.approx((metrics[model]["alpha"] + metrics[model]["beta"]) / 2)
+    for task in ("alpha", "beta"):  # the reported perplexity is exp(mean token NLL), computed independently
+        assert metrics["experts"][task] == pytest.approx(independent_perplexity(llm_zoo / task, task), rel=1e-4)
+        assert metrics["experts"][task] < metrics["merged"][task]  # each expert knows its own text best
+    # true-sequential by default for this family: four steps (q/k/v, o, gate/up, down) per decoder layer
+    steps = json.loads((tmp_path / "calibration" / "epmq" / "output" / "strength_1" / "progress.json").read_text())
+    assert [s["layers"][0].rsplit(".", 1)[-1] for s in steps["steps"][:4]] == ["q_proj", "o_proj", "gate_proj", "down_proj"]
+    assert len(steps["steps"]) == 8  # two layers
+    assert report["calibration"][0]["layers"]["self_attn.q_proj"]["anchor_shift"] > 0
+
+
+def test_bad_causal_lm_options_are_refused_by_name(llm_zoo, zoo_cache, tmp_path):
+    for override, match in (("suite.dtype=int8", "suite.dtype"), ("suite.text_columns=body", "text column 'body'"),
+                            (f"suite.base={llm_zoo / 'nowhere'}", "does not exist"),
+                            ("suite.seq_len=4096", "fewer than calib_samples")):
+        with pytest.raises(ValueError, match=match):
+            run(make_cfg(tmp_path, zoo_cache, *options(llm_zoo, override)))
+
+
+@pytest.mark.slow
+def test_train_py_runs_the_causal_lm_suite(llm_zoo, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "train.py", *options(llm_zoo, "quant=gptq"), "trainer.enable_progress_bar=false",
+                    f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["metric"] == "perplexity" and report["metrics"]["quantized"]["avg"] > 1
+
+
+def test_lm_eval_tasks_are_skipped_with_a_warning_without_lm_eval(llm_zoo, caplog):
+    import importlib.util
+
+    from epmq.suites.causal_lm import CausalLMSuite
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval is installed here")
+    suite = CausalLMSuite(str(llm_zoo / "base"), {"alpha": str(llm_zoo / "alpha")},
+                          datasets=str(llm_zoo / "alpha_text"), lm_eval_tasks=["hellaswag"])
+    assert suite.extra_evaluation(suite.model()) == {}
+    assert "lm-eval is not installed" in caplog.text
+
+
+def test_choosing_by_the_metric_takes_the_lowest_perplexity():
+    from epmq.pipeline import selection_key
+
+    candidates = [{"select_avg_acc": ppl, "select_avg_nll": math.log(ppl)} for ppl in (9.0, 7.5, 8.2)]
+    by_metric = max(candidates, key=lambda s: selection_key(s, "acc", higher_is_better=False))
+    by_nll = max(candidates, key=lambda s: selection_key(s, "nll"))
+    assert by_metric is by_nll is candidates[1]
