@@ -14,6 +14,14 @@ A suite is what a run's `suite:` config group instantiates (`_target_`). The job
     metric                  the name of the per-task metric ("acc": accuracy in [0, 1], higher is better)
     describe()              what report.json records about the suite
 
-Families: `offline` (epmq.suites.offline.OfflineSuite, the embedded default). A new suite is a class
-with these members and a conf/suite/<name>.yaml whose `_target_` names it.
+Optional members (defaults in brackets): higher_is_better [True] (False for perplexity: anchor
+choice by the metric then takes the lowest), metric_scale [100] (how tables print the metric: 100 for
+percentages, 1 for perplexity), extra_evaluation(model) [none] (more scores of the quantized model for
+report.json's "extra_metrics", e.g. lm-eval tasks).
+
+Families: `offline` (epmq.suites.offline.OfflineSuite, the embedded default); `flan_t5`
+(epmq.suites.flan_t5.FlanT5Suite: FLAN-T5 on GLUE as text to text, exact match and STS-B's Spearman);
+`clip` (epmq.suites.clip.ClipSuite: CLIP ViT experts from the hub or disk, TA8/TALL14/TALL20, zero-shot accuracy);
+`causal_lm` (epmq.suites.causal_lm.CausalLMSuite: Llama-layout experts, each task's perplexity on its own text).
+A new suite is a class with these members and a conf/suite/<name>.yaml whose `_target_` names it.
 """
