@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from epmq import load_quantized
 from epmq.load import QuantLinear
 
@@ -24,6 +26,7 @@ def train(out: Path, cache: Path, *overrides: str) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.slow  # 30 s: two train.py runs; tests/test_ddp.py checks DDP against one process in the fast suite
 def test_two_processes_give_the_one_process_model_and_accuracy(tmp_path):
     cache = tmp_path / "cache"
     one = train(tmp_path / "one", cache)
