@@ -43,7 +43,8 @@ def _local_task_dir(root: Path, task: str) -> Path | None:
     return None
 
 
-def _local_tasks(root: Path) -> list[str]:
+def saved_tasks(root: Path) -> list[str]:
+    """Names of the tasks saved under root (<root>/<task> or <root>/data/<task>, each a saved DatasetDict)."""
     folders = [root / "data", root]
     return sorted({p.parent.name for f in folders if f.is_dir() for p in f.glob("*/dataset_dict.json")})
 
@@ -68,7 +69,7 @@ def load_task_dataset(task: str, root_or_hub: str | Path = DEFAULT_HUB) -> Datas
         path = _local_task_dir(root, task)
         if path is None:
             raise ValueError(f"unknown task {task!r}: no saved dataset under {root} "
-                             f"(looked for data/{task} and {task}); available: {_local_tasks(root)}")
+                             f"(looked for data/{task} and {task}); available: {saved_tasks(root)}")
         return load_from_disk(str(path))
     return load_dataset(hub_id(task, str(root_or_hub)))
 
@@ -139,7 +140,7 @@ class TaskDataModule(PerTaskDataModule):
             root = Path(root_or_hub).expanduser()
             unknown = [t for t in tasks if _local_task_dir(root, t) is None]
             if unknown:
-                raise ValueError(f"unknown task(s) {unknown} under {root}; available: {_local_tasks(root)}")
+                raise ValueError(f"unknown task(s) {unknown} under {root}; available: {saved_tasks(root)}")
         self.root_or_hub, self.transform = root_or_hub, transform
         self.calib_rows: dict[str, list[int]] = {}
         self.select_rows: dict[str, list[int]] = {}

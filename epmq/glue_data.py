@@ -34,6 +34,7 @@ import torch
 from datasets import DatasetDict, load_from_disk
 from torch.utils.data import Dataset
 
+from epmq.data import saved_tasks
 from epmq.glue import glue_task
 from epmq.task_data import PerTaskDataModule, check_integers
 
@@ -48,10 +49,6 @@ def _task_dir(root: Path, task: str) -> Path | None:
     return None
 
 
-def _local_tasks(root: Path) -> list[str]:
-    return sorted({p.parent.name for f in (root, root / "data") if f.is_dir() for p in f.glob("*/dataset_dict.json")})
-
-
 def is_local(data: str | Path) -> bool:
     """Local data: an existing folder, or anything that reads as a path."""
     return Path(data).expanduser().is_dir() or str(data).startswith(("/", ".", "~"))
@@ -63,7 +60,7 @@ def load_glue(task: str, data: str | Path = DEFAULT_DATA) -> DatasetDict:
         root = Path(data).expanduser()
         path = _task_dir(root, task) if root.is_dir() else None
         if path is None:
-            available = _local_tasks(root) if root.is_dir() else []
+            available = saved_tasks(root) if root.is_dir() else []
             raise ValueError(f"no saved dataset for task {task!r} under {root} (looked for {task}/ and "
                              f"data/{task}/ with dataset_dict.json); available: {available}")
         return load_from_disk(str(path))
@@ -155,7 +152,7 @@ class GlueDataModule(PerTaskDataModule):
             unknown = [t for t in tasks if not root.is_dir() or _task_dir(root, t) is None]
             if unknown:
                 raise ValueError(f"no saved dataset for task(s) {unknown} under {root}; available: "
-                                 f"{_local_tasks(root) if root.is_dir() else 'none (no such folder)'}")
+                                 f"{saved_tasks(root) if root.is_dir() else 'none (no such folder)'}")
         self.tokenizer, self.data = tokenizer, data
         self.max_source_length, self.max_target_length = max_source_length, max_target_length
         start = tokenizer.pad_token_id if decoder_start_token_id is None else decoder_start_token_id
