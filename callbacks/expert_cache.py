@@ -6,17 +6,21 @@ t (and no other expert), propagated through expert t's own full-precision blocks
 module with Y_t = W_t X^e + b_t for every layer of the current step, rows aligned with the merged
 batch. Per step of block i:
 
-    epoch start     on the block's first step: read expert t's weights of block i only
-                    (pool.expert_block, safetensors) into a scratch copy of the block, for every
-                    task with samples on this rank; nothing is registered on the module
-    batch start     on the block's first step, X^e of task t's samples from the stage's own forward
+    batch start     for every task t in the batch whose expert block is not loaded yet: read expert
+                    t's weights of block i only (pool.expert_subset, safetensors) into a scratch
+                    copy of the block (nothing is registered on the module); the copy is dropped
+                    after the step's last batch holding task t. On the block's first step, X^e of
+                    task t's samples from the stage's own forward
                     (epmq.capture, earlier blocks replayed from their recorded outputs; at a stage's
                     block 0 and its end, with expert t's own stem weights); run expert t's block on
                     X^e: hooks on the step's layers give the targets; after the block's last step
                     its output is what the next block replays
 
-Expert work is one extra block forward per sample and step (expert t only sees task t's samples),
-and the memory that grows with the number of experts is one block of weights per expert.
+Expert work is one extra block forward per sample and step (expert t only sees task t's samples).
+Batches that hold one task each, in task order (as epmq.task_data makes them), need one expert's
+block at a time, so memory does not grow with the number of experts; a batch that mixes tasks
+holds the blocks of its tasks. A block calibrated in several steps (true-sequential) reads each
+expert's block once per step.
 
 The targets depend only on the experts and the calibration batches, never on the merged model,
 the bit width or the anchor. With keep=True they are recorded in the first fit and replayed by
@@ -47,11 +51,13 @@ class ExpertActivationCache(L.Callback):
     Args:
         pool: epmq.pool.ExpertPool holding an expert for every task in the module's task_names.
         keep: record every step's targets and replay them in later fits on the same batches.
-        keep_budget_gb: the most the recording may hold (GiB, where the module keeps hidden states);
-            beyond it nothing is kept.
+        keep_budget_gb: the most the recording may hold (GiB); beyond it nothing is kept.
+        keep_device: where the recording lives ("cpu" keeps it off the accelerator; each batch's
+            targets are moved to the device when replayed); None: where the module keeps hidden states.
     """
 
-    def __init__(self, pool: ExpertPool, keep: bool = False, keep_budget_gb: float = 4.0):
+    def __init__(self, pool: ExpertPool, keep: bool = False, keep_budget_gb: float = 4.0,
+                 keep_device: str | torch.device | None = None):
         if not isinstance(pool, ExpertPool):
             raise ValueError(f"pool must be an epmq.pool.ExpertPool, got {type(pool).__name__}")
         if not keep_budget_gb >= 0:
@@ -59,6 +65,7 @@ class ExpertActivationCache(L.Callback):
         self.pool = pool
         self.keep = bool(keep)
         self.keep_budget = keep_budget_gb * 2**30  # bytes
+        self.keep_device = None if keep_device is None else torch.device(keep_device)
         self._recording = False
         self._recorded_bytes = 0
         self.recorded: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # step -> batch -> layer -> Y
@@ -66,8 +73,8 @@ class ExpertActivationCache(L.Callback):
         self._replaying = False
         self._traces: dict[tuple[int, int], Trace] = {}        # (batch, task) -> where it stands
         self._inputs: dict[tuple[int, int], BlockInputs] = {}  # (batch, task) -> X^e of the current block
-        self._blocks: dict[int, nn.Module] = {}                # task -> expert block of the current block
-        self._block: tuple[int, int] | None = None             # (stage, block) that _blocks hold
+        self._blocks: dict[int, nn.Module] = {}                # task -> expert block of the current step
+        self._last_batch: dict[int, int] = {}                  # task -> the step's last batch holding it
         self._targets: dict[int, dict[str, torch.Tensor]] = {}  # batch -> layer -> Y (current batch)
         self._skeleton: nn.Module | None = None               # the model's stem, for expert stems
         self._stem_task: int | None = None
@@ -96,7 +103,7 @@ class ExpertActivationCache(L.Callback):
             return
         self.recorded, self._layout = {}, layout
         self._recording, self._recorded_bytes = self.keep, 0
-        self._traces, self._inputs, self._blocks, self._block, self._stem_task = {}, {}, {}, None, None
+        self._traces, self._inputs, self._blocks, self._stem_task = {}, {}, {}, None
         # A copy of the model whose blocks share the model's tensors: only its stem is ever run (the
         # capture replays or stops at blocks), and it takes each expert's stem weights in turn.
         model, adapter = pl_module.model, pl_module.adapter
@@ -125,24 +132,26 @@ class ExpertActivationCache(L.Callback):
         self._stem_task = t
 
     def _expert_block(self, pl_module, stage, i: int, t: int) -> nn.Module:
-        """A scratch copy of block i of `stage` holding expert t's weights (read from its file)."""
+        """A scratch copy of block i of `stage` holding expert t's weights (read from its file).
+
+        The copy's modules are new, its tensors at first the merged block's own (not copied); the
+        expert's tensors are then assigned in their place, so the merged block is never written."""
         prefix = f"{stage.blocks}.{i}."
-        block = hookless_copy(pl_module.adapter.blocks(pl_module.model, stage)[i]).eval()
+        merged = pl_module.adapter.blocks(pl_module.model, stage)[i]
+        block = hookless_copy(merged, memo={id(x): x for x in [*merged.parameters(), *merged.buffers()]}).eval()
         weights = self._model_keys(self.pool.expert_subset(pl_module.task_names[t],
                                                            self._pool_filter(lambda k: k.startswith(prefix))))
-        block.load_state_dict({k[len(prefix):]: v for k, v in weights.items()}, strict=True)
+        block.load_state_dict({k[len(prefix):]: v for k, v in weights.items()}, strict=True, assign=True)
         return block.to(pl_module.device_)
 
     # -- one step ---------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self._replaying or pl_module.step_index >= len(pl_module.schedule):
             return
-        step = pl_module.current_step
-        if self._block != (step.stage_index, step.block):  # a new block (or the first after resuming)
-            tasks = sorted({t for b in range(len(pl_module.batch_tasks)) if pl_module.owns(b)
-                            for t in pl_module.batch_tasks[b].unique().tolist()})
-            self._blocks = {t: self._expert_block(pl_module, step.stage, step.block, t) for t in tasks}
-            self._block = (step.stage_index, step.block)
+        self._blocks, self._last_batch = {}, {}
+        for b, tasks in enumerate(pl_module.batch_tasks):
+            if pl_module.owns(b):
+                self._last_batch.update({t: b for t in tasks.unique().tolist()})
 
     @torch.no_grad()
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
@@ -155,19 +164,27 @@ class ExpertActivationCache(L.Callback):
             self._targets[batch_idx] = {k: Y.to(device) for k, Y in self.recorded[step.index][batch_idx].items()}
             return
         tasks = pl_module.batch_tasks[batch_idx]
+        present = tasks.unique().tolist()
+        for t in present:
+            if t not in self._blocks:
+                self._blocks[t] = self._expert_block(pl_module, step.stage, step.block, t)
         outputs: dict[str, torch.Tensor] = {}
         hooks = [self._blocks[t].get_submodule(name).register_forward_hook(
                      lambda m, a, out, name=name: outputs.__setitem__(name, out))
-                 for t in tasks.unique().tolist() for name in step.layers]
+                 for t in present for name in step.layers]
         targets: dict[str, torch.Tensor] = {}
         try:
-            for t in tasks.unique().tolist():
+            for t in present:
                 idx = (tasks == t).nonzero().flatten()
                 key = (batch_idx, t)
-                if key not in self._inputs:  # the block's first step (or the first after resuming)
-                    self._inputs[key] = self._walk(pl_module, key, _rows(batch, idx), step)
-                out = run_block(self._blocks[t], self._inputs[key].to(device))
+                with pl_module.forward_precision():
+                    if key not in self._inputs:  # the block's first step (or the first after resuming)
+                        self._inputs[key] = self._walk(pl_module, key, _rows(batch, idx), step)
+                    out = run_block(self._blocks[t], self._inputs[key].to(device))
                 for name, Y in outputs.items():  # (n_t, tokens, out) = W_t X^e + b_t
+                    if len(present) == 1:
+                        targets[name] = Y  # the whole batch is task t's
+                        continue
                     if name not in targets:
                         targets[name] = Y.new_zeros((tasks.numel(),) + tuple(Y.shape[1:]))
                     targets[name][idx.to(device)] = Y  # rows of task t's samples, aligned with the batch
@@ -178,6 +195,9 @@ class ExpertActivationCache(L.Callback):
         finally:
             for h in hooks:
                 h.remove()
+        for t in present:  # no later batch of this step needs expert t's block
+            if self._last_batch.get(t) == batch_idx:
+                del self._blocks[t]
         self._targets[batch_idx] = targets
         if self._recording:
             self._recorded_bytes += sum(Y.numel() * Y.element_size() for Y in targets.values())
@@ -186,8 +206,8 @@ class ExpertActivationCache(L.Callback):
                 log.info("expert targets exceed keep_budget_gb=%g: not kept for later fits",
                          self.keep_budget / 2**30)
             else:
-                self.recorded.setdefault(step.index, {})[batch_idx] = {k: pl_module.to_cache(Y)
-                                                                       for k, Y in targets.items()}
+                keep = pl_module.to_cache if self.keep_device is None else (lambda Y: Y.to(self.keep_device))
+                self.recorded.setdefault(step.index, {})[batch_idx] = {k: keep(Y) for k, Y in targets.items()}
 
     def _walk(self, pl_module, key, batch, step) -> BlockInputs:
         """X^e of step's block for task key[1]'s samples of batch key[0]."""
@@ -214,12 +234,10 @@ class ExpertActivationCache(L.Callback):
         return self._targets[batch_idx]
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._targets = {}
-        if not self._replaying and pl_module.finished and pl_module.schedule[len(pl_module.finished) - 1].last:
-            self._blocks, self._block = {}, None  # the block is done
+        self._targets, self._blocks = {}, {}
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self._traces, self._inputs, self._blocks, self._targets, self._block = {}, {}, {}, {}, None
+        self._traces, self._inputs, self._blocks, self._targets = {}, {}, {}, {}
         self._skeleton, self._stem_task = None, None
         if self.keep and not all(s in self.recorded for s in range(len(pl_module.schedule))):
             self.recorded, self._layout = {}, None  # an interrupted or resumed fit: never replay it

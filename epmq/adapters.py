@@ -42,12 +42,15 @@ class Stage:
             computes them. Names a block lacks are skipped (T5 has wi or wi_0 + wi_1).
     context_layers: linears whose input is an earlier stage's output (their tokens are that
             stage's tokens, masked by its mask).
+    shared_inputs: linears that the family's code calls on one and the same tensor (q/k/v,
+            gate/up): they share one H, accumulated once (the engine checks the tensor is the same).
     """
 
     name: str
     blocks: str
     groups: tuple[tuple[str, ...], ...]
     context_layers: frozenset = frozenset()
+    shared_inputs: tuple[tuple[str, ...], ...] = ()
 
     def source(self, layer: str) -> str:
         """Which tokens a layer reads: "context" (an earlier stage's) or "self" (this stage's)."""
@@ -144,7 +147,7 @@ class CLIPVisionAdapter(ModelAdapter):
         path = "encoder.layers"
         if not isinstance(getattr(getattr(tower, "encoder", None), "layers", None), nn.ModuleList):
             raise ValueError(f"{type(model).__name__} has no CLIP vision encoder ('{prefix}{path}')")
-        return [Stage("vision", prefix + path, self.GROUPS)]
+        return [Stage("vision", prefix + path, self.GROUPS, shared_inputs=self.GROUPS[:1])]
 
     def run_stage(self, model, stage, batch, context, device):
         self.require(batch, ("pixel_values",), "CLIP vision")
@@ -175,7 +178,7 @@ class LlamaAdapter(ModelAdapter):
         decoder, prefix = self._decoder(model)
         if not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
             raise ValueError(f"{type(model).__name__} has no decoder layers ('model.layers')")
-        return [Stage("decoder", prefix + "layers", self.GROUPS)]
+        return [Stage("decoder", prefix + "layers", self.GROUPS, shared_inputs=(self.GROUPS[0], self.GROUPS[2]))]
 
     def run_stage(self, model, stage, batch, context, device):
         self.require(batch, ("input_ids",), "causal LM")
@@ -204,18 +207,21 @@ class T5Adapter(ModelAdapter):
         stages = []
         if isinstance(getattr(getattr(model, "encoder", None), "block", None), nn.ModuleList):
             ff = "layer.1."
+            self_qkv, ff_in = tuple("layer.0." + n for n in self._SELF), tuple(ff + n for n in self._FF_IN)
             stages.append(Stage("encoder", "encoder.block", (
-                tuple("layer.0." + n for n in self._SELF), ("layer.0.SelfAttention.o",),
-                tuple(ff + n for n in self._FF_IN), (ff + "DenseReluDense.wo",))))
+                self_qkv, ("layer.0.SelfAttention.o",), ff_in, (ff + "DenseReluDense.wo",)),
+                shared_inputs=(self_qkv, ff_in)))
         if isinstance(getattr(getattr(model, "decoder", None), "block", None), nn.ModuleList):
             cross, ff = "layer.1.EncDecAttention.", "layer.2."
+            self_qkv, ff_in = tuple("layer.0." + n for n in self._SELF), tuple(ff + n for n in self._FF_IN)
             stages.append(Stage("decoder", "decoder.block", (
                 # cross-attention keys and values read the encoder's output: nothing in the block
                 # changes their inputs, so they go with the first group
-                tuple("layer.0." + n for n in self._SELF) + (cross + "k", cross + "v"),
+                self_qkv + (cross + "k", cross + "v"),
                 ("layer.0.SelfAttention.o",), (cross + "q",), (cross + "o",),
-                tuple(ff + n for n in self._FF_IN), (ff + "DenseReluDense.wo",)),
-                context_layers=frozenset({cross + "k", cross + "v"})))
+                ff_in, (ff + "DenseReluDense.wo",)),
+                context_layers=frozenset({cross + "k", cross + "v"}),
+                shared_inputs=(self_qkv, (cross + "k", cross + "v"), ff_in)))
         if not stages:
             raise ValueError(f"{type(model).__name__} has no T5 encoder or decoder blocks")
         return stages

@@ -42,7 +42,8 @@ FORMS = ("output", "weight")
 
 
 def relaxed_target(H: torch.Tensor, C: torch.Tensor | None, W_merged: torch.Tensor,
-                   strength: float, form: str = "output", percdamp: float = 0.01) -> torch.Tensor:
+                   strength: float, form: str = "output", percdamp: float = 0.01,
+                   residual: bool = False) -> torch.Tensor:
     """Continuous minimiser W* of the anchored E-PMQ layer objective.
 
     output form:  W* = (C + λ W_m H + δ W_m) ((1+λ) H + δ I)⁻¹
@@ -57,6 +58,9 @@ def relaxed_target(H: torch.Tensor, C: torch.Tensor | None, W_merged: torch.Tens
         strength: λ (output form) or λ' (weight form), >= 0; float('inf') returns W_merged.
         form: "output" or "weight".
         percdamp: δ as a fraction of mean(diag H), >= 0.
+        residual: C is already the residual cross term R = Σ w (Ỹ − X̂W_mᵀ)ᵀX̂ = C − W_m H (out x in),
+            accumulated from the targets minus the merged layer's own outputs. That skips the
+            (out x in x in) product W_m H and the cancellation of two large, nearly equal terms.
 
     Returns:
         W* (out x in) on W_merged's device, float32 (float64 if W_merged is float64). With
@@ -98,7 +102,7 @@ def relaxed_target(H: torch.Tensor, C: torch.Tensor | None, W_merged: torch.Tens
         raise ValueError("H is all zeros (mean(diag H) = 0): no calibration tokens reached this "
                          "layer, so there is nothing to solve; check the calibration data and hooks")
     delta = percdamp * mean_diag
-    R = C - W_m @ H                                                # out x in, the experts' pull
+    R = C if residual else C - W_m @ H                             # out x in, the experts' pull
     # A is built in H's buffer (H, a fresh symmetrised copy, is not needed after R): at wide layers
     # every in x in float64 temporary costs in² · 8 bytes.
     if form == "output":

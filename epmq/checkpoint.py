@@ -2,17 +2,20 @@
 
 A StepStore is one folder per calibration (one anchor candidate, one comparison unit):
 
-    progress.json             the run's fingerprint, and per finished step its index, label, layers,
-                              per-layer metrics, losses and damping, and the file holding its codes
-    step_<index>.safetensors  per quantized layer L of the step: L.qweight (uint8 codes), L.scales,
-                              L.zeros, L.g_idx
+    progress.json             the run's fingerprint, the step format, and per finished step its index,
+                              label, layers, per-layer metrics, bits, losses and damping, and the file
+                              holding its codes
+    step_<index>.safetensors  per quantized layer L of the step, as epmq.quantized_layer keeps it:
+                              L.qweight (codes packed in int32 words), L.scales (float32), L.zeros
+                              (uint8), L.g_idx (int32)
 
 Each file is written under a temporary name and renamed into place, the step file before the
 progress file that lists it, so a run killed at any moment leaves either the old or the new state,
 never a half-written one (a temporary file of the interrupted write may remain, and is removed on
 resume). Reloaded weights are rebuilt from the codes with the same dequantization as the solver, so
 a resumed calibration continues bit for bit. The fingerprint (models, data, configuration, epmq
-version) must match to resume; otherwise the store refuses and names what changed.
+version) must match to resume; otherwise the store refuses and names what changed. Step files of
+format 1 (unpacked uint8 codes and float32 zero points, no bits recorded) are refused by name.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import load_file, save_file
 
-from epmq.gptq import QuantResult
 from epmq.module import FinishedStep
-from epmq.quant import dequantize
+from epmq.quantized_layer import QuantizedLayer
 from epmq.report import write_atomic, write_json_atomic
 
 PROGRESS = "progress.json"
+STEP_FORMAT = 2  # 1: uint8 codes unpacked (out x in), float32 zeros; 2: QuantizedLayer's packed tensors
 _FIELDS = ("qweight", "scales", "zeros", "g_idx")
 
 
@@ -56,15 +59,23 @@ class StepStore:
         changed = describe_changes(progress["fingerprint"], self.fingerprint)
         if changed:
             raise ValueError(f"cannot resume {self.folder}: {changed}")
+        step_format = progress.get("format", 1)
+        if step_format != STEP_FORMAT:
+            raise ValueError(f"cannot resume {self.folder}: its steps are saved in step format {step_format}, "
+                             f"this epmq reads format {STEP_FORMAT} (packed codes) only; run again in a new "
+                             f"folder, or resume with the epmq version that started the run")
         self.steps, self.extra = progress["steps"], progress.get("extra", {})
         finished = []
         for entry in self.steps:
             tensors = load_file(str(self.folder / entry["file"]))
             results = {}
             for layer, info in entry["results"].items():
-                q, s, z, g = (tensors[f"{layer}.{f}"] for f in _FIELDS)
-                weight = dequantize(q.float(), s.index_select(1, g), z.index_select(1, g))
-                results[layer] = QuantResult(weight, q, s, z, g, info["loss"], info["damp"])
+                try:
+                    results[layer] = QuantizedLayer.from_tensors({f: tensors[f"{layer}.{f}"] for f in _FIELDS},
+                                                                 info["bits"], info["loss"], info["damp"])
+                except (KeyError, ValueError) as e:
+                    raise ValueError(f"cannot resume {self.folder}: layer {layer} of {entry['file']} is "
+                                     f"damaged ({e})") from None
             finished.append(FinishedStep(entry["index"], entry["label"], tuple(entry["layers"]), results,
                                          entry["metrics"]))
         return finished
@@ -72,12 +83,12 @@ class StepStore:
     def save(self, step: FinishedStep) -> None:
         """Add a finished step: its codes file, then the progress file listing it."""
         name = f"step_{step.index:05d}.safetensors"
-        tensors = {f"{layer}.{f}": getattr(r, f).contiguous() for layer, r in step.results.items() for f in _FIELDS}
+        tensors = {f"{layer}.{f}": t.contiguous() for layer, r in step.results.items() for f, t in r.tensors().items()}
         write_atomic(self.folder / name, lambda tmp: save_file(tensors, str(tmp)))
         self.steps = [s for s in self.steps if s["index"] != step.index] + [{
             "index": step.index, "label": step.label, "layers": list(step.layers), "file": name,
             "metrics": step.metrics,
-            "results": {layer: {"loss": r.loss, "damp": r.damp} for layer, r in step.results.items()}}]
+            "results": {layer: {"bits": r.bits, "loss": r.loss, "damp": r.damp} for layer, r in step.results.items()}}]
         self._write()
 
     def record(self, **extra) -> None:
@@ -86,8 +97,8 @@ class StepStore:
         self._write()
 
     def _write(self) -> None:
-        write_json_atomic(self.folder / PROGRESS, {"fingerprint": self.fingerprint, "steps": self.steps,
-                                                   "extra": self.extra})
+        write_json_atomic(self.folder / PROGRESS, {"fingerprint": self.fingerprint, "format": STEP_FORMAT,
+                                                   "steps": self.steps, "extra": self.extra})
 
 
 def describe_changes(old: dict, new: dict, prefix: str = "") -> str:

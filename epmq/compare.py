@@ -31,12 +31,11 @@ from hydra.utils import get_class
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.expert_cache import ExpertActivationCache
 from epmq import compare_report
 from epmq.adapters import adapter_for
 from epmq.checkpoint import describe_changes
 from epmq.pipeline import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, prepare,
-                           quiet_lightning, resolved_config, select_scores, selection_key, solvers)
+                           quiet_lightning, resolved_config, select_scores, selection_key, solvers, target_cache)
 from epmq.regmean import gram_matrices, regmean
 from epmq.report import write_json_atomic
 from epmq.solvers import EPMQ, GPTQ, RTN
@@ -138,8 +137,7 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
                                  "seconds": seconds}
         timings["regmean_s"] = seconds
 
-    expert_cache = ExpertActivationCache(pool, keep=True,
-                                         keep_budget_gb=(cfg.get("calibration") or {}).get("keep_targets_gb", 4.0))
+    expert_cache = target_cache(cfg, pool, keep=True)
     entries, ablation = [], []
     for bits, spec in specs.items():
         for method in methods:

@@ -33,8 +33,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from epmq import __version__
-from epmq.gptq import QuantResult
-from epmq.packing import BITS, check_format, pack_layer
+from epmq.packing import BITS, check_format, pack_grids
+from epmq.quantized_layer import QuantizedLayer
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,14 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_SIZE = "4GB"
 
 
-def save_quantized(model: nn.Module, results: Mapping[str, QuantResult], out_dir: str | Path, spec,
+def save_quantized(model: nn.Module, results: Mapping[str, QuantizedLayer], out_dir: str | Path, spec,
                    *, method: str = "gptq", strength: float | None = None, form: str | None = None,
                    true_sequential: bool | None = None, checkpoint_format: str = "gptq",
                    max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
     """Write the quantized `model` (a transformers PreTrainedModel) to `out_dir` in the GPTQ layout.
 
-    results: full layer name -> QuantResult of every quantized nn.Linear (BlockwiseCalibration.quant_results).
+    results: full layer name -> QuantizedLayer of every quantized nn.Linear (BlockwiseCalibration.quant_results);
+        their packed codes are written as they are (the same words as GPTQ's qweight).
     spec: the QuantSpec (or a mapping with its fields: bits, group_size, sym, act_order, static_groups,
         percdamp) every layer was quantized with.
     method, strength, form: the solver ("rtn", "gptq", "epmq") and, for E-PMQ, the anchor; recorded in "meta".
@@ -120,7 +121,7 @@ def check_exportable(bits: int, checkpoint_format: str) -> None:
                          f"per weight; choose one of them, or save_model=false")
 
 
-def state_tensors(model: nn.Module, results: Mapping[str, QuantResult], spec: dict,
+def state_tensors(model: nn.Module, results: Mapping[str, QuantizedLayer], spec: dict,
                   checkpoint_format: str = "gptq") -> tuple[dict[str, torch.Tensor], bool]:
     """The tensors to save, in state-dict order, and desc_act (some layer's g_idx is not i // group_size).
 
@@ -136,20 +137,22 @@ def state_tensors(model: nn.Module, results: Mapping[str, QuantResult], spec: di
             raise ValueError(f"quantized layer '{name}' is not an nn.Linear of {type(model).__name__} "
                              f"(found {type(linear).__name__})")
         out_features, in_features = linear.weight.shape
-        if tuple(r.qweight.shape) != (out_features, in_features):
-            raise ValueError(f"'{name}': codes of shape {tuple(r.qweight.shape)} for a "
+        if tuple(r.shape) != (out_features, in_features):
+            raise ValueError(f"'{name}': codes of shape {tuple(r.shape)} for a "
                              f"({out_features} x {in_features}) layer")
+        if r.bits != bits:
+            raise ValueError(f"'{name}' was quantized to {r.bits} bits, but the spec says {bits}")
         expected = n_groups(in_features, group_size)
-        if r.scales.shape[1] != expected:
-            raise ValueError(f"'{name}': {r.scales.shape[1]} groups, but group_size {group_size} over "
+        if r.n_groups != expected:
+            raise ValueError(f"'{name}': {r.n_groups} groups, but group_size {group_size} over "
                              f"{in_features} inputs makes {expected}")
 
     desc_act = False
     packed: dict[str, dict[str, torch.Tensor]] = {}
     for name, r in results.items():
-        layer = pack_layer(r.qweight, r.scales, r.zeros, r.g_idx, bits, checkpoint_format)
-        in_features = r.qweight.shape[1]
-        if not torch.equal(layer["g_idx"], trivial_g_idx(in_features, group_size)):
+        # the record's words are GPTQ's qweight already (epmq.packing.pack_bits = pack_rows for these bits)
+        layer = {"qweight": r.qweight, **pack_grids(r.scales, r.zeros, r.g_idx, bits, checkpoint_format)}
+        if not torch.equal(layer["g_idx"], trivial_g_idx(r.shape[1], group_size)):
             desc_act = True
         packed[name] = layer
     _warn_borrowed_zeros(results, bits, checkpoint_format)
@@ -265,7 +268,7 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> None:
             owners[storage] = key
 
 
-def _warn_borrowed_zeros(results: Mapping[str, QuantResult], bits: int, checkpoint_format: str) -> None:
+def _warn_borrowed_zeros(results: Mapping[str, QuantizedLayer], bits: int, checkpoint_format: str) -> None:
     if checkpoint_format != "gptq" or bits == 3:
         return
     count = sum(int((r.zeros == 0).sum()) for r in results.values())

@@ -46,8 +46,9 @@ def file_digest(path: Path, sample: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-# Calibration options that only place tensors (tested bit-identical): a run may resume with others.
-PLACEMENT = ("offload_blocks", "cache_device", "keep_targets_gb")
+# Calibration options that only place tensors or share work (tested bit-identical): a run may resume
+# with others. autocast and tf32 change the numbers and stay in the fingerprint.
+PLACEMENT = ("offload_blocks", "cache_device", "keep_targets_gb", "keep_targets_device", "share_statistics")
 
 
 def run_fingerprint(config: dict, prepared) -> dict:

@@ -90,15 +90,18 @@ def _check_H(H, columns):
         raise ValueError("H contains NaN or infinite values")
 
 
-def layer_loss(Q, W, H=None):
+def layer_loss(Q, W, H=None, product_dtype=torch.float64):
     """tr((Q - W) H (Q - W)^T), or ||Q - W||^2 when H is None; a Python float.
 
-    Q, W: (out, in); H: (in, in). Summed in float64 so that small losses stay accurate.
+    Q, W: (out, in); H: (in, in). The (out x in x in) product D H is formed in product_dtype
+    (float64 by default; float32 is several times faster and about 1e-6 relative, enough for a
+    logged baseline) and everything is summed in float64 so that small losses stay accurate.
     """
     D = (Q.double() - W.double())
     if H is None:
         return D.square().sum().item()
-    return ((D @ H.to(D)) * D).sum().item()
+    Dp = D.to(product_dtype)
+    return ((Dp @ H.to(Dp)).double() * D).sum().item()
 
 
 def damped_cholesky(H, percdamp):
@@ -285,11 +288,12 @@ def gptq(W, H, spec=QuantSpec()):
     return QuantResult(weight, qweight, scales, zeros, gp_t, loss, damp)
 
 
-def rtn(W, spec=QuantSpec(), H=None):
+def rtn(W, spec=QuantSpec(), H=None, loss_dtype=torch.float64):
     """Round W to the nearest point of its min-max grids (no error feedback).
 
     W: (out, in), any float dtype; groups are consecutive columns (act_order and static_groups
-    play no role). H: optional (in, in) Hessian, only used for .loss.
+    play no role). H: optional (in, in) Hessian, only used for .loss (its product formed in
+    loss_dtype, see layer_loss).
     Returns QuantResult; .loss is tr((Q - W) H (Q - W)^T), or ||Q - W||^2 when H is None.
     """
     _check_W(W)
@@ -306,5 +310,5 @@ def rtn(W, spec=QuantSpec(), H=None):
     s, z = scales[:, g_idx], zeros[:, g_idx]
     codes = quantize(W32, s, z, spec.maxq)
     weight = dequantize(codes, s, z)
-    loss = layer_loss(weight, W, None if H is None else H.to(W.device))
+    loss = layer_loss(weight, W, None if H is None else H.to(W.device), loss_dtype)
     return QuantResult(weight, codes.to(torch.uint8), scales, zeros, g_idx, loss)

@@ -44,9 +44,9 @@ from callbacks.expert_cache import ExpertActivationCache
 from epmq.adapters import ModelAdapter, adapter_for
 from epmq.capture import BlockInputs, Trace, run_block, walk_to
 from epmq.fingerprint import loader_fingerprint
-from epmq.gptq import QuantResult
 from epmq.pool import ExpertPool
-from epmq.quant import dequantize
+from epmq.precision import autocast_dtype, forward_precision
+from epmq.quantized_layer import QuantizedLayer
 from epmq.schedule import Step, build_schedule
 from epmq.stats import LayerStatistics
 
@@ -55,13 +55,14 @@ from epmq.stats import LayerStatistics
 class FinishedStep:
     """A solved step, as the module keeps it and a resumed run reloads it.
 
-    results: full layer name -> QuantResult (on CPU); metrics: full layer name -> logged numbers.
+    results: full layer name -> QuantizedLayer (packed codes and grids, on CPU; .weight() is the
+    solver's weight, bit for bit); metrics: full layer name -> logged numbers.
     """
 
     index: int
     label: str
     layers: tuple[str, ...]
-    results: dict[str, QuantResult]
+    results: dict[str, QuantizedLayer]
     metrics: dict[str, dict[str, float]]
 
 
@@ -84,10 +85,16 @@ class BlockwiseCalibration(L.LightningModule):
         cache_device: where hidden states wait between steps (None: the device).
         shard_batches: True: every rank's loader yields the full calibration set and this module
             keeps batch b on rank b % world_size; False: the loader is already sharded by rank.
+        share_statistics: layers that read the same input tensor (the adapter's shared_inputs:
+            q/k/v, gate/up) share one H, accumulated once; False gives each layer its own (the same
+            numbers, computed again; for comparisons).
+        autocast: block forwards (merged and experts') under torch.autocast to "bfloat16" or
+            "float16"; None: in the model's own dtype. tf32: allow TF32 products in block forwards
+            (CUDA). Statistics are multiplied in float32 without either (epmq.precision).
         resume: steps finished by an interrupted run (epmq.checkpoint), in schedule order.
 
     Batches: dicts with the family's input keys and "task" (batch,) ints. After fit: `finished`
-    (FinishedStep per step), `quant_results` (full layer name -> QuantResult) and `layer_metrics`.
+    (FinishedStep per step), `quant_results` (full layer name -> QuantizedLayer) and `layer_metrics`.
     """
 
     def __init__(self, model: nn.Module, solver, task_names: Sequence[str], experts=None,
@@ -95,6 +102,7 @@ class BlockwiseCalibration(L.LightningModule):
                  task_weights: Mapping[str, float] | Sequence[float] | None = None,
                  true_sequential: bool | None = None, offload_blocks: bool | str = False,
                  cache_device: str | torch.device | None = None, shard_batches: bool = True,
+                 share_statistics: bool = True, autocast: str | None = None, tf32: bool = False,
                  resume: Sequence[FinishedStep] = ()):
         super().__init__()
         for attr in ("needs_statistics", "needs_targets", "solve"):
@@ -118,6 +126,9 @@ class BlockwiseCalibration(L.LightningModule):
         self.offload_blocks = offload_blocks  # "auto" is decided in setup, once the device is known
         self.cache_device = None if cache_device is None else torch.device(cache_device)
         self.shard_batches = bool(shard_batches)
+        self.share_statistics = bool(share_statistics)
+        self.autocast = autocast_dtype(autocast)
+        self.tf32 = bool(tf32)
         self.automatic_optimization = False
         self.label = ""  # shown before the step in the progress bar, e.g. which anchor candidate
         self.stages = self.adapter.stages(model)
@@ -137,6 +148,8 @@ class BlockwiseCalibration(L.LightningModule):
         self._inputs: dict[int, BlockInputs] = {}         # batch -> current block's inputs X̂
         self._weights: dict[str, torch.Tensor] = {}       # source -> (batch, tokens) w_t / n_t, 0 on padding
         self._targets: dict[str, torch.Tensor] = {}       # layer -> (batch, tokens, out) expert outputs Y_t
+        self._input_group: dict[str, str] = {}            # layer -> first layer of the step reading its input
+        self._seen: dict[str, tuple[str, torch.Tensor]] = {}  # input group -> (layer, X̂) added to H this batch
         self._hooks: list = []
         self._num_batches = 0
 
@@ -165,7 +178,7 @@ class BlockwiseCalibration(L.LightningModule):
         return len(self.schedule) - len(self._resume)
 
     @property
-    def quant_results(self) -> dict[str, QuantResult]:
+    def quant_results(self) -> dict[str, QuantizedLayer]:
         return {k: r for s in self.finished for k, r in s.results.items()}
 
     @property
@@ -178,6 +191,10 @@ class BlockwiseCalibration(L.LightningModule):
         if self._trainer is None:
             return next(self.model.parameters()).device
         return self.trainer.strategy.root_device
+
+    def forward_precision(self):
+        """Context for block forwards: autocast and TF32 as configured (epmq.precision)."""
+        return forward_precision(self.device_, self.autocast, self.tf32)
 
     def owns(self, batch_idx: int) -> bool:
         """Whether this rank calibrates on batch `batch_idx` (exact round-robin split)."""
@@ -250,9 +267,8 @@ class BlockwiseCalibration(L.LightningModule):
                                  f"schedule ({step.label + ': ' + str(list(step.layers)) if step else 'none'})")
             block = self.block(step)
             for name in step.layers:
-                r = done.results[step.prefix + name]
+                W = done.results[step.prefix + name].weight()  # the solver's weight, bit for bit
                 linear = block.get_submodule(name)
-                W = dequantize(r.qweight.float(), r.scales[:, r.g_idx], r.zeros[:, r.g_idx])
                 with torch.no_grad():
                     linear.weight.copy_(W.to(linear.weight))
             self.finished.append(done)
@@ -329,11 +345,16 @@ class BlockwiseCalibration(L.LightningModule):
         if not self.solver.needs_statistics:
             return
         with_C = self.solver.needs_targets
-        self.statistics = {}
+        self.statistics, self._input_group = {}, {}
+        shared = step.stage.shared_inputs if self.share_statistics else ()
         for name in step.layers:
             lin = block.get_submodule(name)
+            group = next((g for g in shared if name in g), (name,))
+            owner = next(n for n in group if n in step.layers)  # the group's first layer in this step
+            self._input_group[name] = owner
             self.statistics[name] = LayerStatistics(lin.in_features, lin.out_features if with_C else None,
-                                                    device=self.device_)
+                                                    device=self.device_, residual=with_C,
+                                                    share_H_with=self.statistics.get(owner))
             self._hooks.append(lin.register_forward_hook(self._statistics_hook(name, step.stage.source(name))))
 
     def _statistics_hook(self, name: str, source: str):
@@ -341,10 +362,20 @@ class BlockwiseCalibration(L.LightningModule):
             X = args[0]  # (batch, tokens, in): the merged layer's inputs X̂
             Y = None
             if self.solver.needs_targets:
-                Y = self._targets[name]  # (batch, tokens, out): Y_t = W_t X^e + b_t
-                if linear.bias is not None:
-                    Y = Y - linear.bias.to(Y)  # the merged layer keeps b_m: target Ỹ = Y_t − b_m
-            self.statistics[name].add(X, Y, weight=self._weights[source])
+                # Y_t = W_t X^e + b_t (batch, tokens, out); the merged layer keeps b_m, so the target
+                # is Ỹ = Y_t − b_m and its residual against the layer's own output Ỹ − X̂W_mᵀ = Y_t − output
+                Y = self._targets[name]
+                dtype = torch.promote_types(torch.promote_types(Y.dtype, output.dtype), torch.float32)
+                Y = Y.to(dtype) - output.to(dtype)  # in float32 also when the forward ran in 16 bits
+            group = self._input_group[name]
+            first = group not in self._seen
+            if first:
+                self._seen[group] = (name, X)  # held until the block's forward ends: no address reuse
+            elif not _same_tensor(X, self._seen[group][1]):
+                raise ValueError(f"layers '{self._seen[group][0]}' and '{name}' are declared to read the same "
+                                 f"input (the adapter's shared_inputs) but received different tensors: fix "
+                                 f"the adapter, or calibrate with share_statistics=False")
+            self.statistics[name].add(X, Y, weight=self._weights[source], with_H=first)
         return hook
 
     @torch.no_grad()
@@ -358,7 +389,8 @@ class BlockwiseCalibration(L.LightningModule):
                                  f"(Trainer(use_distributed_sampler=False))")
             device = self.device_
             if batch_idx not in self._inputs:  # a block's first step (or the first after resuming)
-                self._inputs[batch_idx] = self.inputs_to_cache(self.walk(batch_idx, batch, step))
+                with self.forward_precision():
+                    self._inputs[batch_idx] = self.inputs_to_cache(self.walk(batch_idx, batch, step))
             tasks = self.batch_tasks[batch_idx]
             self._weights = {}
             for (s, source), n_t in self.task_tokens.items():
@@ -368,8 +400,9 @@ class BlockwiseCalibration(L.LightningModule):
                     self._weights[source] = (per_sample[:, None] * mask).to(device)
             if self.solver.needs_targets:
                 self._targets = self.experts.targets(batch_idx)
-            run_block(self.block(step), self._inputs[batch_idx].to(device))
-            self._targets = {}
+            with self.forward_precision():
+                run_block(self.block(step), self._inputs[batch_idx].to(device))
+            self._targets, self._seen = {}, {}
         if batch_idx == self._num_batches - 1:
             self.finish_step()
         return None
@@ -425,7 +458,7 @@ class BlockwiseCalibration(L.LightningModule):
             linear = block.get_submodule(name)
             solution = self.solver.solve(linear.weight.detach(), self.statistics.get(name))
             linear.weight.copy_(solution.result.weight.to(linear.weight.dtype))
-            results[step.prefix + name] = _to_cpu(solution.result)
+            results[step.prefix + name] = QuantizedLayer.from_result(solution.result, self.solver.spec.bits)
             metrics[step.prefix + name] = solution.metrics
             for key, value in solution.metrics.items():
                 self.log(f"calib/{step.label}/{name}/{key}", value, on_step=False, on_epoch=True, batch_size=1,
@@ -433,8 +466,9 @@ class BlockwiseCalibration(L.LightningModule):
         self.statistics = {}
         self.finished.append(FinishedStep(step.index, step.label, step.layers, results, metrics))
         if step.last:
-            for b, inputs in self._inputs.items():  # the quantized block's output feeds the next block
-                self._traces[b].advance(run_block(block, inputs.to(self.device_)), self.to_cache)
+            with self.forward_precision():
+                for b, inputs in self._inputs.items():  # the quantized block's output feeds the next block
+                    self._traces[b].advance(run_block(block, inputs.to(self.device_)), self.to_cache)
             self._inputs = {}
             if self.offload_blocks:
                 block.to("cpu")
@@ -458,6 +492,12 @@ class BlockwiseCalibration(L.LightningModule):
             names = [self.task_names[t] if 0 <= t < len(self.task_names) else str(t) for t in ids]
             text += f" · {'task' if len(names) == 1 else 'tasks'} {','.join(names)}"
         return text
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b view the same memory the same way (b is alive, so its address is not reused)."""
+    return (a.data_ptr(), a.shape, a.stride(), a.dtype, a.device) == (b.data_ptr(), b.shape, b.stride(), b.dtype,
+                                                                      b.device)
 
 
 def _task_weights(task_weights, task_names) -> torch.Tensor:
@@ -484,12 +524,6 @@ def _expert_cache(experts):
     if isinstance(experts, ExpertPool):
         return ExpertActivationCache(experts)
     raise ValueError(f"experts must be an ExpertPool or an ExpertActivationCache, got {type(experts).__name__}")
-
-
-def _to_cpu(result: QuantResult) -> QuantResult:
-    return dataclasses.replace(result, **{f.name: getattr(result, f.name).cpu()
-                                          for f in dataclasses.fields(result)
-                                          if isinstance(getattr(result, f.name), torch.Tensor)})
 
 
 def _bytes(model: nn.Module) -> int:

@@ -11,6 +11,11 @@ j*bits .. j*bits + bits - 1, cut into 32-bit words: word k holds stream bits 32k
 The stream is padded with zero codes to whole words (2/4/8 bits) or whole 3-word blocks (3 bits),
 so n codes take packed_length(n, bits) words.
 
+pack_bits / unpack_bits write the same stream for every width in CODE_BITS (2..8): 5, 6 and 7 bits,
+which GPTQ loaders do not read, take `bits` words per 32 codes like 3 bits. epmq keeps its own
+quantized layers in this form (epmq.quantized_layer); pack_rows / unpack_rows are the GPTQ layout,
+2, 3, 4 and 8 bits only.
+
 One quantized linear layer (out x in, n_groups grids per row) in the GPTQ layout:
 
     qweight  int32 [packed_length(in), out]        the codes, packed along the input axis
@@ -34,7 +39,8 @@ from __future__ import annotations
 import torch
 
 WORD_BITS = 32
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 8)  # what the GPTQ layout (and its loaders) take
+CODE_BITS = (2, 3, 4, 5, 6, 7, 8)  # what pack_bits takes: every width QuantSpec allows
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 _MASK32 = (1 << WORD_BITS) - 1
 
@@ -42,6 +48,12 @@ _MASK32 = (1 << WORD_BITS) - 1
 def _check_bits(bits) -> int:
     if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"the GPTQ layout packs {BITS} bits per code, got {bits!r}")
+    return bits
+
+
+def _check_code_bits(bits) -> int:
+    if isinstance(bits, bool) or bits not in CODE_BITS:
+        raise ValueError(f"codes are packed with {CODE_BITS} bits, got {bits!r}")
     return bits
 
 
@@ -53,10 +65,11 @@ def check_format(checkpoint_format: str) -> str:
 
 
 def packed_length(n: int, bits: int) -> int:
-    """How many int32 words hold n codes of `bits` bits (padded to whole words, 3 bits: to 3-word blocks)."""
-    _check_bits(bits)
-    if bits == 3:
-        return 3 * -(-n // WORD_BITS)
+    """How many int32 words hold n codes of `bits` bits: padded to whole words when bits divides 32
+    (2, 4, 8), else to whole blocks of 32 codes in `bits` words (3, 5, 6, 7)."""
+    _check_code_bits(bits)
+    if WORD_BITS % bits:
+        return bits * -(-n // WORD_BITS)
     return -(-n // (WORD_BITS // bits))
 
 
@@ -76,13 +89,14 @@ def _layout(bits: int):
             for j in range(WORD_BITS)]
 
 
-def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack (n, cols) integer codes in 0 .. 2^bits - 1 along dim 0: int32 (packed_length(n, bits), cols)."""
-    _check_bits(bits)
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack (n, cols) integer codes in 0 .. 2^bits - 1 along dim 0, any bits in CODE_BITS:
+    int32 (packed_length(n, bits), cols), each column one little-endian bit stream."""
+    _check_code_bits(bits)
     if codes.dim() != 2 or codes.is_floating_point() or codes.is_complex():
         raise ValueError(f"codes must be a 2-D integer tensor, got {codes.dtype} of shape {tuple(codes.shape)}")
     n, cols = codes.shape
-    c = codes.to(torch.int64)
+    c = codes.to(torch.int64).contiguous()  # contiguous rows: the loop below reads 32 of them per block
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
         raise ValueError(f"codes must lie in 0 .. {(1 << bits) - 1} for {bits} bits, "
                          f"got {int(c.min())} .. {int(c.max())}")
@@ -92,15 +106,17 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = c.view(blocks, WORD_BITS, cols)
     words = c.new_zeros(blocks, bits, cols)
     for j, (k, shift, spill) in enumerate(_layout(bits)):
-        words[:, k] |= (c[:, j] << shift) & _MASK32
         if spill:
+            words[:, k] |= (c[:, j] << shift) & _MASK32
             words[:, k + 1] |= c[:, j] >> (WORD_BITS - shift)
+        else:  # codes < 2^bits stay within the word
+            words[:, k] |= c[:, j] << shift
     return _to_int32(words.view(blocks * bits, cols)[:packed_length(n, bits)])
 
 
-def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """The n codes of each column of `packed` (pack_rows's layout): int64 (n, cols)."""
-    _check_bits(bits)
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The n codes of each column of `packed` (pack_bits's layout): uint8 (n, cols)."""
+    _check_code_bits(bits)
     if packed.dim() != 2 or packed.dtype != torch.int32:
         raise ValueError(f"packed codes must be a 2-D int32 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
     if packed.shape[0] != packed_length(n, bits):
@@ -112,7 +128,7 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if blocks * bits != u.shape[0]:  # 2/4/8 bits: the last block's words past the codes were not stored
         u = torch.cat([u, u.new_zeros(blocks * bits - u.shape[0], cols)])
     u = u.view(blocks, bits, cols)
-    codes = u.new_empty(blocks, WORD_BITS, cols)
+    codes = torch.empty(blocks, WORD_BITS, cols, dtype=torch.uint8, device=packed.device)  # 1 byte a code
     mask = (1 << bits) - 1
     for j, (k, shift, spill) in enumerate(_layout(bits)):
         v = u[:, k] >> shift
@@ -120,6 +136,17 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
             v = v | (u[:, k + 1] << (WORD_BITS - shift))
         codes[:, j] = v & mask
     return codes.view(blocks * WORD_BITS, cols)[:n]
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack (n, cols) integer codes in 0 .. 2^bits - 1 along dim 0 in the GPTQ layout (2, 3, 4, 8 bits):
+    int32 (packed_length(n, bits), cols)."""
+    return pack_bits(codes, _check_bits(bits))
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The n codes of each column of `packed` (pack_rows's layout): int64 (n, cols)."""
+    return unpack_bits(packed, _check_bits(bits), n).to(torch.int64)
 
 
 def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -171,22 +198,36 @@ def pack_layer(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     Raises ValueError when a scale is not finite and non-zero in float16.
     """
     out_features, in_features = qweight.shape
-    if scales.shape != zeros.shape or scales.dim() != 2 or scales.shape[0] != out_features:
+    if scales.dim() != 2 or scales.shape[0] != out_features:
         raise ValueError(f"scales and zeros must both be (out={out_features}, n_groups), "
                          f"got {tuple(scales.shape)} and {tuple(zeros.shape)}")
     if tuple(g_idx.shape) != (in_features,):
         raise ValueError(f"g_idx must be ({in_features},), got {tuple(g_idx.shape)}")
+    grids = pack_grids(scales, zeros, g_idx, bits, checkpoint_format)
+    return {"qweight": pack_rows(qweight.detach().cpu().t(), bits), **grids}
+
+
+def pack_grids(scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: int,
+               checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+    """A layer's grids in the GPTQ layout: {"qzeros", "scales", "g_idx"} (CPU), from (out, n_groups)
+    scales and integer zeros and the (in,) g_idx; pack_layer without the codes (for codes already in
+    qweight's layout, e.g. epmq.quantized_layer's). ValueError as pack_layer."""
+    _check_bits(bits)
+    if scales.shape != zeros.shape or scales.dim() != 2:
+        raise ValueError(f"scales and zeros must both be (out, n_groups), "
+                         f"got {tuple(scales.shape)} and {tuple(zeros.shape)}")
+    if g_idx.dim() != 1:
+        raise ValueError(f"g_idx must be (in,), got {tuple(g_idx.shape)}")
     n_groups = scales.shape[1]
-    if in_features and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
         raise ValueError(f"g_idx must index the {n_groups} groups, got {int(g_idx.min())} .. {int(g_idx.max())}")
-    zf = zeros.detach().cpu()
+    zf = zeros.detach().cpu().to(torch.float64)  # float or integer zeros (uint8 would wrap 1 << 8 to 0)
     if not torch.equal(zf, zf.round()) or zf.numel() and (zf.min() < 0 or zf.max() >= 1 << bits):
         raise ValueError(f"zeros must be integers in 0 .. {(1 << bits) - 1}")
     scales16 = scales.detach().cpu().t().to(torch.float16).contiguous()
     if not bool(torch.isfinite(scales16).all()) or bool((scales16 == 0).any()):
         raise ValueError("a scale is zero or infinite in float16 (the GPTQ layout stores scales as float16)")
-    return {"qweight": pack_rows(qweight.detach().cpu().t(), bits),
-            "qzeros": pack_zeros(zf.t().to(torch.int64), bits, checkpoint_format),
+    return {"qzeros": pack_zeros(zf.t().to(torch.int64), bits, checkpoint_format),
             "scales": scales16,
             "g_idx": g_idx.detach().cpu().to(torch.int32).contiguous()}
 
@@ -195,7 +236,7 @@ def unpack_layer(tensors: dict[str, torch.Tensor], bits: int, in_features: int, 
                  checkpoint_format: str = "gptq") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """epmq's view of a GPTQ layer: codes (out, in) uint8, scales (out, n_groups) as stored (float16),
     zeros (out, n_groups) int64, g_idx (in,) int64."""
-    codes = unpack_rows(tensors["qweight"], bits, in_features).t().to(torch.uint8)
+    codes = unpack_bits(tensors["qweight"], _check_bits(bits), in_features).t()
     zeros = unpack_zeros(tensors["qzeros"], bits, out_features, checkpoint_format).t()
     return codes.contiguous(), tensors["scales"].t().contiguous(), zeros.contiguous(), tensors["g_idx"].to(torch.int64)
 

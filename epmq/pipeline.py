@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.block_metrics import BlockMetrics
+from callbacks.expert_cache import ExpertActivationCache
 from callbacks.resume import StepCheckpoint
 from epmq.checkpoint import StepStore, describe_changes
 from epmq.fingerprint import run_fingerprint
@@ -193,6 +194,14 @@ class Calibration:
     seconds: float
 
 
+def target_cache(cfg: DictConfig, pool, keep: bool) -> ExpertActivationCache:
+    """The experts' targets for several calibrations on the same batches: recorded by the first and
+    replayed by the others when `keep` (calibration.keep_targets_gb, keep_targets_device)."""
+    opts = cfg.get("calibration") or {}
+    return ExpertActivationCache(pool, keep=keep, keep_budget_gb=opts.get("keep_targets_gb", 4.0),
+                                 keep_device=opts.get("keep_targets_device", "cpu"))
+
+
 def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = None, label: str = "",
               experts=None, store: StepStore | None = None) -> Calibration:
     """Quantize a fresh copy of the merged model (or of `state`) with `solver`; one fit epoch per step.
@@ -208,7 +217,9 @@ def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = 
     module = BlockwiseCalibration(model, solver, suite.tasks, experts=experts or prepared.pool,
                                   true_sequential=opts.get("true_sequential"),
                                   offload_blocks=opts.get("offload_blocks", "auto"),
-                                  cache_device=opts.get("cache_device"), resume=done)
+                                  cache_device=opts.get("cache_device"),
+                                  share_statistics=opts.get("share_statistics", True),
+                                  autocast=opts.get("autocast"), tf32=opts.get("tf32", False), resume=done)
     module.label = label
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show

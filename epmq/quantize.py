@@ -22,11 +22,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from callbacks.block_metrics import peak_memory_mb
-from callbacks.expert_cache import ExpertActivationCache
 from epmq.export import check_exportable, checkpoint_size, save_quantized
 from epmq.pipeline import (calibrate, calibration_record, candidate_label, claim_run_folder, evaluate,
                            evaluate_experts, logging_to, prepare, quiet_lightning, resolved_config, run_folder_store,
-                           select_scores, selection_key, solvers)
+                           select_scores, selection_key, solvers, target_cache)
 from epmq.report import accuracy_table, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -63,8 +62,7 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
     t0 = time.perf_counter()
     selection, best = [], None
     # E-PMQ's targets do not depend on the anchor: record them once, replay them for every candidate
-    expert_cache = ExpertActivationCache(prepared.pool, keep=len(candidates) > 1,
-                                         keep_budget_gb=(cfg.get("calibration") or {}).get("keep_targets_gb", 4.0))
+    expert_cache = target_cache(cfg, prepared.pool, keep=len(candidates) > 1)
     for k, solver in enumerate(candidates):
         label = candidate_label(solver)
         store = run_folder_store(out_dir, label, prepared)

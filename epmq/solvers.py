@@ -77,8 +77,10 @@ class GPTQ(RTN):
             raise ValueError(f"{self.name}: no calibration tokens reached this layer")
         W, H, metrics = self.target(W_m, stats)
         result = gptq(W, H, self.spec)
-        # the baseline GPTQ must beat: round the same W to nearest, scored under the same H
-        return Solution(result, {"loss": result.loss, "rtn_loss": rtn(W, self.spec, H=H).loss, **metrics})
+        # the baseline GPTQ must beat: round the same W to nearest, scored under the same H (a logged
+        # number: its product in float32, which costs a fraction of float64's)
+        rtn_loss = rtn(W, self.spec, H=H, loss_dtype=torch.float32).loss
+        return Solution(result, {"loss": result.loss, "rtn_loss": rtn_loss, **metrics})
 
 
 class EPMQ(GPTQ):
@@ -107,7 +109,8 @@ class EPMQ(GPTQ):
     def target(self, W_m, stats):
         if not self.needs_targets:
             return W_m, stats.H, {"anchor_shift": 0.0}
-        W_star = relaxed_target(stats.H, stats.C, W_m, self.strength, self.form, self.spec.percdamp)
+        W_star = relaxed_target(stats.H, stats.C, W_m, self.strength, self.form, self.spec.percdamp,
+                                residual=stats.residual)
         shift = (W_star.double() - W_m.double()).norm() / W_m.double().norm().clamp_min(1e-30)
         return W_star, rounding_hessian(stats.H, self.strength, self.form), {"anchor_shift": shift.item()}
 

@@ -20,6 +20,7 @@ from epmq.gptq import QuantResult
 from epmq.merge import task_arithmetic
 from epmq.module import BlockwiseCalibration
 from epmq.pool import ExpertPool
+from epmq.quant import QuantSpec
 from epmq.solvers import GPTQ, Solution
 from families import FAMILIES, TASKS, loader, model_inputs
 
@@ -29,6 +30,7 @@ class Unchanged:
 
     name = "unchanged"
     needs_statistics = True
+    spec = QuantSpec(bits=8)  # the width the engine stores the (all-zero) codes with
 
     def __init__(self, needs_targets: bool):
         self.needs_targets = needs_targets
@@ -155,7 +157,7 @@ def test_true_sequential_steps_see_earlier_steps_quantized_and_blocks_chain(monk
     quantized = copy.deepcopy(merged)
     with torch.no_grad():
         for key, r in results.items():
-            quantized.get_submodule(key).weight.copy_(r.weight)
+            quantized.get_submodule(key).weight.copy_(r.weight())
     normal_inputs = {}
     hooks = [b.register_forward_pre_hook(
         lambda m, a, kw, i=i: normal_inputs.setdefault(i, []).append((a[0] if a else kw["hidden_states"]).clone()),
@@ -188,7 +190,7 @@ def test_true_sequential_steps_see_earlier_steps_quantized_and_blocks_chain(monk
             with torch.no_grad():
                 for earlier in steps[:k]:
                     for lname in earlier.layers:
-                        partial.get_submodule(lname).weight.copy_(results[earlier.prefix + lname].weight)
+                        partial.get_submodule(lname).weight.copy_(results[earlier.prefix + lname].weight())
             expected = run_recording(partial, captured, step.layers)
             all_float = run_recording(copy.deepcopy(block), captured, step.layers)
             for lname in step.layers:

@@ -20,7 +20,8 @@ class RecordingEPMQ(EPMQ):
         self.seen = {}
 
     def solve(self, W_m, stats):
-        self.seen[len(self.seen)] = [b.clone() for b in stats.buffers()]
+        # H, C and the token count (stats.buffers() leaves out an H borrowed from a q/k/v neighbour)
+        self.seen[len(self.seen)] = [stats.H.clone(), stats.C.clone(), torch.tensor(stats.tokens)]
         return super().solve(W_m, stats)
 
 
@@ -39,7 +40,7 @@ class Recorder(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         torch.save({"state": {k: v.clone() for k, v in pl_module.model.state_dict().items()},
-                    "codes": {k: r.qweight for k, r in pl_module.quant_results.items()}},
+                    "codes": {k: r.codes() for k, r in pl_module.quant_results.items()}},
                    self.out_dir / f"final_rank{trainer.global_rank}.pt")
 
 

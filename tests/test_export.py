@@ -24,16 +24,18 @@ from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForCondition
 from conftest import ROOT, make_cfg
 from epmq import load_quantized
 from epmq.export import checkpoint_size, save_quantized
-from epmq.gptq import QuantResult, gptq
+from epmq.gptq import gptq
 from epmq.load import QuantLinear
+from epmq.packing import pack_rows
 from epmq.quant import QuantSpec
+from epmq.quantized_layer import QuantizedLayer
 from families import FAMILIES, model_inputs
 
 
-def quantize(model, spec: QuantSpec, seed: int = 0) -> dict[str, QuantResult]:
+def quantize(model, spec: QuantSpec, seed: int = 0) -> dict[str, QuantizedLayer]:
     """GPTQ of every nn.Linear but the LM head, each on the Hessian of random inputs whose columns have
     unequal scales (so act-order permutes); the weights become their grid values, as the engine leaves
-    them. Returns name -> QuantResult, what BlockwiseCalibration.quant_results holds (the main job's
+    them. Returns name -> QuantizedLayer, what BlockwiseCalibration.quant_results holds (the main job's
     export of the engine's results is checked on the offline suite below)."""
     gen = torch.Generator().manual_seed(seed)
     results = {}
@@ -42,8 +44,8 @@ def quantize(model, spec: QuantSpec, seed: int = 0) -> dict[str, QuantResult]:
             if isinstance(linear, nn.Linear) and not name.endswith("lm_head"):
                 n = linear.in_features
                 X = torch.randn(2 * n, n, generator=gen) * torch.linspace(0.2, 2, n)[torch.randperm(n, generator=gen)]
-                results[name] = gptq(linear.weight, X.t() @ X, spec)
-                linear.weight.copy_(results[name].weight)
+                results[name] = QuantizedLayer.from_result(gptq(linear.weight, X.t() @ X, spec), spec.bits)
+                linear.weight.copy_(results[name].weight())
     return results
 
 
@@ -52,7 +54,8 @@ def fp16_scaled(model, results) -> torch.nn.Module:
     with torch.no_grad():
         for name, r in results.items():
             scales = r.scales.to(torch.float16).float()
-            model.get_submodule(name).weight.copy_((r.qweight.float() - r.zeros[:, r.g_idx]) * scales[:, r.g_idx])
+            g = r.g_idx.long()
+            model.get_submodule(name).weight.copy_((r.codes().float() - r.zeros.float()[:, g]) * scales[:, g])
     return model
 
 
@@ -84,9 +87,11 @@ def test_every_family_reloads_with_its_codes_and_computes_the_quantized_model(na
     assert set(quantized) == set(results) and len(results) >= 12
     for layer, r in results.items():
         q = quantized[layer]
-        assert torch.equal(q.codes(), r.qweight.long()) and torch.equal(q.zeros(), r.zeros.long())
-        assert torch.equal(q.g_idx.long(), r.g_idx)
+        assert torch.equal(q.codes(), r.codes().long()) and torch.equal(q.zeros(), r.zeros.long())
+        assert torch.equal(q.g_idx, r.g_idx)
         assert torch.equal(q.scales, r.scales.t().to(torch.float16))
+        # the record's packed words are written as they are: GPTQ's qweight of its codes
+        assert torch.equal(q.qweight, r.qweight) and torch.equal(r.qweight, pack_rows(r.codes().t(), spec.bits))
         if model.get_submodule(layer).bias is not None:
             assert torch.equal(q.bias, model.get_submodule(layer).bias)
     # every other tensor as it was, in its dtype
@@ -149,7 +154,7 @@ def test_four_bit_layers_take_under_0_3x_their_float32_size(tmp_path):
     spec = QuantSpec(bits=4, group_size=128)
     results = quantize(model, spec)
     size = checkpoint_size(save_quantized(model, results, tmp_path / "q", spec))
-    assert size["quantized_layers_float32_bytes"] == 4 * sum(r.qweight.numel() for r in results.values())
+    assert size["quantized_layers_float32_bytes"] == 4 * sum(r.shape[0] * r.shape[1] for r in results.values())
     assert size["quantized_layers_ratio"] <= 0.3
     assert size["files_bytes"] >= size["quantized_layers_bytes"] + size["other_tensors_bytes"]
 
@@ -209,6 +214,8 @@ def test_bad_input_is_refused_with_a_message_naming_it(tmp_path, monkeypatch):
         save_quantized(model, results, tmp_path / "x", QuantSpec(bits=4, group_size=32))
     with pytest.raises(ValueError, match="'lm_head' is not an nn.Linear|quantized layer 'nope'"):
         save_quantized(model, {"nope": next(iter(results.values()))}, tmp_path / "x", spec)
+    with pytest.raises(ValueError, match="quantized to 4 bits, but the spec says 8"):
+        save_quantized(model, results, tmp_path / "x", QuantSpec(bits=8, group_size=16))
     assert list(tmp_path.iterdir()) == []
 
     # loading: no folder, a file, a hub id that cannot be reached

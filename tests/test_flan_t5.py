@@ -31,6 +31,7 @@ from conftest import ROOT, make_cfg, trainer_for
 from epmq.glue import GLUE_TASKS, glue_task
 from epmq.module import BlockwiseCalibration
 from epmq.pipeline import calibrate, prepare
+from epmq.quant import QuantSpec
 from epmq.run import run
 from epmq.solvers import EPMQ, GPTQ, Solution
 from epmq.stats import LayerStatistics
@@ -181,18 +182,21 @@ def test_stsb_spearman_and_teacher_forced_nll_equal_independent_computations(zoo
 
 class Recording:
     """A solver wrapper that asks for expert targets (so that C is gathered whatever the inner solver
-    needs) and keeps every solved layer's statistics and final weight, in solve order."""
+    needs) and keeps every solved layer's statistics and final weight, in solve order (and in
+    `merged`, the weight W_m each layer had before it was solved)."""
 
     name = "recording"
     needs_statistics = True
     needs_targets = True
 
     def __init__(self, inner=None):
-        self.inner, self.solved = inner, []
+        self.inner, self.solved, self.merged = inner, [], []
+        self.spec = inner.spec if inner is not None else QuantSpec(bits=8)  # the width the engine stores codes with
 
     def solve(self, W, stats):
         solution = self.inner.solve(W, stats) if self.inner else Solution(_unchanged(W))
         self.solved.append((stats, solution.result.weight.double()))
+        self.merged.append(W.double())
         return solution
 
     def by_layer(self, module: BlockwiseCalibration) -> dict:
@@ -276,20 +280,22 @@ def test_strength_inf_is_gptq_exactly_on_t5(zoo, tmp_path):
     inf = calibrate(cfg, prepared, EPMQ(strength="inf", **SPEC)).module.quant_results
     assert set(gptq) == set(inf) and any(k.startswith("decoder.") for k in gptq)
     for key in gptq:
-        for field in ("qweight", "scales", "zeros", "g_idx", "weight"):
+        for field in ("qweight", "scales", "zeros", "g_idx"):
             assert torch.equal(getattr(gptq[key], field), getattr(inf[key], field)), (key, field)
+        assert torch.equal(gptq[key].weight(), inf[key].weight()), key
 
 
 def test_epmq_layer_error_to_the_experts_targets_is_below_gptqs(zoo, tmp_path, monkeypatch):
     """Per layer, E(Q) = Σ_t w_t ||Q X̂_t − Ỹ_t||² over the real tokens of task t's calibration samples
-    (w_t = 1/n_t per token), from the engine's own statistics of that run:
-        E(Q) = tr(Q H Qᵀ) − 2 tr(Q Cᵀ) + K,   K = Σ w ||Ỹ||²
-    (H, C as LayerStatistics sums them; K summed beside them from the same targets and weights). X̂
-    differs between the runs (earlier layers are quantized differently), the targets do not."""
+    (w_t = 1/n_t per token), from the engine's own statistics of that run. The engine sums the
+    residual cross term R = Σ w (Ỹ − X̂W_mᵀ)ᵀX̂, so with D = Q − W_m:
+        E(Q) = tr(D H Dᵀ) − 2 tr(D Rᵀ) + K,   K = Σ w ||Ỹ − X̂W_mᵀ||²
+    (H, R as LayerStatistics sums them; K summed beside them from the same residuals and weights).
+    X̂ differs between the runs (earlier layers are quantized differently), the targets do not."""
     add = LayerStatistics.add
 
-    def add_with_K(self, X, Y=None, weight=1.0):
-        add(self, X, Y, weight)
+    def add_with_K(self, X, Y=None, weight=1.0, with_H=True):
+        add(self, X, Y, weight, with_H)
         w = self._token_weights(weight, X.shape[:-1], X.device)
         self.K = getattr(self, "K", 0.0) + float((w * Y.double().pow(2).sum(-1)).sum())
 
@@ -300,8 +306,9 @@ def test_epmq_layer_error_to_the_experts_targets_is_below_gptqs(zoo, tmp_path, m
     for name, solver in (("gptq", GPTQ(**SPEC)), ("epmq", EPMQ(strength=0.0, form="output", **SPEC))):
         recorder = Recording(solver)
         module = calibrate(cfg, prepared, recorder).module
-        errors[name] = {layer: float(torch.trace(Q @ s.H @ Q.T) - 2 * torch.trace(Q @ s.C.T) + s.K)
-                        for layer, (s, Q) in recorder.by_layer(module).items()}
+        assert all(s.residual for s, _ in recorder.solved)
+        errors[name] = {layer: float(torch.trace((Q - W) @ s.H @ (Q - W).T) - 2 * torch.trace((Q - W) @ s.C.T) + s.K)
+                        for (layer, (s, Q)), W in zip(recorder.by_layer(module).items(), recorder.merged)}
     gptq, epmq = errors["gptq"], errors["epmq"]
     assert min(min(gptq.values()), min(epmq.values())) > -1e-6  # squared errors: never negative
     below = [layer for layer in gptq if epmq[layer] < gptq[layer]]

@@ -1,7 +1,8 @@
 """epmq.packing: pack then unpack returns exactly the codes, scales, zeros and g_idx (2, 3, 4 and 8
 bits, grouped and per-row, act-order and static groups, odd shapes), and the words are the ones
 the GPTQ format describes, checked by hand-made examples and by a bit-stream reference written
-here from the format's description (not from the packer)."""
+here from the format's description (not from the packer). pack_bits writes the same stream for
+5, 6 and 7 bits too."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from epmq.gptq import gptq, rtn
-from epmq.packing import (dequantize_layer, pack_cols, pack_layer, pack_rows, pack_zeros, packed_length,
-                          unpack_cols, unpack_layer, unpack_rows, unpack_zeros)
+from epmq.packing import (dequantize_layer, pack_bits, pack_cols, pack_layer, pack_rows, pack_zeros, packed_length,
+                          unpack_bits, unpack_cols, unpack_layer, unpack_rows, unpack_zeros)
 from epmq.quant import QuantSpec
 
 ODD = [(1, 1), (7, 3), (31, 5), (33, 2), (100, 17), (64, 64)]
@@ -40,6 +41,23 @@ def test_pack_then_unpack_is_exact_on_odd_shapes(bits, shape):
     assert torch.equal(unpack_rows(packed, bits, shape[0]), codes)
     assert torch.equal(reference_unpack(packed, bits, shape[0]), codes)
     assert torch.equal(unpack_cols(pack_cols(codes.t(), bits), bits, shape[0]), codes.t())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("shape", ODD)
+def test_the_bit_stream_of_any_width_is_exact_and_as_described(bits, shape):
+    gen = torch.Generator().manual_seed(bits * 1000 + shape[0] + 7)
+    codes = torch.randint(0, 2**bits, shape, generator=gen)
+    packed = pack_bits(codes, bits)
+    n = shape[0]
+    # whole words when bits divides 32, else `bits` words per 32 codes
+    assert packed.dtype == torch.int32 and packed.shape == (packed_length(n, bits), shape[1])
+    assert packed_length(n, bits) == (-(-n * bits // 32) if 32 % bits == 0 else bits * -(-n // 32))
+    unpacked = unpack_bits(packed, bits, n)
+    assert unpacked.dtype == torch.uint8 and torch.equal(unpacked.long(), codes)
+    assert torch.equal(reference_unpack(packed, bits, n), codes)
+    if bits in (2, 3, 4, 8):  # the GPTQ layout is this stream
+        assert torch.equal(pack_rows(codes, bits), packed)
 
 
 def test_words_hold_codes_little_endian_along_the_input_axis():
@@ -143,7 +161,11 @@ def test_rtn_and_all_zero_layers_pack():
 
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="bits"):
-        pack_rows(torch.zeros(8, 1, dtype=torch.long), 5)
+        pack_rows(torch.zeros(8, 1, dtype=torch.long), 5)  # GPTQ loaders read 2, 3, 4, 8 bits only
+    with pytest.raises(ValueError, match="bits"):
+        unpack_rows(pack_bits(torch.zeros(8, 1, dtype=torch.long), 5), 5, 8)
+    with pytest.raises(ValueError, match="bits"):
+        pack_bits(torch.zeros(8, 1, dtype=torch.long), 9)
     with pytest.raises(ValueError, match="0 .. 15"):
         pack_rows(torch.full((8, 1), 16), 4)
     with pytest.raises(ValueError, match="integer"):

@@ -1,5 +1,7 @@
 """A run killed with SIGKILL in the middle of calibration resumes where it stopped and ends with the
-weights of an uninterrupted run, bit for bit; a changed configuration is refused by name."""
+weights of an uninterrupted run, bit for bit; a changed configuration is refused by name. The saved
+steps hold packed codes (epmq.quantized_layer), from which a resumed module rebuilds the weights and
+continues bit for bit; step files of the older unpacked format are refused by name."""
 
 from __future__ import annotations
 
@@ -13,8 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, make_cfg
+from conftest import ROOT, make_cfg, trainer_for
+from epmq.checkpoint import StepStore
+from epmq.module import BlockwiseCalibration
 from epmq.run import run
+from epmq.solvers import GPTQ
+from families import FAMILIES, TASKS, loader
 
 OPTIONS = ["quant.strength=1.0", "quant.form=output", "calibration.true_sequential=true", "data.calib_samples=12",
            "data.batch_size=4", "data.select_samples=4", "data.test_samples=16", "evaluate_references=false"]
@@ -77,3 +83,61 @@ def test_resuming_with_other_options_is_refused_by_name(tmp_path, zoo_cache):
     again = run(make_cfg(out, zoo_cache, *OPTIONS, "save_model=false", f"resume={out}",
                          "calibration.offload_blocks=true", "calibration.cache_device=cpu"))
     assert again["calibration"][0]["layers"]
+
+
+def test_saved_steps_are_packed_and_a_resumed_module_continues_bit_for_bit(tmp_path):
+    """Tiny Llama, 3-bit act-order GPTQ, true-sequential: the steps saved by a whole run, reloaded, give
+    its weights exactly; a module resumed after 5 of its 8 steps ends with the whole run's weights."""
+    family = FAMILIES["llama"]
+    batches = family.batches(torch.Generator().manual_seed(3))
+    solver = GPTQ(bits=3, group_size=16, act_order=True, blocksize=16)
+
+    def module(resume=()):
+        return BlockwiseCalibration(family.base(), solver, TASKS, true_sequential=True, resume=resume)
+
+    whole = module()
+    trainer_for(whole).fit(whole, train_dataloaders=loader(batches))
+    store = StepStore(tmp_path / "steps", {"run": "whole"})
+    for step in whole.finished:
+        store.save(step)
+    weights = {name: whole.model.get_submodule(name).weight.detach().clone() for name in whole.quant_results}
+
+    # the files hold the packed form: int32 words, float32 grids, uint8 zeros, int32 g_idx, no float weight
+    files = sorted((tmp_path / "steps").glob("step_*.safetensors"))
+    assert len(files) == len(whole.schedule) == 8
+    dtypes = {"qweight": torch.int32, "scales": torch.float32, "zeros": torch.uint8, "g_idx": torch.int32}
+    for file in files:
+        tensors = load_file(str(file))
+        for layer in {key.rpartition(".")[0] for key in tensors}:
+            t = {f: tensors[f"{layer}.{f}"] for f in dtypes}
+            assert {f: v.dtype for f, v in t.items()} == dtypes and len(tensors) % 4 == 0
+            out_features, in_features = weights[layer].shape
+            assert t["qweight"].shape == (3 * in_features // 32, out_features)  # 3 words per 32 codes
+            assert t["scales"].shape == t["zeros"].shape == (out_features, in_features // 16)
+        # past its header, a file holds exactly the records' bytes (QuantizedLayer.nbytes)
+        header = 8 + int.from_bytes(file.read_bytes()[:8], "little")
+        step = whole.finished[int(file.stem.split("_")[1])]
+        assert file.stat().st_size - header == sum(r.nbytes for r in step.results.values())
+
+    loaded = StepStore(tmp_path / "steps", {"run": "whole"}).load()
+    assert [(s.index, s.label, s.layers, s.metrics) for s in loaded] == \
+        [(s.index, s.label, tuple(s.layers), s.metrics) for s in whole.finished]
+    again = module()
+    again.apply_finished(loaded)
+    for name, w in weights.items():
+        assert torch.equal(again.model.get_submodule(name).weight, w), name
+        assert torch.equal(again.quant_results[name].qweight, whole.quant_results[name].qweight), name
+
+    resumed = module(resume=loaded[:5])
+    trainer_for(resumed, max_epochs=resumed.remaining_steps).fit(resumed, train_dataloaders=loader(batches))
+    assert len(resumed.finished) == 8
+    for name, w in weights.items():
+        assert torch.equal(resumed.model.get_submodule(name).weight, w), name
+
+
+def test_step_files_of_the_unpacked_format_are_refused_by_name(tmp_path):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "progress.json").write_text(json.dumps({"fingerprint": {"run": 1}, "steps": [], "extra": {}}))
+    with pytest.raises(ValueError, match=r"cannot resume .*step format 1, this epmq reads format 2"):
+        StepStore(folder, {"run": 1}).load()

@@ -167,3 +167,30 @@ def test_adding_statistics_of_another_layer_raises():
     a = LayerStatistics(4, 2)
     with pytest.raises(ValueError, match="cannot add"):
         a += LayerStatistics(4, 3)
+
+
+def test_products_stay_float32_under_autocast():
+    """A block forward under bfloat16 autocast must not turn the statistics' products into bfloat16
+    ones: the sums equal those of the same inputs added outside autocast, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    X, Y = torch.randn(4, 50, 64, generator=gen), torch.randn(4, 50, 16, generator=gen)
+    inside, outside = LayerStatistics(64, 16), LayerStatistics(64, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (X @ X.transpose(1, 2)).dtype == torch.bfloat16  # autocast is really on here
+        inside.add(X, Y)
+    outside.add(X, Y)
+    assert torch.equal(inside.H, outside.H) and torch.equal(inside.C, outside.C)
+
+
+def test_shared_H_is_one_buffer_added_once():
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(30, 8, generator=gen)
+    q = LayerStatistics(8, 3)
+    k = LayerStatistics(8, 5, share_H_with=q)
+    q.add(X, torch.randn(30, 3, generator=gen))
+    k.add(X, torch.randn(30, 5, generator=gen), with_H=False)
+    assert k.H is q.H and not k.owns_H
+    torch.testing.assert_close(q.H, (X.T @ X).double())  # once, not twice
+    assert [t.shape for t in k.buffers()] == [(5, 8), ()]  # the borrowed H is not reduced again
+    with pytest.raises(ValueError, match="share_H_with must be a LayerStatistics with in_features=9"):
+        LayerStatistics(9, 2, share_H_with=q)
