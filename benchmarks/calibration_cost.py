@@ -1,5 +1,7 @@
-"""Wall time and peak memory of RTN, GPTQ and E-PMQ calibration on the same merged model.
+"""Seconds per block and peak memory of RTN, GPTQ and E-PMQ calibration on the same merged model.
 
+    python benchmarks/calibration_cost.py --hidden 768 --layers 2 --image 224 --patch 32 --experts 2 4 8 --per-task 16 128
+                                                                # ViT-B/32 blocks (issue 17): about 30 minutes
     python benchmarks/calibration_cost.py                       # defaults: about 2 minutes on 2 cores
     python benchmarks/calibration_cost.py --hidden 768 --layers 2 --image 224 --patch 32 --experts 2 4 8 16 --samples 64
                                                                 # ViT-B/32 blocks, 2-16 experts: about 4 minutes
@@ -14,6 +16,12 @@ experts = base + random task vectors, and for every T in --experts the task-arit
 first T experts, all saved with save_pretrained (safetensors), so that ExpertPool reads the experts
 lazily, one block at a time, exactly as in a real run. Calibration data are random pixels (random
 token ids for llama, calibrated true-sequentially as the causal_lm suite does by default).
+
+Methods: rtn; gptq (one H per distinct layer input: q/k/v share); gptq-unshared (every layer its
+own H, the engine before issue 17: same codes, for the time ratio); epmq at a fixed λ; epmq-keep,
+E-PMQ recording the experts' targets for later anchor candidates and a second fit replaying them,
+as the default automatic anchor choice does (its peak memory is the one that choice holds; its
+time is that of the first fit). --methods picks some.
 
 What it measures: every (T, method) pair runs `trainer.fit` of BlockwiseCalibration in a fresh
 Python process (a process's peak RSS only ever grows, so one process per measurement), wired as
@@ -34,15 +42,16 @@ The price is a page fault per large allocation: measured here, GPTQ ran about 30
 50% slower than with glibc's default (E-PMQ/GPTQ x1.6-1.8 became x1.9-2.1). Pass --mmap-threshold 0
 to time the allocator of a normal run.
 
-Samples: the total number of calibration samples (--samples) is the same for every T, split evenly
-over the T tasks, so between T = 2, 4, 8 only the number of experts changes. E-PMQ keeps hidden
+Samples: with --per-task n (one setting per value), every task gets n samples, so T tasks give
+T x n. Without it, the total number of calibration samples (--samples) is the same for every T,
+split evenly over the T tasks, so between T = 2, 4, 8 only the number of experts changes. E-PMQ keeps hidden
 states for every sample (merged and expert paths), which grows with the number of samples but not
 with T; with samples fixed, what grows with T is what E-PMQ holds per expert (its scratch blocks).
 
-Goals (issues 5 and 10): E-PMQ's calibration time at most 2.5x GPTQ's, and E-PMQ's peak memory growing by
-at most one block of weights per added expert. The printout gives the ratios measured side by side
-in this run; on a machine shared with other jobs, run --repeats 2 or more (best time, median memory)
-and read the ratios rather than the seconds.
+Goals (issue 17): E-PMQ at a fixed λ at most 1.4x GPTQ's time, GPTQ with shared H faster than
+without, E-PMQ's peak memory (default anchor choice: epmq-keep) at most 1.5x GPTQ's at 8 experts.
+The printout gives the ratios measured side by side in this run; on a machine shared with other
+jobs, run --repeats 2 or more (best time, median memory) and read the ratios rather than the seconds.
 """
 
 from __future__ import annotations
@@ -58,7 +67,10 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("rtn", "gptq", "epmq")
+# gptq-unshared: every layer accumulates its own H (before issue 17); epmq-keep: E-PMQ recording the
+# experts' targets for later anchor candidates and replaying them in a second fit, as the default
+# automatic anchor choice does (its peak is what that choice holds)
+METHODS = ("rtn", "gptq-unshared", "gptq", "epmq", "epmq-keep")
 MiB = 2**20
 
 
@@ -176,10 +188,11 @@ def calibration_batches(args, T: int):
     return DataLoader(Samples(), batch_sampler=batches)
 
 
-def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str):
+def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str, cache=None):
     """(trainer, module) wired as epmq.pipeline.calibrate wires a run: merged model, solver, pool.
 
-    The pool reads base/ next to experts_dir and experts_dir/task_<k> for the first T tasks.
+    The pool reads base/ next to experts_dir and experts_dir/task_<k> for the first T tasks;
+    cache: an ExpertActivationCache to use instead (epmq-keep).
     """
     import lightning as L
     from epmq.module import BlockwiseCalibration
@@ -192,9 +205,14 @@ def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str):
     if cuda:
         model.to(args.device)
     spec = dict(bits=args.bits, group_size=args.group_size)
-    solver = EPMQ(args.strength, "output", **spec) if method == "epmq" else {"rtn": RTN, "gptq": GPTQ}[method](**spec)
-    pool = ExpertPool(experts_dir.parent / "base", {t: experts_dir / t for t in tasks}) if method == "epmq" else None
-    module = BlockwiseCalibration(model, solver, tasks, experts=pool)
+    epmq = method.startswith("epmq")
+    solver = EPMQ(args.strength, "output", **spec) if epmq else (RTN if method == "rtn" else GPTQ)(**spec)
+    experts = None
+    if epmq:
+        experts = cache if cache is not None else ExpertPool(experts_dir.parent / "base",
+                                                             {t: experts_dir / t for t in tasks})
+    module = BlockwiseCalibration(model, solver, tasks, experts=experts, share_statistics=method != "gptq-unshared",
+                                  autocast=args.autocast, tf32=args.tf32)
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=len(module.schedule),
                         logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
@@ -226,7 +244,14 @@ def measure(args) -> dict:
     trainer.fit(module, train_dataloaders=calibration_batches(warm, 2))
     del trainer, module
 
-    trainer, module = setup_run(args, root / f"merged_{T}", root / "experts", T, method)
+    cache = None
+    if method == "epmq-keep":  # as epmq.pipeline.target_cache builds it for the anchor candidates
+        from callbacks.expert_cache import ExpertActivationCache
+        from epmq.pool import ExpertPool
+
+        pool = ExpertPool(root / "base", {task_name(k): root / "experts" / task_name(k) for k in range(T)})
+        cache = ExpertActivationCache(pool, keep=True, keep_budget_gb=args.keep_gb, keep_device="cpu")
+    trainer, module = setup_run(args, root / f"merged_{T}", root / "experts", T, method, cache)
     loader = calibration_batches(args, T)
     gc.collect()
     baseline, _ = rss_mb()
@@ -240,8 +265,15 @@ def measure(args) -> dict:
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    if method == "epmq-keep":  # the next candidate: a fresh merged model, the kept targets replayed
+        del trainer, module
+        gc.collect()
+        trainer, module = setup_run(args, root / f"merged_{T}", root / "experts", T, method, cache)
+        trainer.fit(module, train_dataloaders=loader)
+        if not cache.recorded:
+            raise RuntimeError("epmq-keep: the targets were not kept (over --keep-gb?)")
     _, peak = rss_mb()
-    result = {"method": method, "experts": T, "seconds": seconds, "rss_baseline_mb": baseline,
+    result = {"method": method, "experts": T, "per_task": args.worker_per_task, "seconds": seconds, "rss_baseline_mb": baseline,
               "rss_peak_mb": peak, "rss_peak_exact": exact_peak}
     if cuda:
         result.update(gpu_baseline_mb=gpu_baseline, gpu_peak_mb=torch.cuda.max_memory_allocated() / MiB)
@@ -249,10 +281,12 @@ def measure(args) -> dict:
 
 
 # -- the driver ----------------------------------------------------------------------------------
-def run_worker(args, T: int, method: str) -> dict:
+def run_worker(args, T: int, method: str, per_task: int | None) -> dict:
     """One measurement in a fresh interpreter; the worker prints its result as the last line."""
     argv = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--workdir", args.workdir,
             "--worker-experts", str(T), "--worker-method", method]
+    if per_task:
+        argv += ["--worker-per-task", str(per_task)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if args.mmap_threshold:  # glibc: every allocation of this size or more is its own mapping
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
@@ -276,9 +310,8 @@ def slope(xs: list[float], ys: list[float]) -> float:
 
 
 def report(args, sizes: dict, results: dict) -> None:
-    """Print the table and the ratios. results: (T, method) -> list of measurements (repeats)."""
+    """Print the table and the ratios. results: (samples per task or None, T, method) -> measurements."""
     gpu = args.device.startswith("cuda")
-    Ts = sorted(args.experts)
     best = {key: min(r["seconds"] for r in rs) for key, rs in results.items()}
     grow = {key: statistics.median(increase(r, gpu) for r in rs) for key, rs in results.items()}
     peak = {key: statistics.median(r["gpu_peak_mb" if gpu else "rss_peak_mb"] for r in rs)
@@ -290,36 +323,42 @@ def report(args, sizes: dict, results: dict) -> None:
     print(f"\n{model_class(args).__name__}: hidden {args.hidden}, mlp {args.intermediate}, {args.layers} blocks, "
           f"{tokens} tokens per sample")
     print(f"one block's weights {sizes['block_mb']:.1f} MiB, whole model {sizes['model_mb']:.1f} MiB (float32)")
-    print(f"calibration: {args.samples} samples in total for every T (split evenly over the T tasks, so only "
-          f"the number of experts varies), batch {args.batch_size}; {args.bits}-bit, group {args.group_size}; "
-          f"E-PMQ output anchor, strength {args.strength:g}")
+    amount = (f"{', '.join(map(str, args.per_task))} samples per task" if args.per_task else
+              f"{args.samples} samples in total for every T (split evenly over the T tasks)")
+    print(f"calibration: {amount}, batch {args.batch_size}; {args.bits}-bit, group {args.group_size}; "
+          f"E-PMQ output anchor, strength {args.strength:g}; forwards "
+          f"{args.autocast or 'float32'}{' + TF32' if args.tf32 else ''}")
     allocator = (f"glibc mmap threshold {args.mmap_threshold} B" if args.mmap_threshold
                  else "glibc's adaptive allocator")
     print(f"device {args.device}, {args.threads or 'default'} thread(s); memory = {memory} ({allocator}); "
           f"{args.repeats} repeat(s): best time, median memory")
     if not gpu and not all(r["rss_peak_exact"] for rs in results.values() for r in rs):
         print("note: /proc/self/clear_refs refused: peaks include the loading before calibration")
+    print("epmq-keep: the first of two fits (the second replays the kept targets); its peak covers both\n")
+    print(f"{'per task':>8} {'method':<14}{'experts':>8}{'s/block':>10}{'base MiB':>10}{'peak MiB':>10}"
+          f"{'+calib MiB':>12}")
+    settings = sorted({(n, T) for n, T, _ in results}, key=lambda x: (x[0] or 0, x[1]))
+    for n, T in settings:
+        for m in args.methods:
+            key = (n, T, m)
+            print(f"{n or '-':>8} {m:<14}{T:>8}{best[key] / args.layers:>10.2f}{base[key]:>10.0f}{peak[key]:>10.0f}"
+                  f"{grow[key]:>12.1f}")
     print()
-    print(f"{'method':<7}{'experts':>8}{'calib s':>10}{'base MiB':>10}{'peak MiB':>10}{'+calib MiB':>12}")
-    for T in Ts:
-        for m in METHODS:
-            key = (T, m)
-            print(f"{m:<7}{T:>8}{best[key]:>10.2f}{base[key]:>10.0f}{peak[key]:>10.0f}{grow[key]:>12.1f}")
-    print()
-    ratios = {T: best[(T, "epmq")] / best[(T, "gptq")] for T in Ts}
-    worst = max(ratios.values())
-    print("E-PMQ / GPTQ calibration time: " + ", ".join(f"T={T} x{r:.2f}" for T, r in ratios.items())
-          + f"   (goal <= 2.5x: {'met' if worst <= 2.5 else 'NOT met'})")
-    print("E-PMQ memory over GPTQ's:      " + ", ".join(
-        f"T={T} +{grow[(T, 'epmq')] - grow[(T, 'gptq')]:.1f} MiB" for T in Ts))
-    if len(Ts) >= 2:
-        steps = [f"{a}->{b}: {(grow[(b, 'epmq')] - grow[(a, 'epmq')]) / (b - a):+.1f}"
-                 for a, b in zip(Ts, Ts[1:])]
-        per_expert = slope([float(T) for T in Ts], [grow[(T, "epmq")] for T in Ts])
-        blocks = per_expert / sizes["block_mb"]
-        print(f"E-PMQ peak growth per added expert (MiB/expert): {', '.join(steps)}; least squares "
-              f"{per_expert:+.1f} = {blocks:.2f} blocks ({sizes['block_mb']:.1f} MiB each; whole model "
-              f"{sizes['model_mb']:.1f} MiB)   (goal <= 1 block: {'met' if blocks <= 1.0 else 'NOT met'})")
+
+    def ratios(num: str, den: str, table: dict, what: str) -> None:
+        if num in args.methods and den in args.methods:
+            print(f"{what:<38}" + ", ".join(f"{n or '-'}/task T={T} x{table[(n, T, num)] / table[(n, T, den)]:.2f}"
+                                            for n, T in settings))
+
+    ratios("gptq", "gptq-unshared", best, "GPTQ shared H / GPTQ unshared, time:")
+    ratios("epmq", "gptq", best, "E-PMQ (fixed λ) / GPTQ, time:")
+    ratios("epmq", "gptq", peak, "E-PMQ (fixed λ) / GPTQ, peak memory:")
+    ratios("epmq-keep", "gptq", peak, "E-PMQ keeping targets / GPTQ, peak:")
+    Ts = sorted({T for _, T in settings})
+    if not args.per_task and len(Ts) >= 2 and "epmq" in args.methods:
+        per_expert = slope([float(T) for T in Ts], [grow[(None, T, "epmq")] for T in Ts])
+        print(f"E-PMQ peak growth per added expert (samples fixed): {per_expert:+.1f} MiB = "
+              f"{per_expert / sizes['block_mb']:.2f} blocks ({sizes['block_mb']:.1f} MiB each)")
 
 
 def parse(argv=None):
@@ -336,7 +375,14 @@ def parse(argv=None):
     p.add_argument("--patch", type=int, default=4, help="patch side (default 4: 65 tokens at 32 pixels)")
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8], help="numbers of experts T")
-    p.add_argument("--samples", type=int, default=128, help="calibration samples in total, for every T")
+    p.add_argument("--samples", type=int, default=128, help="calibration samples in total, for every T "
+                   "(ignored with --per-task)")
+    p.add_argument("--per-task", type=int, nargs="+", default=[],
+                   help="calibration samples per task, one setting each (e.g. 16 128): T x n samples in all")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="what to measure")
+    p.add_argument("--keep-gb", type=float, default=4.0, help="epmq-keep: budget of the kept targets (GiB)")
+    p.add_argument("--autocast", choices=("bfloat16", "float16"), default=None, help="block forwards under autocast")
+    p.add_argument("--tf32", action="store_true", help="TF32 products in block forwards (CUDA)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
@@ -354,6 +400,7 @@ def parse(argv=None):
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--worker-experts", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-method", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--worker-per-task", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.intermediate = args.intermediate or 4 * args.hidden
     args.heads = args.heads or max(1, args.hidden // 64)
@@ -367,7 +414,11 @@ def parse(argv=None):
         p.error(f"--image {args.image} is not divisible by --patch {args.patch}")
     if min(args.experts) < 1 or len(set(args.experts)) != len(args.experts):
         p.error(f"--experts must be distinct positive numbers, got {args.experts}")
-    if max(args.experts) > args.samples:
+    if args.per_task and min(args.per_task) < 1:
+        p.error("--per-task values must be positive")
+    if args.worker_per_task:
+        args.samples = args.worker_per_task * args.worker_experts
+    if not args.per_task and max(args.experts) > args.samples:
         p.error(f"--samples {args.samples} is fewer than --experts {max(args.experts)}: a task would get none")
     if not args.strength >= 0 or args.strength == float("inf"):
         p.error("--strength must be finite and >= 0 (inf is plain GPTQ)")
@@ -394,13 +445,15 @@ def main():
         sizes = build_models(args, root)
         print(f"built base, {max(args.experts)} experts and {len(args.experts)} merged models in "
               f"{time.perf_counter() - t0:.0f} s under {root}", flush=True)
-        results: dict[tuple[int, str], list[dict]] = {}
+        results: dict[tuple, list[dict]] = {}
         for r in range(args.repeats):  # repeats interleaved so every method sees the same machine load
-            for T in sorted(args.experts):
-                for m in METHODS:
-                    result = run_worker(args, T, m)
-                    results.setdefault((T, m), []).append(result)
-                    print(f"  [{r + 1}/{args.repeats}] T={T} {m:<4} {result['seconds']:6.2f} s", flush=True)
+            for n in args.per_task or [None]:
+                for T in sorted(args.experts):
+                    for m in args.methods:
+                        result = run_worker(args, T, m, n)
+                        results.setdefault((n, T, m), []).append(result)
+                        print(f"  [{r + 1}/{args.repeats}] {f'{n}/task ' if n else ''}T={T} {m:<13} "
+                              f"{result['seconds']:7.2f} s", flush=True)
         report(args, sizes, results)
 
 
