@@ -66,7 +66,9 @@ def _check_against(one_dir, two_dir, rtol=1e-6):
                 H2, C2, n2 = two["stats"][name]
                 assert n1 == n2 == 10 * 17, name  # every token exactly once over the two ranks
                 assert (H2 - H1).norm() <= rtol * H1.norm(), name
-                assert (C2 - C1).norm() <= rtol * C1.norm(), name
+                # C holds the residual R = Σ w (Ỹ − X̂W_mᵀ)ᵀX̂: the float32 rounding of the block's outputs, which
+                # changes with the thread count, is relative to the outputs and so larger relative to R
+                assert (C2 - C1).norm() <= 10 * rtol * C1.norm(), name
     # Processes of a 2-rank run get half the threads, so float32 matmuls inside the block round
     # differently (H then agrees to ~1e-7, not bit for bit): compare the integer codes.
     final_one = torch.load(one_dir / "final_rank0.pt")
