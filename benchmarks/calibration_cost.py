@@ -212,11 +212,11 @@ def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str, ca
         experts = cache if cache is not None else ExpertPool(experts_dir.parent / "base",
                                                              {t: experts_dir / t for t in tasks})
     module = BlockwiseCalibration(model, solver, tasks, experts=experts, share_statistics=method != "gptq-unshared",
-                                  autocast=args.autocast, tf32=args.tf32)
+                                  tf32=args.tf32)
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=len(module.schedule),
                         logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                        num_sanity_val_steps=0, limit_val_batches=0)
+                        num_sanity_val_steps=0, limit_val_batches=0, precision=args.precision)
     return trainer, module
 
 
@@ -327,7 +327,7 @@ def report(args, sizes: dict, results: dict) -> None:
               f"{args.samples} samples in total for every T (split evenly over the T tasks)")
     print(f"calibration: {amount}, batch {args.batch_size}; {args.bits}-bit, group {args.group_size}; "
           f"E-PMQ output anchor, strength {args.strength:g}; forwards "
-          f"{args.autocast or 'float32'}{' + TF32' if args.tf32 else ''}")
+          f"{args.precision}{' + TF32' if args.tf32 else ''}")
     allocator = (f"glibc mmap threshold {args.mmap_threshold} B" if args.mmap_threshold
                  else "glibc's adaptive allocator")
     print(f"device {args.device}, {args.threads or 'default'} thread(s); memory = {memory} ({allocator}); "
@@ -381,7 +381,8 @@ def parse(argv=None):
                    help="calibration samples per task, one setting each (e.g. 16 128): T x n samples in all")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="what to measure")
     p.add_argument("--keep-gb", type=float, default=4.0, help="epmq-keep: budget of the kept targets (GiB)")
-    p.add_argument("--autocast", choices=("bfloat16", "float16"), default=None, help="block forwards under autocast")
+    p.add_argument("--precision", default="32-true",
+                   help="the Trainer's precision: 32-true (default), bf16-mixed or 16-mixed (autocast forwards)")
     p.add_argument("--tf32", action="store_true", help="TF32 products in block forwards (CUDA)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--bits", type=int, default=4)

@@ -47,19 +47,21 @@ def file_digest(path: Path, sample: int = 1 << 20) -> str:
 
 
 # Calibration options that only place tensors or share work (tested bit-identical): a run may resume
-# with others. autocast and tf32 change the numbers and stay in the fingerprint.
+# with others. tf32 and the trainer's precision change the numbers and stay in the fingerprint.
 PLACEMENT = ("offload_blocks", "cache_device", "keep_targets_gb", "keep_targets_device", "share_statistics")
 
 
 def run_fingerprint(config: dict, prepared) -> dict:
     """What a calibration's result depends on, for resuming: the epmq version, the models (the merged
     weights' content, each expert file's digest), the calibration data and the options that change
-    results (suite, merge, quant, data, calibration, seed). config: the run's resolved config."""
+    results (suite, merge, quant, data, calibration, the trainer's precision, seed). config: the run's
+    resolved config."""
     import epmq
 
     options = {k: config.get(k) for k in ("suite", "merge", "quant", "data", "calibration", "seed")}
     if isinstance(options["suite"], dict):
         options["suite"] = {k: v for k, v in options["suite"].items() if k != "progress"}  # display only
+    options["precision"] = str((config.get("trainer") or {}).get("precision", "32-true"))  # bf16-mixed rounds
     if isinstance(options["calibration"], dict):  # where tensors wait moves them, it does not change them
         options["calibration"] = {k: v for k, v in options["calibration"].items() if k not in PLACEMENT}
     experts = {task: {str(f): file_digest(Path(f)) for f in sorted({str(p) for p in ckpt.files.values()})}

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import ExitStack, contextmanager
 import warnings
 from typing import Mapping, Sequence
 
@@ -45,10 +46,10 @@ from epmq.adapters import ModelAdapter, adapter_for
 from epmq.capture import BlockInputs, Trace, run_block, walk_to
 from epmq.fingerprint import loader_fingerprint
 from epmq.pool import ExpertPool
-from epmq.precision import autocast_dtype, forward_precision
+from epmq.precision import tf32
 from epmq.quantized_layer import QuantizedLayer
 from epmq.schedule import Step, build_schedule
-from epmq.stats import LayerStatistics
+from epmq.stats import FoldedStatistics, LayerStatistics
 
 
 @dataclasses.dataclass
@@ -88,9 +89,9 @@ class BlockwiseCalibration(L.LightningModule):
         share_statistics: layers that read the same input tensor (the adapter's shared_inputs:
             q/k/v, gate/up) share one H, accumulated once; False gives each layer its own (the same
             numbers, computed again; for comparisons).
-        autocast: block forwards (merged and experts') under torch.autocast to "bfloat16" or
-            "float16"; None: in the model's own dtype. tf32: allow TF32 products in block forwards
-            (CUDA). Statistics are multiplied in float32 without either (epmq.precision).
+        tf32: allow TF32 products in block forwards (CUDA). Mixed precision is the trainer's
+            (Trainer(precision="bf16-mixed")): it covers the merged and the experts' forwards alike.
+            Statistics are multiplied in float32 without either (epmq.precision).
         resume: steps finished by an interrupted run (epmq.checkpoint), in schedule order.
 
     Batches: dicts with the family's input keys and "task" (batch,) ints. After fit: `finished`
@@ -102,7 +103,7 @@ class BlockwiseCalibration(L.LightningModule):
                  task_weights: Mapping[str, float] | Sequence[float] | None = None,
                  true_sequential: bool | None = None, offload_blocks: bool | str = False,
                  cache_device: str | torch.device | None = None, shard_batches: bool = True,
-                 share_statistics: bool = True, autocast: str | None = None, tf32: bool = False,
+                 share_statistics: bool = True, tf32: bool = False,
                  resume: Sequence[FinishedStep] = ()):
         super().__init__()
         for attr in ("needs_statistics", "needs_targets", "solve"):
@@ -127,7 +128,6 @@ class BlockwiseCalibration(L.LightningModule):
         self.cache_device = None if cache_device is None else torch.device(cache_device)
         self.shard_batches = bool(shard_batches)
         self.share_statistics = bool(share_statistics)
-        self.autocast = autocast_dtype(autocast)
         self.tf32 = bool(tf32)
         self.automatic_optimization = False
         self.label = ""  # shown before the step in the progress bar, e.g. which anchor candidate
@@ -150,6 +150,7 @@ class BlockwiseCalibration(L.LightningModule):
         self._targets: dict[str, torch.Tensor] = {}       # layer -> (batch, tokens, out) expert outputs Y_t
         self._input_group: dict[str, str] = {}            # layer -> first layer of the step reading its input
         self._seen: dict[str, tuple[str, torch.Tensor]] = {}  # input group -> (layer, X̂) added to H this batch
+        self._fold_ids: torch.Tensor | None = None        # (batch,) fold of each sample (cross-validating solvers)
         self._hooks: list = []
         self._num_batches = 0
 
@@ -192,9 +193,17 @@ class BlockwiseCalibration(L.LightningModule):
             return next(self.model.parameters()).device
         return self.trainer.strategy.root_device
 
+    @contextmanager
     def forward_precision(self):
-        """Context for block forwards: autocast and TF32 as configured (epmq.precision)."""
-        return forward_precision(self.device_, self.autocast, self.tf32)
+        """Context for block forwards: the trainer's precision (e.g. bf16-mixed autocast, which
+        Lightning applies to training_step only, so the expert cache's forwards need it too) and
+        TF32 when allowed."""
+        with ExitStack() as stack:
+            if self._trainer is not None:
+                stack.enter_context(self.trainer.precision_plugin.forward_context())
+            if self.tf32:
+                stack.enter_context(tf32(True))
+            yield
 
     def owns(self, batch_idx: int) -> bool:
         """Whether this rank calibrates on batch `batch_idx` (exact round-robin split)."""
@@ -352,10 +361,15 @@ class BlockwiseCalibration(L.LightningModule):
             group = next((g for g in shared if name in g), (name,))
             owner = next(n for n in group if n in step.layers)  # the group's first layer in this step
             self._input_group[name] = owner
-            self.statistics[name] = LayerStatistics(lin.in_features, lin.out_features if with_C else None,
-                                                    device=self.device_, residual=with_C,
-                                                    share_H_with=self.statistics.get(owner))
+            self.statistics[name] = self._statistics(lin.in_features, lin.out_features if with_C else None,
+                                                     device=self.device_, residual=with_C,
+                                                     share_H_with=self.statistics.get(owner))
             self._hooks.append(lin.register_forward_hook(self._statistics_hook(name, step.stage.source(name))))
+
+    def _statistics(self, *args, **kwargs):
+        """LayerStatistics, or FoldedStatistics when the solver chooses by cross-validation (`folds`)."""
+        folds = getattr(self.solver, "folds", None)
+        return FoldedStatistics(*args, folds=folds, **kwargs) if folds else LayerStatistics(*args, **kwargs)
 
     def _statistics_hook(self, name: str, source: str):
         def hook(linear: nn.Linear, args, output):
@@ -375,7 +389,8 @@ class BlockwiseCalibration(L.LightningModule):
                 raise ValueError(f"layers '{self._seen[group][0]}' and '{name}' are declared to read the same "
                                  f"input (the adapter's shared_inputs) but received different tensors: fix "
                                  f"the adapter, or calibrate with share_statistics=False")
-            self.statistics[name].add(X, Y, weight=self._weights[source], with_H=first)
+            folds = {"folds": self._fold_ids} if self._fold_ids is not None else {}
+            self.statistics[name].add(X, Y, weight=self._weights[source], with_H=first, **folds)
         return hook
 
     @torch.no_grad()
@@ -400,6 +415,10 @@ class BlockwiseCalibration(L.LightningModule):
                     self._weights[source] = (per_sample[:, None] * mask).to(device)
             if self.solver.needs_targets:
                 self._targets = self.experts.targets(batch_idx)
+            folds = getattr(self.solver, "folds", None)
+            if folds:  # consecutive samples alternate between folds: each task's samples split evenly
+                n = len(self.batch_tasks[batch_idx])
+                self._fold_ids = (batch_idx + torch.arange(n)) % folds
             with self.forward_precision():
                 run_block(self.block(step), self._inputs[batch_idx].to(device))
             self._targets, self._seen = {}, {}

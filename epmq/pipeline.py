@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 SELECT_BY = ("nll", "acc")
 # run-level keys of the quant node: how `auto` anchors are chosen, not arguments of the solver
-SELECTION_KEYS = ("select_by", "candidates")
+SELECTION_KEYS = ("select_by", "candidates", "select", "folds")
+SELECT = ("run", "layer")  # how `auto` chooses: whole calibrations scored by the heads, or per layer in one pass
 
 
 @dataclass
@@ -96,6 +97,15 @@ def solvers(quant: DictConfig) -> list:
         raise ValueError(f"quant.select_by must be one of {SELECT_BY}, got {quant.select_by!r}")
     if "strength" not in node:
         return [build(node, "quant")]
+    select = quant.get("select", "run")
+    if select not in SELECT:
+        raise ValueError(f"quant.select must be one of {SELECT}, got {select!r}")
+    if select == "layer" and node.strength == "auto":  # one calibration, the anchor chosen per layer
+        if node.form == "auto":
+            raise ValueError("quant.select=layer chooses the strength only: set quant.form=output or weight")
+        node = OmegaConf.masked_copy(node, [k for k in node if k != "strength"])
+        return [build(node, "quant", _target_="epmq.solvers.LayerwiseEPMQ",
+                      candidates=list(quant.candidates.strength), folds=quant.get("folds", 2))]
     strengths = quant.candidates.strength if node.strength == "auto" else [node.strength]
     forms = list(quant.candidates.form if node.form == "auto" else [node.form])
     if not strengths or not forms:
@@ -111,6 +121,8 @@ def solvers(quant: DictConfig) -> list:
 
 def candidate_label(solver) -> str:
     """'gptq', 'rtn', or 'epmq/<form>/strength_<λ>' (folder names and metric prefixes)."""
+    if hasattr(solver, "candidates"):  # LayerwiseEPMQ: the strength is chosen per layer
+        return f"{solver.name}/{solver.form}/per_layer"
     if hasattr(solver, "strength"):
         return f"{solver.name}/{solver.form}/strength_{solver.strength:g}"
     return solver.name
@@ -219,7 +231,7 @@ def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = 
                                   offload_blocks=opts.get("offload_blocks", "auto"),
                                   cache_device=opts.get("cache_device"),
                                   share_statistics=opts.get("share_statistics", True),
-                                  autocast=opts.get("autocast"), tf32=opts.get("tf32", False), resume=done)
+                                  tf32=opts.get("tf32", False), resume=done)
     module.label = label
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_only
@@ -99,7 +100,10 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
         "method": described["method"],
         "metric": suite.metric,
         "metric_scale": getattr(suite, "metric_scale", 100),  # how tables print it (100: percent)
-        "quant": {"spec": described["spec"], "strength": described.get("strength"), "form": described.get("form")},
+        "quant": {"spec": described["spec"], "strength": described.get("strength"), "form": described.get("form"),
+                  **({"select": "layer", "candidates": described["candidates"], "folds": described["folds"],
+                      "layer_strengths": {k: m["anchor_strength"] for k, m in calib.module.layer_metrics.items()}}
+                     if described.get("select") == "layer" else {})},
         "selection": selection,
         "metrics": metrics,
         **({"extra_metrics": extra_metrics} if extra_metrics else {}),
@@ -121,7 +125,11 @@ def publish(cfg, report: dict, tasks: list[str], calib, out_dir: Path) -> None:
     table = accuracy_table({names[k]: v for k, v in metrics.items()}, tasks, scale=report["metric_scale"])
     chosen = report["quant"]
     print(f"\n{table}\n")
-    if report["method"] == "epmq":
+    if report["method"] == "epmq" and chosen.get("select") == "layer":
+        counts = Counter(chosen["layer_strengths"].values())
+        print(f"anchor: form {chosen['form']}, strength chosen per layer by {chosen['folds']}-fold cross-validation "
+              f"on the calibration samples: " + ", ".join(f"{s:g} ({counts[s]} layers)" for s in sorted(counts)))
+    elif report["method"] == "epmq":
         print(f"anchor: strength {chosen['strength']:g}, form {chosen['form']}"
               + (" (chosen on held-out calibration samples)" if report["selection"] else ""))
     if cfg.save_model:

@@ -121,6 +121,87 @@ class EPMQ(GPTQ):
         return f"EPMQ(strength={self.strength:g}, form={self.form!r}, {self.spec})"
 
 
+class LayerwiseEPMQ(EPMQ):
+    """E-PMQ whose anchor strength is chosen per layer, in the same pass, by K-fold cross-validation.
+
+    The engine gathers the layer's statistics in K folds of samples (epmq.stats.FoldedStatistics).
+    For every candidate λ and fold k, W*(λ) is fitted on the other folds and rounded by GPTQ under
+    their H; its error on fold k against the experts' targets,
+
+        E_k(Q) = Σ_{fold k} w ‖X̂Qᵀ − Ỹ‖² = tr(D H_k Dᵀ) − 2 tr(D R_kᵀ) + const,   D = Q − W_m,
+
+    is summed over the folds. The λ with the least error (ties: the stronger anchor) is then fitted
+    on all folds. λ = inf (GPTQ of the merged weights) is a candidate like the others.
+
+    Args:
+        candidates: the anchor strengths to choose from (numbers >= 0 or inf).
+        folds: K >= 2.
+        form, spec: as EPMQ.
+    """
+
+    name = "epmq"
+
+    def __init__(self, candidates=(0.0, 0.3, 1.0, 3.0, 10.0, "inf"), folds: int = 2, form: str = "output", **spec):
+        super().__init__(strength=0.0, form=form, **spec)
+        values = sorted({parse_strength(c) for c in candidates}, reverse=True)  # strongest first
+        if not values:
+            raise ValueError("candidates must list at least one anchor strength")
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+            raise ValueError(f"folds must be an int >= 2, got {folds!r}")
+        self.candidates, self.folds = values, folds
+        self.strength = math.nan  # chosen per layer: no single value
+
+    @property
+    def needs_targets(self) -> bool:
+        return any(not math.isinf(c) for c in self.candidates)
+
+    def solve(self, W_m: torch.Tensor, stats) -> Solution:
+        if stats is None or stats.tokens == 0:
+            raise ValueError(f"{self.name}: no calibration tokens reached this layer")
+        if not getattr(stats, "residual", False) or not hasattr(stats, "fold"):
+            raise ValueError("LayerwiseEPMQ needs FoldedStatistics of residual targets (the engine gathers them "
+                             "when the solver has `folds`)")
+        H, R = stats.H, stats.C
+        W64 = W_m.double()
+        errors = {}
+        for lam in self.candidates:
+            error = 0.0
+            for k in range(self.folds):
+                part = stats.fold(k)
+                if part.tokens == 0:
+                    continue
+                H_rest, R_rest = H - part.H, R - part.C
+                if not H_rest.diagonal().mean() > 0:
+                    continue  # every token of this layer is in fold k: nothing to fit on
+                Q = self._fit_weight(W_m, H_rest, R_rest, lam)
+                D = Q.double() - W64
+                error += float(((D @ part.H) * D).sum() - 2 * (D * part.C).sum())
+            errors[lam] = error
+        best = min(self.candidates, key=lambda lam: errors[lam])  # candidates strongest first: ties keep it
+        W_star = W_m if math.isinf(best) else relaxed_target(H, R, W_m, best, self.form, self.spec.percdamp,
+                                                             residual=True)
+        H_round = H if math.isinf(best) else rounding_hessian(H, best, self.form)
+        result = gptq(W_star, H_round, self.spec)
+        shift = (W_star.double() - W64).norm() / W64.norm().clamp_min(1e-30)
+        rtn_loss = rtn(W_star, self.spec, H=H_round, loss_dtype=torch.float32).loss
+        return Solution(result, {"loss": result.loss, "rtn_loss": rtn_loss, "anchor_shift": shift.item(),
+                                 "anchor_strength": best})
+
+    def _fit_weight(self, W_m, H, R, strength) -> torch.Tensor:
+        """GPTQ's Q (out, in) of W*(strength) fitted on (H, R)."""
+        if math.isinf(strength):
+            return gptq(W_m, H, self.spec).weight
+        W_star = relaxed_target(H, R, W_m, strength, self.form, self.spec.percdamp, residual=True)
+        return gptq(W_star, rounding_hessian(H, strength, self.form), self.spec).weight
+
+    def describe(self) -> dict:
+        return {**super().describe(), "strength": None, "candidates": self.candidates, "folds": self.folds,
+                "select": "layer"}
+
+    def __repr__(self) -> str:
+        return f"LayerwiseEPMQ(candidates={self.candidates}, folds={self.folds}, form={self.form!r}, {self.spec})"
+
+
 def parse_strength(value) -> float:
     """An anchor strength: a number >= 0, or inf (YAML's .inf, the command line's inf)."""
     if isinstance(value, str) and value.strip().lower() in (".inf", "inf", "infinity"):

@@ -192,3 +192,60 @@ def _rows(name: str, T, width: int, field: str) -> torch.Tensor:
     if not T.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {T.dtype}")
     return T
+
+
+class FoldedStatistics:
+    """LayerStatistics split into K folds of samples, for choosing an option by cross-validation.
+
+    Each batch row (sample) goes to one fold (`add(..., folds=...)`); `H` and `C` are the sums over
+    all folds (what a solver fits on), `fold(k)` one fold's statistics (what held-out errors are
+    scored on): the fit on all folds but k is H − fold(k).H, C − fold(k).C. The folds' buffers are
+    all-reduced like any LayerStatistics'. Args as LayerStatistics, plus folds (K >= 2).
+    """
+
+    def __init__(self, in_features: int, out_features: int | None = None, device=None,
+                 dtype: torch.dtype = torch.float64, residual: bool = False, folds: int = 2,
+                 share_H_with: "FoldedStatistics | None" = None):
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+            raise ValueError(f"folds must be an int >= 2, got {folds!r}")
+        if share_H_with is not None and (not isinstance(share_H_with, FoldedStatistics)
+                                         or len(share_H_with.folds) != folds):
+            raise ValueError(f"share_H_with must be FoldedStatistics with {folds} folds, got {share_H_with!r}")
+        self.in_features, self.out_features, self.residual = in_features, out_features, bool(residual)
+        self.folds = [LayerStatistics(in_features, out_features, device, dtype, residual,
+                                      None if share_H_with is None else share_H_with.folds[k])
+                      for k in range(folds)]
+        self.owns_H = share_H_with is None
+
+    def fold(self, k: int) -> LayerStatistics:
+        return self.folds[k]
+
+    @property
+    def H(self) -> torch.Tensor:
+        """Σ over folds of Σ w X̂ᵀX̂ (in x in), a new tensor."""
+        return sum(f.H for f in self.folds)
+
+    @property
+    def C(self) -> torch.Tensor | None:
+        """Σ over folds of the cross term (out x in), a new tensor; None without out_features."""
+        return None if self.out_features is None else sum(f.C for f in self.folds)
+
+    @property
+    def tokens(self) -> int:
+        return sum(f.tokens for f in self.folds)
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [t for f in self.folds for t in f.buffers()]
+
+    def add(self, X: torch.Tensor, Y: torch.Tensor | None = None, weight=1.0, with_H: bool = True,
+            folds: torch.Tensor | None = None) -> None:
+        """Add a batch whose rows (the first dim of X, Y and a tensor weight) go to folds[row]."""
+        if folds is None or folds.shape != X.shape[:1]:
+            raise ValueError(f"folds must give one fold per sample, shape {tuple(X.shape[:1])}, got "
+                             f"{None if folds is None else tuple(folds.shape)}")
+        folds = folds.to(X.device)
+        for k, stats in enumerate(self.folds):
+            rows = (folds == k).nonzero().flatten()
+            if rows.numel():
+                w = weight[rows.to(weight.device)] if isinstance(weight, torch.Tensor) and weight.dim() else weight
+                stats.add(X[rows], None if Y is None else Y[rows.to(Y.device)], w, with_H)

@@ -147,9 +147,9 @@ def test_bf16_mixed_precision_runs_with_float64_statistics(zoo, tmp_path, monkey
     seen = set()
     add = LayerStatistics.add
 
-    def spy(self, X, Y=None, weight=1.0):
+    def spy(self, X, Y=None, weight=1.0, with_H=True):
         seen.add((X.dtype, self.H.dtype))
-        return add(self, X, Y, weight)
+        return add(self, X, Y, weight, with_H)
 
     monkeypatch.setattr(LayerStatistics, "add", spy)
     cfg = make_cfg(tmp_path, tmp_path / "cache" / "zoo", *suite_options(zoo["root"]), *RUN_OPTIONS,
