@@ -22,6 +22,7 @@ A new family is one small subclass. Nothing here runs a calibration.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -74,6 +75,13 @@ class ModelAdapter:
     def token_mask(self, model: nn.Module, stage: Stage, batch: Mapping, source: str = "self") -> torch.Tensor:
         """(batch, tokens) bool mask of the tokens of `source` ("self" or "context") that count."""
         raise NotImplementedError
+
+    @contextmanager
+    def stem_skipped(self, model: nn.Module, stage: Stage):
+        """Context for a forward whose first blocks are replayed (epmq.capture), which discards what the
+        stem computes: a family with a costly stem (CLIP's patch convolution) swaps it for a stand-in
+        of the same output shape. The default keeps the stem (an embedding lookup costs little)."""
+        yield
 
     # -- where things are -----------------------------------------------------------------
     def blocks(self, model: nn.Module, stage: Stage) -> nn.ModuleList:
@@ -158,6 +166,35 @@ class CLIPVisionAdapter(ModelAdapter):
     def token_mask(self, model, stage, batch, source="self"):
         tokens = self._tower(model)[0].embeddings.num_positions  # patches + the class token
         return torch.ones(len(batch["pixel_values"]), tokens, dtype=torch.bool)
+
+    @contextmanager
+    def stem_skipped(self, model, stage):
+        tower, _ = self._tower(model)
+        real = tower.embeddings
+        tower.embeddings = _BlankEmbeddings(real)  # the vision encoder masks nothing: only the shape counts
+        try:
+            yield
+        finally:
+            tower.embeddings = real
+
+
+class _BlankEmbeddings(nn.Module):
+    """Zeros of the shape CLIP's vision embeddings would return (batch, patches + 1, hidden)."""
+
+    def __init__(self, real: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_real", real)  # not a submodule: the tree keeps its own
+
+    def __getattr__(self, name: str):  # other reads (e.g. the patch weights' dtype) go to the real one
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_real"), name)
+
+    def forward(self, pixel_values, *args, **kwargs):
+        real = object.__getattribute__(self, "_real")
+        weight = real.patch_embedding.weight
+        return weight.new_zeros(len(pixel_values), real.num_positions, real.embed_dim)
 
 
 class LlamaAdapter(ModelAdapter):

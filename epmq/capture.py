@@ -8,7 +8,8 @@ call at block i with a forward pre-hook, which then stops the forward. Blocks 0.
 again: each is swapped for a `Replay` that returns block i-1's recorded output, which is all the
 stack reads from them (the output is the next block's input; T5's stack also reads the position
 biases from it). What the stem computes before block 0 is then discarded, except what the stack
-derives from the batch alone (masks, rotary tables, positions), which is recomputed exactly.
+derives from the batch alone (masks, rotary tables, positions), which is recomputed exactly; an
+adapter may skip a costly stem then (ModelAdapter.stem_skipped: CLIP's patch convolution).
 
 With no recorded output (`replay=None`) the blocks before i really run: that is how a resumed run
 catches up, and how tests obtain reference inputs.
@@ -17,7 +18,7 @@ catches up, and how tests obtain reference inputs.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -129,8 +130,9 @@ def capture_inputs(adapter: ModelAdapter, model: nn.Module, stage: Stage, i: int
         raise _StopForward
 
     handle = blocks[i].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    skip = adapter.stem_skipped(model, stage) if replay is not None and i > 0 else nullcontext()
     try:
-        with replaying(blocks, i if replay is not None else 0, replay):
+        with replaying(blocks, i if replay is not None else 0, replay), skip:
             adapter.run_stage(model, stage, batch, context, device)
     except _StopForward:
         pass
@@ -150,7 +152,8 @@ def stage_output(adapter: ModelAdapter, model: nn.Module, stage: Stage, batch: M
     """The stage's output hidden states (after its final norm), every block replayed from `replay`
     (the last block's output), or run when replay is None."""
     blocks = adapter.blocks(model, stage)
-    with replaying(blocks, len(blocks) if replay is not None else 0, replay):
+    skip = adapter.stem_skipped(model, stage) if replay is not None and len(blocks) else nullcontext()
+    with replaying(blocks, len(blocks) if replay is not None else 0, replay), skip:
         return adapter.run_stage(model, stage, batch, context, device).detach()
 
 

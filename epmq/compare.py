@@ -9,6 +9,8 @@
       epmq          every anchor setting of the ablation grid (both forms) is calibrated, scored on the
                     selection samples and tested; E-PMQ's result is the best of `quant.candidates` on
                     the selection samples, exactly as `run` chooses (never on test data)
+      epmq_layer    one calibration, the strength chosen per layer among `quant.candidates` by K-fold
+                    cross-validation on the calibration samples (quant.select=layer, output form)
 
 Shared instead of redone: the merged model, the experts' per-layer targets (one
 ExpertActivationCache(keep=True) for every E-PMQ calibration at every bit width), the data. Every
@@ -38,11 +40,11 @@ from epmq.pipeline import (calibrate, claim_run_folder, evaluate, evaluate_exper
                            quiet_lightning, resolved_config, select_scores, selection_key, solvers, target_cache)
 from epmq.regmean import gram_matrices, regmean
 from epmq.report import write_json_atomic
-from epmq.solvers import EPMQ, GPTQ, RTN
+from epmq.solvers import EPMQ, GPTQ, RTN, LayerwiseEPMQ
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn", "gptq", "regmean_gptq", "epmq")
+METHODS = ("rtn", "gptq", "regmean_gptq", "epmq", "epmq_layer")
 
 
 def compare_plan(cfg: DictConfig):
@@ -154,8 +156,10 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
             entry = units.get(key)
             if entry is None:
                 state = "regmean" if method == "regmean_gptq" else "merged"
-                solver = RTN(**spec) if method == "rtn" else GPTQ(**spec)
-                calib = calibrate(cfg, prepared, solver, states[state], f"{method} {bits}-bit")
+                solver = (RTN(**spec) if method == "rtn" else GPTQ(**spec) if method != "epmq_layer" else
+                          LayerwiseEPMQ(list(cfg.quant.candidates.strength), cfg.quant.get("folds", 2), **spec))
+                experts = expert_cache if method == "epmq_layer" else None
+                calib = calibrate(cfg, prepared, solver, states[state], f"{method} {bits}-bit", experts=experts)
                 test = evaluate(cfg, prepared, calib.model, data.test_dataloader(),
                                 f"compare/{method}/bits_{bits}/test").results
                 entry = units.put(key, {"method": method, "bits": bits, "seconds": calib.seconds, "anchor": None,

@@ -15,7 +15,7 @@ results.json (one suite, one merge, one seed; accuracies in [0, 1], times in sec
     merge                 {"name", "label" (for tables, e.g. "task arithmetic (λ=0.3)"), "config"}
     seed, bits, group_size
     references            {"experts" | "merged" | "regmean": {"test": {task: acc, "avg": acc}}}
-    methods               one entry per (method, bits): {"method": rtn | gptq | regmean_gptq | epmq,
+    methods               one entry per (method, bits): {"method": rtn | gptq | regmean_gptq | epmq | epmq_layer,
                           "bits", "test", "seconds", "layer_loss", "rtn_layer_loss", "anchor"}; E-PMQ's
                           seconds cover its whole anchor selection, its anchor is {"strength", "form"};
                           layer_loss is Σ_layers tr((Q − W*) H (Q − W*)ᵀ), rtn_layer_loss the same for
@@ -35,10 +35,12 @@ from matplotlib.figure import Figure
 
 from epmq.report import write_atomic
 
-METHODS = ("rtn", "gptq", "regmean_gptq", "epmq")
-DISPLAY = {"rtn": "RTN", "gptq": "GPTQ", "regmean_gptq": "RegMean → GPTQ", "epmq": "E-PMQ"}
+METHODS = ("rtn", "gptq", "regmean_gptq", "epmq", "epmq_layer")
+DISPLAY = {"rtn": "RTN", "gptq": "GPTQ", "regmean_gptq": "RegMean → GPTQ", "epmq": "E-PMQ",
+           "epmq_layer": "E-PMQ, λ per layer (one pass)"}
 REFERENCES = {"experts": "experts", "merged": "FP merged", "regmean": "FP RegMean"}
-COLORS = {"rtn": "tab:gray", "gptq": "tab:blue", "regmean_gptq": "tab:green", "epmq": "tab:red"}
+COLORS = {"rtn": "tab:gray", "gptq": "tab:blue", "regmean_gptq": "tab:green", "epmq": "tab:red",
+          "epmq_layer": "tab:orange"}
 FORM_COLORS = {"output": "tab:red", "weight": "tab:purple"}
 PLOTS = {"per_task_acc": "plots/per_task_acc.png", "avg_acc_vs_bits": "plots/avg_acc_vs_bits.png",
          "ablation": "plots/ablation.png"}
@@ -151,11 +153,14 @@ def references_table(results: dict) -> str:
 
 
 def bits_table(results: dict, bits: int) -> str:
-    """RTN / GPTQ / RegMean → GPTQ / E-PMQ at one bit width; the best average in bold."""
+    """RTN / GPTQ / RegMean → GPTQ / E-PMQ at one bit width; the best average in bold; calibration
+    time (for E-PMQ's selection: every candidate's calibration and scoring) also as a multiple of GPTQ's."""
     tasks = results["tasks"]
     entries = [e for m in METHODS if (e := method_entry(results, m, bits)) is not None]
     best = max((e["test"]["avg"] for e in entries), default=None)
-    lines = [markdown_header(["method", *tasks, "avg", "calib s", "anchor (λ, form)"], slice(1, -1))]
+    gptq = method_entry(results, "gptq", bits)
+    gptq_s = gptq.get("seconds") if gptq else None
+    lines = [markdown_header(["method", *tasks, "avg", "calib s", "× GPTQ", "anchor (λ, form)"], slice(1, -1))]
     for e in entries:
         avg = pct(e["test"]["avg"])
         if e["test"]["avg"] == best:
@@ -163,8 +168,11 @@ def bits_table(results: dict, bits: int) -> str:
         anchor = e.get("anchor")
         anchor_text = f"{format_strength(anchor['strength'])}, {anchor['form']}" if anchor else ""
         seconds = "-" if e.get("seconds") is None else f"{e['seconds']:.1f}"
+        ratio = "-" if e.get("seconds") is None or not gptq_s else f"{e['seconds'] / gptq_s:.1f}"
+        if e["method"] == "epmq_layer":
+            anchor_text = "per layer"
         lines.append(markdown_row([DISPLAY[e["method"]], *(pct(e["test"].get(t)) for t in tasks),
-                                   avg, seconds, anchor_text]))
+                                   avg, seconds, ratio, anchor_text]))
     return "\n".join(lines)
 
 

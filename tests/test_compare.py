@@ -12,8 +12,9 @@ from epmq.compare import compare_plan
 from epmq.run import run
 
 
-OPTIONS = ("experiment=compare", "compare.bits=[2,4]", "data.test_samples=null", "data.calib_samples=16",
-           "compare.ablation.strength=[0,1,10000,inf]", "quant.candidates.strength=[0,1,inf]", "seed=1")
+OPTIONS = ("experiment=compare", "compare.bits=[2,4]", "compare.methods=[rtn,gptq,regmean_gptq,epmq,epmq_layer]",
+           "data.test_samples=null", "data.calib_samples=16", "compare.ablation.strength=[0,1,10000,inf]",
+           "quant.candidates.strength=[0,1,inf]", "seed=1")
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +32,14 @@ def test_compare_writes_results_table_and_plots(compared):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["objective"] == pytest.approx(results["objective"])
     methods = {(e["method"], e["bits"]) for e in on_disk["methods"]}
-    assert methods == {(m, b) for m in ("rtn", "gptq", "regmean_gptq", "epmq") for b in (2, 4)}
+    assert methods == {(m, b) for m in ("rtn", "gptq", "regmean_gptq", "epmq", "epmq_layer") for b in (2, 4)}
     table = (out / "results.md").read_text()
-    for name in ("RTN", "GPTQ", "RegMean → GPTQ", "E-PMQ", "FP merged", "FP RegMean"):
+    for name in ("RTN", "GPTQ", "RegMean → GPTQ", "E-PMQ", "E-PMQ, λ per layer (one pass)", "× GPTQ", "FP merged",
+                 "FP RegMean"):
         assert name in table
+    seconds = {(e["method"], e["bits"]): e["seconds"] for e in on_disk["methods"]}
+    for bits in (2, 4):  # one calibration against one per candidate (and their scoring)
+        assert seconds[("epmq_layer", bits)] < seconds[("epmq", bits)]
     for plot in ("per_task_acc", "avg_acc_vs_bits", "ablation"):
         assert (out / "plots" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
