@@ -210,7 +210,7 @@ def target_cache(cfg: DictConfig, pool, keep: bool) -> ExpertActivationCache:
     """The experts' targets for several calibrations on the same batches: recorded by the first and
     replayed by the others when `keep` (calibration.keep_targets_gb, keep_targets_device)."""
     opts = cfg.get("calibration") or {}
-    return ExpertActivationCache(pool, keep=keep, keep_budget_gb=opts.get("keep_targets_gb", 4.0),
+    return ExpertActivationCache(pool, keep=keep, keep_budget_gb=opts.get("keep_targets_gb", 0.5),
                                  keep_device=opts.get("keep_targets_device", "cpu"))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import lightning as L
 import pytest
 import torch
 
@@ -338,3 +339,24 @@ def test_kept_targets_over_their_budget_are_dropped_and_computed_again(zoo, data
     assert calls  # the pool was read again: nothing was replayed
     for key, W in block_weights(first).items():
         assert torch.equal(block_weights(second)[key], W), key
+
+
+def test_a_recording_that_would_outgrow_its_budget_stops_after_the_first_step(zoo, data, pool):
+    """The budget holds one step's targets but not all of them: the first step projects past it, so
+    the recording is dropped then, not when it has filled the budget."""
+    probe = ExpertActivationCache(pool, keep=True, keep_budget_gb=1.0)
+    _epmq(zoo["merged"], data, probe, strength=0.5)
+    sizes = [sum(Y.numel() * Y.element_size() for b in step.values() for Y in b.values())
+             for step in probe.recorded.values()]
+    assert len(sizes) >= 2 and max(sizes) < 1.5 * min(sizes)  # the steps hold alike amounts
+    budget = 1.5 * sizes[0]  # one step fits, all of them do not
+    held = []
+    cache = ExpertActivationCache(pool, keep=True, keep_budget_gb=budget / 2**30)
+    module = BlockwiseCalibration(load_state(zoo["merged"]), solver("epmq", 0.5), TASKS, experts=cache)
+
+    class Watch(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            held.append(len(cache.recorded))
+
+    trainer_for(module, [Watch()]).fit(module, datamodule=CalibrationData(data))
+    assert held[0] <= 1 and all(h == 0 for h in held[1:]) and not cache.keep
