@@ -1,7 +1,8 @@
 """compare(cfg): every method on one set of experts, in one run (`python train.py experiment=compare`).
 
-    references   each expert on its own task, the FP merged model, and the FP RegMean merge
-                 (closed form from the experts' own input Gram matrices on the calibration samples)
+    references   each expert on its own task, the FP merged model, the FP RegMean merge (closed form
+                 from the experts' own input Gram matrices on the calibration samples) and the FP
+                 calibrated merge (E-PMQ's calibration at its chosen anchor, not rounded)
     per bit width
       rtn           round the merged weights to nearest
       gptq          GPTQ of the merged model
@@ -40,7 +41,7 @@ from epmq.pipeline import (calibrate, claim_run_folder, evaluate, evaluate_exper
                            quiet_lightning, resolved_config, select_scores, selection_key, solvers, target_cache)
 from epmq.regmean import gram_matrices, regmean
 from epmq.report import write_json_atomic
-from epmq.solvers import EPMQ, GPTQ, RTN, LayerwiseEPMQ
+from epmq.solvers import EPMQ, GPTQ, RTN, LayerwiseEPMQ, RelaxedEPMQ
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,10 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
                                         "test": test, **layer_losses(calib)})
             entries.append(entry)
             log.info("%s %d-bit: test accuracy %.2f", method, bits, 100 * entry["test"]["avg"])
+    epmq_entries = sorted((e for e in entries if e["method"] == "epmq"), key=lambda e: -e["bits"])
+    if cfg.compare.get("fp_calibrated", True) and epmq_entries:
+        references["calibrated"] = units.get("epmq_fp") or units.put(
+            "epmq_fp", fp_calibrated(cfg, prepared, epmq_entries[0]["anchor"], specs, expert_cache))
     del expert_cache
     timings["total_s"] = time.perf_counter() - start
 
@@ -235,6 +240,18 @@ def epmq_entry(rows: list[dict], selection: list[tuple[float, str]], select_by: 
     return {"method": "epmq", "bits": bits, "test": best["test"], "anchor": {"strength": best["strength"],
             "form": best["form"]}, "seconds": sum(r["seconds"] + r["select_seconds"] for r in pool),
             "layer_loss": best["layer_loss"], "rtn_layer_loss": best["rtn_layer_loss"]}
+
+
+def fp_calibrated(cfg, prepared, anchor: dict, specs: dict, expert_cache) -> dict:
+    """The FP calibrated merge: E-PMQ's calibration at the anchor it chose at the widest bit width (on
+    the selection samples), its continuous targets W* written without rounding; tested."""
+    strength, form = _strength(anchor["strength"]), anchor["form"]
+    spec = next(iter(specs.values()))  # only percdamp (the damping δ) matters without rounding
+    calib = calibrate(cfg, prepared, RelaxedEPMQ(strength, form, **spec), label="FP calibrated merge",
+                      experts=expert_cache)
+    test = evaluate(cfg, prepared, calib.model, prepared.data.test_dataloader(), "calibrated/test").results
+    log.info("FP calibrated merge (λ=%g, %s): test accuracy %.2f", strength, form, 100 * test["avg"])
+    return {"test": test, "strength": strength, "form": form, "seconds": calib.seconds}
 
 
 def _strength(value) -> float:

@@ -14,7 +14,8 @@ results.json (one suite, one merge, one seed; accuracies in [0, 1], times in sec
     suite, tasks          the suite's description and its task names (report order)
     merge                 {"name", "label" (for tables, e.g. "task arithmetic (λ=0.3)"), "config"}
     seed, bits, group_size
-    references            {"experts" | "merged" | "regmean": {"test": {task: acc, "avg": acc}}}
+    references            {"experts" | "merged" | "regmean" | "calibrated": {"test": {task: acc, "avg": acc}}}
+                          ("calibrated": the FP calibrated merge, also "strength", "form", "seconds")
     methods               one entry per (method, bits): {"method": rtn | gptq | regmean_gptq | epmq | epmq_layer,
                           "bits", "test", "seconds", "layer_loss", "rtn_layer_loss", "anchor"}; E-PMQ's
                           seconds cover its whole anchor selection, its anchor is {"strength", "form"};
@@ -38,7 +39,8 @@ from epmq.report import write_atomic
 METHODS = ("rtn", "gptq", "regmean_gptq", "epmq", "epmq_layer")
 DISPLAY = {"rtn": "RTN", "gptq": "GPTQ", "regmean_gptq": "RegMean → GPTQ", "epmq": "E-PMQ",
            "epmq_layer": "E-PMQ, λ per layer (one pass)"}
-REFERENCES = {"experts": "experts", "merged": "FP merged", "regmean": "FP RegMean"}
+REFERENCES = {"experts": "experts", "merged": "FP merged", "regmean": "FP RegMean",
+              "calibrated": "FP calibrated merge (E-PMQ, no rounding)"}
 COLORS = {"rtn": "tab:gray", "gptq": "tab:blue", "regmean_gptq": "tab:green", "epmq": "tab:red",
           "epmq_layer": "tab:orange"}
 FORM_COLORS = {"output": "tab:red", "weight": "tab:purple"}
@@ -160,7 +162,10 @@ def bits_table(results: dict, bits: int) -> str:
     best = max((e["test"]["avg"] for e in entries), default=None)
     gptq = method_entry(results, "gptq", bits)
     gptq_s = gptq.get("seconds") if gptq else None
-    lines = [markdown_header(["method", *tasks, "avg", "calib s", "× GPTQ", "anchor (λ, form)"], slice(1, -1))]
+    refs = {k: results["references"].get(k, {}).get("test", {}).get("avg") for k in ("experts", "merged")}
+    gap = (refs["experts"] - refs["merged"]) if None not in refs.values() else None
+    lines = [markdown_header(["method", *tasks, "avg", "gap recovered %", "calib s", "× GPTQ", "anchor (λ, form)"],
+                             slice(1, -1))]
     for e in entries:
         avg = pct(e["test"]["avg"])
         if e["test"]["avg"] == best:
@@ -171,8 +176,10 @@ def bits_table(results: dict, bits: int) -> str:
         ratio = "-" if e.get("seconds") is None or not gptq_s else f"{e['seconds'] / gptq_s:.1f}"
         if e["method"] == "epmq_layer":
             anchor_text = "per layer"
+        # the share of the experts' lead over the FP merge that the method closes (negative: it loses ground)
+        recovered = "-" if not gap else f"{100 * (e['test']['avg'] - refs['merged']) / gap:.0f}"
         lines.append(markdown_row([DISPLAY[e["method"]], *(pct(e["test"].get(t)) for t in tasks),
-                                   avg, seconds, ratio, anchor_text]))
+                                   avg, recovered, seconds, ratio, anchor_text]))
     return "\n".join(lines)
 
 

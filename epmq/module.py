@@ -477,7 +477,8 @@ class BlockwiseCalibration(L.LightningModule):
             linear = block.get_submodule(name)
             solution = self.solver.solve(linear.weight.detach(), self.statistics.get(name))
             linear.weight.copy_(solution.result.weight.to(linear.weight.dtype))
-            results[step.prefix + name] = QuantizedLayer.from_result(solution.result, self.solver.spec.bits)
+            if getattr(self.solver, "quantizes", True):  # an FP solver (RelaxedEPMQ) leaves no codes
+                results[step.prefix + name] = QuantizedLayer.from_result(solution.result, self.solver.spec.bits)
             metrics[step.prefix + name] = solution.metrics
             for key, value in solution.metrics.items():
                 self.log(f"calib/{step.label}/{name}/{key}", value, on_step=False, on_epoch=True, batch_size=1,

@@ -40,6 +40,9 @@ def quantize(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     quiet_lightning()
     candidates = solvers(cfg.quant)
+    if not all(getattr(s, "quantizes", True) for s in candidates):
+        raise ValueError(f"quant._target_={cfg.quant._target_} does not quantize (the FP calibrated merge): it is a "
+                         f"row of experiment=compare, not a job of its own")
     if cfg.save_model:  # refused now, not after the calibration
         check_exportable(cfg.quant.bits, cfg.get("checkpoint_format") or "gptq")
     out_dir = Path(cfg.paths.output_dir)

@@ -121,6 +121,26 @@ class EPMQ(GPTQ):
         return f"EPMQ(strength={self.strength:g}, form={self.form!r}, {self.spec})"
 
 
+class RelaxedEPMQ(EPMQ):
+    """E-PMQ's continuous target W* written as it is, not rounded: the FP calibrated merge.
+
+    The same calibration as EPMQ at the same strength and form (the experts' targets, the merged
+    weights as anchor); beside the quantized E-PMQ it shows apart what the calibration repairs in the
+    merge and what rounding costs. Nothing is quantized (`quantizes` is False): the engine keeps no
+    codes for it, so it is neither exported nor resumed.
+    """
+
+    name = "epmq_fp"
+    quantizes = False
+
+    def solve(self, W_m: torch.Tensor, stats: LayerStatistics | None = None) -> Solution:
+        if stats is None or stats.tokens == 0:
+            raise ValueError(f"{self.name}: no calibration tokens reached this layer")
+        W_star, _, metrics = self.target(W_m, stats)
+        none = W_star.new_empty(0)
+        return Solution(QuantResult(W_star.float(), none.to(torch.uint8), none, none, none.long(), 0.0), metrics)
+
+
 class LayerwiseEPMQ(EPMQ):
     """E-PMQ whose anchor strength is chosen per layer, in the same pass, by K-fold cross-validation.
 

@@ -37,6 +37,11 @@ def test_compare_writes_results_table_and_plots(compared):
     for name in ("RTN", "GPTQ", "RegMean → GPTQ", "E-PMQ", "E-PMQ, λ per layer (one pass)", "× GPTQ", "FP merged",
                  "FP RegMean"):
         assert name in table
+    assert "FP calibrated merge (E-PMQ, no rounding)" in table and "gap recovered %" in table
+    epmq4 = next(e for e in on_disk["methods"] if e["method"] == "epmq" and e["bits"] == 4)
+    calibrated = on_disk["references"]["calibrated"]  # at the anchor E-PMQ chose at the widest bit width
+    assert (calibrated["strength"], calibrated["form"]) == (epmq4["anchor"]["strength"], epmq4["anchor"]["form"])
+    assert set(calibrated["test"]) == {*on_disk["tasks"], "avg"}
     seconds = {(e["method"], e["bits"]): e["seconds"] for e in on_disk["methods"]}
     for bits in (2, 4):  # one calibration against one per candidate (and their scoring)
         assert seconds[("epmq_layer", bits)] < seconds[("epmq", bits)]

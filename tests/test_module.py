@@ -11,8 +11,9 @@ import torch
 
 from callbacks.block_metrics import BlockMetrics, BlockProgressBar
 from callbacks.expert_cache import ExpertActivationCache
-from conftest import (SPEC, TASKS, CalibrationData, CalibrationSet, calibrate, calibration_set, load_state, solver,
-                      trainer_for)
+from conftest import (SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibrate, calibration_set, load_state,
+                      solver, trainer_for)
+from epmq.anchor import relaxed_target
 from epmq.gptq import gptq
 from epmq.module import BlockwiseCalibration
 from epmq.pool import ExpertPool
@@ -360,3 +361,30 @@ def test_a_recording_that_would_outgrow_its_budget_stops_after_the_first_step(zo
 
     trainer_for(module, [Watch()]).fit(module, datamodule=CalibrationData(data))
     assert held[0] <= 1 and all(h == 0 for h in held[1:]) and not cache.keep
+
+
+def test_the_fp_calibrated_merge_writes_the_unrounded_targets(zoo, data, pool):
+    """RelaxedEPMQ runs E-PMQ's calibration and writes W* itself: at the first block (whose inputs
+    are the merged model's own in both runs) its weights are E-PMQ's targets, not grid values, and
+    the engine keeps no codes for it."""
+    from epmq.solvers import RelaxedEPMQ
+
+    seen = {}
+
+    class Keeping(RelaxedEPMQ):
+        def solve(self, W_m, stats):
+            solution = super().solve(W_m, stats)
+            seen.setdefault("block", (W_m.clone(), relaxed_target(stats.H, stats.C, W_m, 1.0, residual=True),
+                                      solution.result.weight.clone()))
+            return solution
+
+    module = BlockwiseCalibration(load_state(zoo["merged"]), Keeping(strength=1.0, **SPEC_ARGS), TASKS,
+                                  experts=ExpertActivationCache(pool))
+    trainer_for(module).fit(module, datamodule=CalibrationData(data))
+    W_m, W_star, written = seen["block"]
+    assert torch.equal(written, W_star.float()) and not torch.equal(W_star, W_m)
+    assert module.quant_results == {}
+    # per row far more distinct values than a 4-bit grid of group 128 holds (16 per group)
+    first = module.schedule[0].prefix + module.schedule[0].layers[0]
+    weight = module.model.state_dict()[first + ".weight"]
+    assert min(len(row.unique()) for row in weight) > 16 * -(-weight.shape[1] // 128)
