@@ -177,7 +177,7 @@ def bits_table(results: dict, bits: int) -> str:
         if e["method"] == "epmq_layer":
             anchor_text = "per layer"
         # the share of the experts' lead over the FP merge that the method closes (negative: it loses ground)
-        recovered = "-" if not gap else f"{100 * (e['test']['avg'] - refs['merged']) / gap:.0f}"
+        recovered = "-" if not gap else f"{100 * (e['test']['avg'] - refs['merged']) / gap:.1f}"
         lines.append(markdown_row([DISPLAY[e["method"]], *(pct(e["test"].get(t)) for t in tasks),
                                    avg, recovered, seconds, ratio, anchor_text]))
     return "\n".join(lines)
