@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import ExitStack, contextmanager
 import warnings
+from contextlib import ExitStack, contextmanager
 from typing import Mapping, Sequence
 
 import lightning as L

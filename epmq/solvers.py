@@ -75,7 +75,10 @@ class GPTQ(RTN):
     def solve(self, W_m: torch.Tensor, stats: LayerStatistics | None = None) -> Solution:
         if stats is None or stats.tokens == 0:
             raise ValueError(f"{self.name}: no calibration tokens reached this layer")
-        W, H, metrics = self.target(W_m, stats)
+        return self.quantize_target(*self.target(W_m, stats))
+
+    def quantize_target(self, W: torch.Tensor, H: torch.Tensor, metrics: dict) -> Solution:
+        """GPTQ of W (out, in) under H (in, in); `loss` and `rtn_loss` logged beside `metrics`."""
         result = gptq(W, H, self.spec)
         # the baseline GPTQ must beat: round the same W to nearest, scored under the same H (a logged
         # number: its product in float32, which costs a fraction of float64's)
@@ -107,12 +110,17 @@ class EPMQ(GPTQ):
         return not math.isinf(self.strength)
 
     def target(self, W_m, stats):
-        if not self.needs_targets:
-            return W_m, stats.H, {"anchor_shift": 0.0}
-        W_star = relaxed_target(stats.H, stats.C, W_m, self.strength, self.form, self.spec.percdamp,
-                                residual=stats.residual)
-        shift = (W_star.double() - W_m.double()).norm() / W_m.double().norm().clamp_min(1e-30)
-        return W_star, rounding_hessian(stats.H, self.strength, self.form), {"anchor_shift": shift.item()}
+        W_star, H = self.anchored(W_m, stats.H, stats.C, stats.residual, self.strength)
+        return W_star, H, {"anchor_shift": anchor_shift(W_star, W_m)}
+
+    def anchored(self, W_m: torch.Tensor, H: torch.Tensor, C: torch.Tensor | None, residual: bool,
+                 strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """W* (out, in) at `strength` from the statistics (H, C) and the Hessian (in, in) GPTQ rounds it
+        under; strength inf gives W_m and H themselves (C is not read)."""
+        if math.isinf(strength):
+            return W_m, H
+        W_star = relaxed_target(H, C, W_m, strength, self.form, self.spec.percdamp, residual=residual)
+        return W_star, rounding_hessian(H, strength, self.form)
 
     def describe(self) -> dict:
         return {**super().describe(), "strength": self.strength, "form": self.form}
@@ -198,26 +206,14 @@ class LayerwiseEPMQ(EPMQ):
                 H_rest, R_rest = H - part.H, R - part.C
                 if not H_rest.diagonal().mean() > 0:
                     continue  # every token of this layer is in fold k: nothing to fit on
-                Q = self._fit_weight(W_m, H_rest, R_rest, lam)
+                Q = gptq(*self.anchored(W_m, H_rest, R_rest, True, lam), self.spec).weight
                 D = Q.double() - W64
                 error += float(((D @ part.H) * D).sum() - 2 * (D * part.C).sum())
             errors[lam] = error
         best = min(self.candidates, key=lambda lam: errors[lam])  # candidates strongest first: ties keep it
-        W_star = W_m if math.isinf(best) else relaxed_target(H, R, W_m, best, self.form, self.spec.percdamp,
-                                                             residual=True)
-        H_round = H if math.isinf(best) else rounding_hessian(H, best, self.form)
-        result = gptq(W_star, H_round, self.spec)
-        shift = (W_star.double() - W64).norm() / W64.norm().clamp_min(1e-30)
-        rtn_loss = rtn(W_star, self.spec, H=H_round, loss_dtype=torch.float32).loss
-        return Solution(result, {"loss": result.loss, "rtn_loss": rtn_loss, "anchor_shift": shift.item(),
-                                 "anchor_strength": best})
-
-    def _fit_weight(self, W_m, H, R, strength) -> torch.Tensor:
-        """GPTQ's Q (out, in) of W*(strength) fitted on (H, R)."""
-        if math.isinf(strength):
-            return gptq(W_m, H, self.spec).weight
-        W_star = relaxed_target(H, R, W_m, strength, self.form, self.spec.percdamp, residual=True)
-        return gptq(W_star, rounding_hessian(H, strength, self.form), self.spec).weight
+        W_star, H_round = self.anchored(W_m, H, R, True, best)
+        return self.quantize_target(W_star, H_round, {"anchor_shift": anchor_shift(W_star, W_m),
+                                                      "anchor_strength": best})
 
     def describe(self) -> dict:
         return {**super().describe(), "strength": None, "candidates": self.candidates, "folds": self.folds,
@@ -225,6 +221,14 @@ class LayerwiseEPMQ(EPMQ):
 
     def __repr__(self) -> str:
         return f"LayerwiseEPMQ(candidates={self.candidates}, folds={self.folds}, form={self.form!r}, {self.spec})"
+
+
+def anchor_shift(W_star: torch.Tensor, W_m: torch.Tensor) -> float:
+    """‖W* − W_m‖ / ‖W_m‖ (0 when W* is W_m itself)."""
+    if W_star is W_m:
+        return 0.0
+    W64 = W_m.double()
+    return ((W_star.double() - W64).norm() / W64.norm().clamp_min(1e-30)).item()
 
 
 def parse_strength(value) -> float:
