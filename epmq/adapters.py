@@ -242,23 +242,23 @@ class T5Adapter(ModelAdapter):
 
     def stages(self, model):
         stages = []
+        self_qkv = tuple("layer.0." + n for n in self._SELF)
         if isinstance(getattr(getattr(model, "encoder", None), "block", None), nn.ModuleList):
             ff = "layer.1."
-            self_qkv, ff_in = tuple("layer.0." + n for n in self._SELF), tuple(ff + n for n in self._FF_IN)
+            ff_in = tuple(ff + n for n in self._FF_IN)
             stages.append(Stage("encoder", "encoder.block", (
                 self_qkv, ("layer.0.SelfAttention.o",), ff_in, (ff + "DenseReluDense.wo",)),
                 shared_inputs=(self_qkv, ff_in)))
         if isinstance(getattr(getattr(model, "decoder", None), "block", None), nn.ModuleList):
             cross, ff = "layer.1.EncDecAttention.", "layer.2."
-            self_qkv, ff_in = tuple("layer.0." + n for n in self._SELF), tuple(ff + n for n in self._FF_IN)
+            cross_kv, ff_in = (cross + "k", cross + "v"), tuple(ff + n for n in self._FF_IN)
             stages.append(Stage("decoder", "decoder.block", (
                 # cross-attention keys and values read the encoder's output: nothing in the block
                 # changes their inputs, so they go with the first group
-                self_qkv + (cross + "k", cross + "v"),
+                self_qkv + cross_kv,
                 ("layer.0.SelfAttention.o",), (cross + "q",), (cross + "o",),
                 ff_in, (ff + "DenseReluDense.wo",)),
-                context_layers=frozenset({cross + "k", cross + "v"}),
-                shared_inputs=(self_qkv, (cross + "k", cross + "v"), ff_in)))
+                context_layers=frozenset(cross_kv), shared_inputs=(self_qkv, cross_kv, ff_in)))
         if not stages:
             raise ValueError(f"{type(model).__name__} has no T5 encoder or decoder blocks")
         return stages

@@ -27,12 +27,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import load_file, save_file
 
 from epmq.module import FinishedStep
-from epmq.quantized_layer import QuantizedLayer
+from epmq.quantized_layer import FIELDS, QuantizedLayer
 from epmq.report import write_atomic, write_json_atomic
 
 PROGRESS = "progress.json"
 STEP_FORMAT = 2  # 1: uint8 codes unpacked (out x in), float32 zeros; 2: QuantizedLayer's packed tensors
-_FIELDS = ("qweight", "scales", "zeros", "g_idx")
 
 
 class StepStore:
@@ -71,7 +70,7 @@ class StepStore:
             results = {}
             for layer, info in entry["results"].items():
                 try:
-                    results[layer] = QuantizedLayer.from_tensors({f: tensors[f"{layer}.{f}"] for f in _FIELDS},
+                    results[layer] = QuantizedLayer.from_tensors({f: tensors[f"{layer}.{f}"] for f in FIELDS},
                                                                  info["bits"], info["loss"], info["damp"])
                 except (KeyError, ValueError) as e:
                     raise ValueError(f"cannot resume {self.folder}: layer {layer} of {entry['file']} is "

@@ -51,9 +51,10 @@ def _check_bits(bits) -> int:
     return bits
 
 
-def _check_code_bits(bits) -> int:
+def check_code_bits(bits) -> int:
+    """`bits` if pack_bits takes it (one of CODE_BITS), else ValueError naming it."""
     if isinstance(bits, bool) or bits not in CODE_BITS:
-        raise ValueError(f"codes are packed with {CODE_BITS} bits, got {bits!r}")
+        raise ValueError(f"bits must be one of {CODE_BITS} (the code widths pack_bits takes), got {bits!r}")
     return bits
 
 
@@ -67,7 +68,7 @@ def check_format(checkpoint_format: str) -> str:
 def packed_length(n: int, bits: int) -> int:
     """How many int32 words hold n codes of `bits` bits: padded to whole words when bits divides 32
     (2, 4, 8), else to whole blocks of 32 codes in `bits` words (3, 5, 6, 7)."""
-    _check_code_bits(bits)
+    check_code_bits(bits)
     if WORD_BITS % bits:
         return bits * -(-n // WORD_BITS)
     return -(-n // (WORD_BITS // bits))
@@ -92,7 +93,7 @@ def _layout(bits: int):
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack (n, cols) integer codes in 0 .. 2^bits - 1 along dim 0, any bits in CODE_BITS:
     int32 (packed_length(n, bits), cols), each column one little-endian bit stream."""
-    _check_code_bits(bits)
+    check_code_bits(bits)
     if codes.dim() != 2 or codes.is_floating_point() or codes.is_complex():
         raise ValueError(f"codes must be a 2-D integer tensor, got {codes.dtype} of shape {tuple(codes.shape)}")
     n, cols = codes.shape
@@ -116,7 +117,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """The n codes of each column of `packed` (pack_bits's layout): uint8 (n, cols)."""
-    _check_code_bits(bits)
+    check_code_bits(bits)
     if packed.dim() != 2 or packed.dtype != torch.int32:
         raise ValueError(f"packed codes must be a 2-D int32 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
     if packed.shape[0] != packed_length(n, bits):

@@ -22,8 +22,10 @@ import dataclasses
 import torch
 
 from epmq.gptq import QuantResult
-from epmq.packing import CODE_BITS, pack_bits, packed_length, unpack_bits
+from epmq.packing import CODE_BITS, check_code_bits, pack_bits, packed_length, unpack_bits
 from epmq.quant import dequantize
+
+FIELDS = ("qweight", "scales", "zeros", "g_idx")  # the tensors of a record, as files store them
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -68,9 +70,7 @@ class QuantizedLayer:
 
         ValueError when a code or zero point does not fit in `bits` bits or a zero point is not an integer.
         """
-        if isinstance(bits, bool) or bits not in CODE_BITS:
-            raise ValueError(f"bits must be one of {CODE_BITS}, got {bits!r}")
-        maxq = (1 << bits) - 1
+        maxq = (1 << check_code_bits(bits)) - 1
         zeros = result.zeros.detach()
         if zeros.numel() and not (torch.equal(zeros, zeros.round()) and 0 <= zeros.min() and zeros.max() <= maxq):
             raise ValueError(f"zero points must be integers in 0 .. {maxq} for {bits} bits")
@@ -98,17 +98,17 @@ class QuantizedLayer:
     @property
     def nbytes(self) -> int:
         """Bytes of the four tensors."""
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros, self.g_idx))
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """{"qweight", "scales", "zeros", "g_idx"}: what a file needs besides bits, loss and damp
         (the shape is (qweight.shape[1], g_idx.shape[0]))."""
-        return {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros, "g_idx": self.g_idx}
+        return {f: getattr(self, f) for f in FIELDS}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], bits: int, loss: float, damp: float) -> QuantizedLayer:
         """The record whose tensors() are `tensors` (ValueError naming what does not fit)."""
-        missing = [k for k in ("qweight", "scales", "zeros", "g_idx") if k not in tensors]
+        missing = [k for k in FIELDS if k not in tensors]
         if missing:
             raise ValueError(f"a quantized layer needs qweight, scales, zeros and g_idx; missing {missing}")
         shape = (tensors["qweight"].shape[-1], tensors["g_idx"].shape[0])
