@@ -67,10 +67,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# gptq-unshared: every layer accumulates its own H (before issue 17); epmq-keep: E-PMQ recording the
-# experts' targets for later anchor candidates and replaying them in a second fit, as the default
-# automatic anchor choice does (its peak is what that choice holds)
-METHODS = ("rtn", "gptq-unshared", "gptq", "epmq", "epmq-keep")
+METHODS = ("rtn", "gptq-unshared", "gptq", "epmq", "epmq-keep")  # the module docstring says what each is
 MiB = 2**20
 
 
@@ -188,6 +185,13 @@ def calibration_batches(args, T: int):
     return DataLoader(Samples(), batch_sampler=batches)
 
 
+def expert_pool(experts_dir: Path, T: int):
+    """The ExpertPool of the first T experts under experts_dir (base/ beside it)."""
+    from epmq.pool import ExpertPool
+
+    return ExpertPool(experts_dir.parent / "base", {task_name(k): experts_dir / task_name(k) for k in range(T)})
+
+
 def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str, cache=None):
     """(trainer, module) wired as epmq.pipeline.calibrate wires a run: merged model, solver, pool.
 
@@ -196,7 +200,6 @@ def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str, ca
     """
     import lightning as L
     from epmq.module import BlockwiseCalibration
-    from epmq.pool import ExpertPool
     from epmq.solvers import EPMQ, GPTQ, RTN
 
     tasks = [task_name(k) for k in range(T)]
@@ -207,10 +210,7 @@ def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str, ca
     spec = dict(bits=args.bits, group_size=args.group_size)
     epmq = method.startswith("epmq")
     solver = EPMQ(args.strength, "output", **spec) if epmq else (RTN if method == "rtn" else GPTQ)(**spec)
-    experts = None
-    if epmq:
-        experts = cache if cache is not None else ExpertPool(experts_dir.parent / "base",
-                                                             {t: experts_dir / t for t in tasks})
+    experts = None if not epmq else cache if cache is not None else expert_pool(experts_dir, T)
     module = BlockwiseCalibration(model, solver, tasks, experts=experts, share_statistics=method != "gptq-unshared",
                                   tf32=args.tf32)
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=len(module.schedule),
@@ -247,10 +247,9 @@ def measure(args) -> dict:
     cache = None
     if method == "epmq-keep":  # as epmq.pipeline.target_cache builds it for the anchor candidates
         from callbacks.expert_cache import ExpertActivationCache
-        from epmq.pool import ExpertPool
 
-        pool = ExpertPool(root / "base", {task_name(k): root / "experts" / task_name(k) for k in range(T)})
-        cache = ExpertActivationCache(pool, keep=True, keep_budget_gb=args.keep_gb, keep_device="cpu")
+        cache = ExpertActivationCache(expert_pool(root / "experts", T), keep=True, keep_budget_gb=args.keep_gb,
+                                      keep_device="cpu")
     trainer, module = setup_run(args, root / f"merged_{T}", root / "experts", T, method, cache)
     loader = calibration_batches(args, T)
     gc.collect()

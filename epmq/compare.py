@@ -157,8 +157,10 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
             entry = units.get(key)
             if entry is None:
                 state = "regmean" if method == "regmean_gptq" else "merged"
-                solver = (RTN(**spec) if method == "rtn" else GPTQ(**spec) if method != "epmq_layer" else
-                          LayerwiseEPMQ(list(cfg.quant.candidates.strength), cfg.quant.get("folds", 2), **spec))
+                if method == "epmq_layer":
+                    solver = LayerwiseEPMQ(list(cfg.quant.candidates.strength), cfg.quant.get("folds", 2), **spec)
+                else:
+                    solver = RTN(**spec) if method == "rtn" else GPTQ(**spec)
                 experts = expert_cache if method == "epmq_layer" else None
                 calib = calibrate(cfg, prepared, solver, states[state], f"{method} {bits}-bit", experts=experts)
                 test = evaluate(cfg, prepared, calib.model, data.test_dataloader(),
