@@ -82,6 +82,9 @@ class ExpertActivationCache(L.Callback):
         self._skeleton: nn.Module | None = None               # the model's stem, for expert stems
         self._stem_task: int | None = None
         self._key_map = ("", "")  # (strip, add): pool keys -> model keys
+        self._task_names: list[str] = []
+        self._layers: dict[tuple, tuple] = {}  # (source, layer key) -> (W, b) read by `layer`
+        self._layer_source: int | None = None
 
     # -- fit start ----------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -91,6 +94,7 @@ class ExpertActivationCache(L.Callback):
         if missing:
             raise ValueError(f"the expert pool has no expert for task(s) {missing}; pool tasks: {self.pool.tasks}")
         self._key_map = match_prefix(self.pool.keys(), pl_module.model.state_dict().keys())
+        self._task_names = list(pl_module.task_names)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         layout = None
@@ -159,7 +163,8 @@ class ExpertActivationCache(L.Callback):
     @torch.no_grad()
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self._targets = {}
-        if pl_module.step_index >= len(pl_module.schedule) or not pl_module.owns(batch_idx):
+        if (pl_module.step_index >= len(pl_module.schedule) or not pl_module.owns(batch_idx)
+                or not pl_module.solver.needs_targets):  # the pool may serve only base layers (solve's anchor)
             return
         step = pl_module.current_step
         device = pl_module.device_
@@ -227,6 +232,23 @@ class ExpertActivationCache(L.Callback):
                          (step.stage_index, step.block), pl_module.device_, run, pl_module.to_cache)
         return pl_module.inputs_to_cache(inputs)
 
+    def layer(self, source: int | str, key: str, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W, b) of one linear layer, read from the pool: source is a task index into the module's
+        task_names (that expert) or "base"; key is the layer's name in the model ('<block prefix><name>').
+        The last source's layers are kept until another expert is asked for (tasks come in turn)."""
+        if source != self._layer_source and source != "base":
+            self._layers = {k: v for k, v in self._layers.items() if k[0] == "base"}
+            self._layer_source = source
+        found = self._layers.get((source, key))
+        if found is None:
+            strip, add = self._key_map
+            pool_key = lambda suffix: strip + f"{key}.{suffix}"[len(add):]  # noqa: E731
+            lazy = self.pool.lazy_base() if source == "base" else self.pool.lazy_expert(self._task_names[source])
+            bias = pool_key("bias")
+            found = (lazy[pool_key("weight")], lazy[bias] if bias in lazy else None)
+            self._layers[(source, key)] = found
+        return tuple(None if t is None else t.to(device) for t in found)
+
     def targets(self, batch_idx: int) -> dict[str, torch.Tensor]:
         """layer -> (batch, tokens, out) expert outputs Y_t for the current step, batch `batch_idx`."""
         if batch_idx not in self._targets:
@@ -235,7 +257,7 @@ class ExpertActivationCache(L.Callback):
         return self._targets[batch_idx]
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._targets, self._blocks = {}, {}
+        self._targets, self._blocks, self._layers, self._layer_source = {}, {}, {}, None
         if self._recording and len(self.recorded) == 1:  # steps of a model hold alike amounts of targets
             projected = self._recorded_bytes * len(pl_module.schedule)
             if projected > self.keep_budget:

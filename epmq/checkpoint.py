@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import load_file, save_file
 
 from epmq.module import FinishedStep
-from epmq.quantized_layer import FIELDS, QuantizedLayer
+from epmq.quantized_layer import FIELDS, OPTIONAL, QuantizedLayer
 from epmq.report import write_atomic, write_json_atomic
 
 PROGRESS = "progress.json"
@@ -70,7 +70,8 @@ class StepStore:
             results = {}
             for layer, info in entry["results"].items():
                 try:
-                    results[layer] = QuantizedLayer.from_tensors({f: tensors[f"{layer}.{f}"] for f in FIELDS},
+                    results[layer] = QuantizedLayer.from_tensors({f: tensors[f"{layer}.{f}"] for f in FIELDS + OPTIONAL
+                                                                  if f in FIELDS or f"{layer}.{f}" in tensors},
                                                                  info["bits"], info["loss"], info["damp"])
                 except (KeyError, ValueError) as e:
                     raise ValueError(f"cannot resume {self.folder}: layer {layer} of {entry['file']} is "

@@ -133,9 +133,11 @@ class BlockwiseCalibration(L.LightningModule):
         self.label = ""  # shown before the step in the progress bar, e.g. which anchor candidate
         self.stages = self.adapter.stages(model)
         self.schedule: list[Step] = build_schedule(self.adapter, model, self.true_sequential)
-        self.experts = _expert_cache(experts) if solver.needs_targets else None
-        if solver.needs_targets and self.experts is None:
-            raise ValueError(f"{solver!r} needs expert targets: pass experts=ExpertPool(...) or an ExpertActivationCache")
+        needs_pool = solver.needs_targets or getattr(solver, "needs_base", False)
+        self.experts = _expert_cache(experts) if needs_pool else None
+        if needs_pool and self.experts is None:
+            raise ValueError(f"{solver!r} needs expert targets (or the base model's layers): pass "
+                             f"experts=ExpertPool(...) or an ExpertActivationCache")
         self._resume = list(resume)
 
         # calibration state: plain attributes, never part of the state dict
@@ -151,6 +153,8 @@ class BlockwiseCalibration(L.LightningModule):
         self._input_group: dict[str, str] = {}            # layer -> first layer of the step reading its input
         self._seen: dict[str, tuple[str, torch.Tensor]] = {}  # input group -> (layer, X̂) added to H this batch
         self._fold_ids: torch.Tensor | None = None        # (batch,) fold of each sample (cross-validating solvers)
+        self._task_statistics: dict[str, LayerStatistics] = {}  # normalize: the current task's own sums
+        self._batch_idx = -1                              # the batch the hooks are adding
         self._hooks: list = []
         self._num_batches = 0
 
@@ -276,10 +280,12 @@ class BlockwiseCalibration(L.LightningModule):
                                  f"schedule ({step.label + ': ' + str(list(step.layers)) if step else 'none'})")
             block = self.block(step)
             for name in step.layers:
-                W = done.results[step.prefix + name].weight()  # the solver's weight, bit for bit
+                record = done.results[step.prefix + name]
                 linear = block.get_submodule(name)
                 with torch.no_grad():
-                    linear.weight.copy_(W.to(linear.weight))
+                    linear.weight.copy_(record.weight().to(linear.weight))  # the solver's weight, bit for bit
+                    if record.bias is not None:
+                        linear.bias.copy_(record.bias.to(linear.bias))
             self.finished.append(done)
 
     def count_tokens(self) -> None:
@@ -309,6 +315,26 @@ class BlockwiseCalibration(L.LightningModule):
             empty = [t for t, n, w in zip(self.task_names, counts[(0, "self")], self.task_weights) if n == 0 and w > 0]
             if empty:
                 raise ValueError(f"task(s) {empty} have no calibration samples (task_names={self.task_names})")
+        if self.normalize:
+            self.check_task_order()
+
+    def check_task_order(self) -> None:
+        """normalize folds each task's statistics when its batches end: every batch must hold one
+        task and each task's batches must come together (as epmq.task_data makes them)."""
+        if not self.shard_batches and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError("normalize=true needs shard_batches=True under DDP (every rank folds each task at "
+                             "the same batch)")
+        seen, last = set(), None
+        for b, tasks in enumerate(self.batch_tasks):
+            ids = tasks.unique().tolist()
+            if len(ids) != 1:
+                raise ValueError(f"normalize=true needs batches that hold one task each; calibration batch {b} "
+                                 f"holds tasks {[self.task_names[t] for t in ids]}")
+            if ids[0] != last and ids[0] in seen:
+                raise ValueError(f"normalize=true needs each task's batches together; task "
+                                 f"'{self.task_names[ids[0]]}' comes back at calibration batch {b}")
+            seen.add(ids[0])
+            last = ids[0]
 
     def _token_mask(self, stage, batch, source: str) -> torch.Tensor:
         """(batch, tokens) float64 mask of the tokens that count (epmq.adapters)."""
@@ -354,17 +380,24 @@ class BlockwiseCalibration(L.LightningModule):
         if not self.solver.needs_statistics:
             return
         with_C = self.solver.needs_targets
-        self.statistics, self._input_group = {}, {}
+        self.statistics, self._input_group, self._task_statistics = {}, {}, {}
         shared = step.stage.shared_inputs if self.share_statistics else ()
+        means = {"means": True} if getattr(self.solver, "calibrate_bias", False) else {}
         for name in step.layers:
             lin = block.get_submodule(name)
             group = next((g for g in shared if name in g), (name,))
             owner = next(n for n in group if n in step.layers)  # the group's first layer in this step
             self._input_group[name] = owner
-            self.statistics[name] = self._statistics(lin.in_features, lin.out_features if with_C else None,
-                                                     device=self.device_, residual=with_C,
-                                                     share_H_with=self.statistics.get(owner))
+            for sums in (self.statistics, self._task_statistics) if self.normalize else (self.statistics,):
+                sums[name] = self._statistics(lin.in_features, lin.out_features if with_C else None,
+                                              device=self.device_, residual=with_C,
+                                              share_H_with=sums.get(owner), **means)
             self._hooks.append(lin.register_forward_hook(self._statistics_hook(name, step.stage.source(name))))
+
+    @property
+    def normalize(self) -> bool:
+        """Whether each task's statistics join the total divided by the norm of its Gram (EPMQ.normalize)."""
+        return bool(getattr(self.solver, "normalize", False)) and self.solver.needs_statistics
 
     def _statistics(self, *args, **kwargs):
         """LayerStatistics, or FoldedStatistics when the solver chooses by cross-validation (`folds`)."""
@@ -380,7 +413,7 @@ class BlockwiseCalibration(L.LightningModule):
                 # is Ỹ = Y_t − b_m and its residual against the layer's own output Ỹ − X̂W_mᵀ = Y_t − output
                 Y = self._targets[name]
                 dtype = torch.promote_types(torch.promote_types(Y.dtype, output.dtype), torch.float32)
-                Y = Y.to(dtype) - output.to(dtype)  # in float32 also when the forward ran in 16 bits
+                Y = self.mixed_targets(name, X, Y.to(dtype)) - output.to(dtype)  # float32 also after 16-bit forwards
             group = self._input_group[name]
             first = group not in self._seen
             if first:
@@ -390,8 +423,43 @@ class BlockwiseCalibration(L.LightningModule):
                                  f"input (the adapter's shared_inputs) but received different tensors: fix "
                                  f"the adapter, or calibrate with share_statistics=False")
             folds = {"folds": self._fold_ids} if self._fold_ids is not None else {}
-            self.statistics[name].add(X, Y, weight=self._weights[source], with_H=first, **folds)
+            sums = self._task_statistics if self.normalize else self.statistics
+            sums[name].add(X, Y, weight=self._weights[source], with_H=first, **folds)
         return hook
+
+    def mixed_targets(self, name: str, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """The targets at inputs α X^e + (1−α) X̂ (EPMQ.interp = α): expert t's layer is linear, so they
+        are α Y_t + (1−α) (X̂ W_tᵀ + b_t), per task's rows. X: (batch, tokens, in), Y: (batch, tokens, out)."""
+        alpha = getattr(self.solver, "interp", 1.0)
+        if alpha == 1.0:
+            return Y
+        tasks = self.batch_tasks[self._batch_idx].to(Y.device)
+        key = self.current_step.prefix + name
+        mixed = alpha * Y
+        for t in tasks.unique().tolist():
+            W_t, b_t = self.experts.layer(t, key, Y.device)
+            rows = (tasks == t).nonzero().flatten()
+            own = nn.functional.linear(X[rows].to(Y.dtype), W_t.to(Y.dtype), None if b_t is None else b_t.to(Y.dtype))
+            mixed[rows] += (1 - alpha) * own
+        return mixed
+
+    def fold_task(self, t: int) -> None:
+        """Add task t's statistics (just gathered) to the step's totals, scaled by w_t / ‖H_t‖_F so that
+        each task counts by its weight w_t whatever the size of its features there (EPMQ.normalize).
+        Layers that share an H share its scale. Under DDP the norm is of H_t summed over ranks."""
+        scales = {}
+        for name, sums in self._task_statistics.items():
+            owner = self._input_group[name]
+            if owner not in scales:
+                H_t = self._task_statistics[owner].H
+                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    H_t = H_t.clone()
+                    self.all_reduce_(H_t)
+                norm = float(torch.linalg.matrix_norm(H_t))
+                scales[owner] = float(self.task_weights[t]) / norm if norm > 0 else 0.0
+            self.statistics[name].add_scaled(sums, scales[owner])
+        for sums in self._task_statistics.values():
+            sums.reset()
 
     @torch.no_grad()
     def training_step(self, batch, batch_idx: int):
@@ -419,9 +487,14 @@ class BlockwiseCalibration(L.LightningModule):
             if folds:  # consecutive samples alternate between folds: each task's samples split evenly
                 n = len(self.batch_tasks[batch_idx])
                 self._fold_ids = (batch_idx + torch.arange(n)) % folds
+            self._batch_idx = batch_idx
             with self.forward_precision():
                 run_block(self.block(step), self._inputs[batch_idx].to(device))
             self._targets, self._seen = {}, {}
+        if self.normalize and self.step_index < len(self.schedule):
+            t = int(self.batch_tasks[batch_idx][0])  # setup checked: one task per batch, tasks in turn
+            if batch_idx == self._num_batches - 1 or int(self.batch_tasks[batch_idx + 1][0]) != t:
+                self.fold_task(t)  # on every rank at the same batch (the loader is the same everywhere)
         if batch_idx == self._num_batches - 1:
             self.finish_step()
         return None
@@ -475,10 +548,14 @@ class BlockwiseCalibration(L.LightningModule):
         results, metrics = {}, {}
         for name in step.layers:
             linear = block.get_submodule(name)
-            solution = self.solver.solve(linear.weight.detach(), self.statistics.get(name))
+            solution = self.solver.solve(linear.weight.detach(), self.statistics.get(name),
+                                         **self.layer_context(step, name, linear))
             linear.weight.copy_(solution.result.weight.to(linear.weight.dtype))
+            if solution.bias is not None:
+                linear.bias.copy_(solution.bias.to(linear.bias))
             if getattr(self.solver, "quantizes", True):  # an FP solver (RelaxedEPMQ) leaves no codes
-                results[step.prefix + name] = QuantizedLayer.from_result(solution.result, self.solver.spec.bits)
+                results[step.prefix + name] = QuantizedLayer.from_result(solution.result, self.solver.spec.bits,
+                                                                         bias=solution.bias)
             metrics[step.prefix + name] = solution.metrics
             for key, value in solution.metrics.items():
                 self.log(f"calib/{step.label}/{name}/{key}", value, on_step=False, on_epoch=True, batch_size=1,
@@ -496,6 +573,18 @@ class BlockwiseCalibration(L.LightningModule):
         if self.step_index == len(self.schedule):
             self._traces = {}
             self.trainer.should_stop = True
+
+    def layer_context(self, step: Step, name: str, linear: nn.Linear) -> dict:
+        """What the solver needs of a layer besides W_m and its statistics: its bias (calibrate_bias)
+        and the base model's layer (an extrapolated anchor), as keyword arguments of solve."""
+        context = {}
+        if getattr(self.solver, "calibrate_bias", False) and linear.bias is not None:
+            context["bias"] = linear.bias.detach()
+        if getattr(self.solver, "needs_base", False):
+            if self.experts is None:
+                raise ValueError(f"{self.solver!r} needs the base model's layers: pass experts=ExpertPool(...)")
+            context["base"] = self.experts.layer("base", step.prefix + name, linear.weight.device)
+        return context
 
     def progress_description(self, batch=None) -> str:
         """'block 2/4 · task mnist' (with the step's first layer when true-sequential)."""

@@ -9,6 +9,7 @@ resume), so a QuantizedLayer keeps only what the weight is made of:
     scales   float32 [out, n_groups]                 grid steps, as the solver computed them
     zeros    uint8   [out, n_groups]                 zero points (integer codes of 0.0)
     g_idx    int32   [in]                            group of each input column
+    bias     float32 [out]                           only when the solver calibrated the bias (else None)
 
 about bits/8 + 5/group_size bytes a weight. weight() rebuilds the solver's float32 weight with the
 solver's own dequantization, (code - zero[g_idx]) * scale[g_idx], so it is bit for bit
@@ -25,7 +26,8 @@ from epmq.gptq import QuantResult
 from epmq.packing import CODE_BITS, check_code_bits, pack_bits, packed_length, unpack_bits
 from epmq.quant import dequantize
 
-FIELDS = ("qweight", "scales", "zeros", "g_idx")  # the tensors of a record, as files store them
+FIELDS = ("qweight", "scales", "zeros", "g_idx")  # the tensors of every record, as files store them
+OPTIONAL = ("bias",)  # stored only when present
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -44,6 +46,7 @@ class QuantizedLayer:
     g_idx: torch.Tensor
     loss: float
     damp: float = 0.0
+    bias: torch.Tensor | None = None
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or self.bits not in CODE_BITS:
@@ -55,6 +58,8 @@ class QuantizedLayer:
                     "scales": ((out_features, self.scales.shape[-1]), torch.float32),
                     "zeros": ((out_features, self.scales.shape[-1]), torch.uint8),
                     "g_idx": ((in_features,), torch.int32)}
+        if self.bias is not None:
+            expected["bias"] = ((out_features,), torch.float32)
         for name, (shape, dtype) in expected.items():
             t = getattr(self, name)
             if tuple(t.shape) != shape or t.dtype != dtype:
@@ -65,8 +70,9 @@ class QuantizedLayer:
                              f"got {int(self.g_idx.min())} .. {int(self.g_idx.max())}")
 
     @classmethod
-    def from_result(cls, result: QuantResult, bits: int) -> QuantizedLayer:
+    def from_result(cls, result: QuantResult, bits: int, bias: torch.Tensor | None = None) -> QuantizedLayer:
         """The solver's result at `bits` bits, its codes packed on their device; the record is on the CPU.
+        bias: the layer's calibrated bias (out,), when the solver gave one.
 
         ValueError when a code or zero point does not fit in `bits` bits or a zero point is not an integer.
         """
@@ -80,7 +86,8 @@ class QuantizedLayer:
                    scales=result.scales.detach().to("cpu", torch.float32).contiguous(),
                    zeros=zeros.to("cpu", torch.uint8).contiguous(),
                    g_idx=result.g_idx.detach().to("cpu", torch.int32).contiguous(),
-                   loss=float(result.loss), damp=float(result.damp))
+                   loss=float(result.loss), damp=float(result.damp),
+                   bias=None if bias is None else bias.detach().to("cpu", torch.float32).contiguous())
 
     @property
     def n_groups(self) -> int:
@@ -101,9 +108,9 @@ class QuantizedLayer:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """{"qweight", "scales", "zeros", "g_idx"}: what a file needs besides bits, loss and damp
-        (the shape is (qweight.shape[1], g_idx.shape[0]))."""
-        return {f: getattr(self, f) for f in FIELDS}
+        """{"qweight", "scales", "zeros", "g_idx"} and "bias" when there is one: what a file needs besides
+        bits, loss and damp (the shape is (qweight.shape[1], g_idx.shape[0]))."""
+        return {f: getattr(self, f) for f in FIELDS + OPTIONAL if getattr(self, f) is not None}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], bits: int, loss: float, damp: float) -> QuantizedLayer:
@@ -113,4 +120,4 @@ class QuantizedLayer:
             raise ValueError(f"a quantized layer needs qweight, scales, zeros and g_idx; missing {missing}")
         shape = (tensors["qweight"].shape[-1], tensors["g_idx"].shape[0])
         return cls(bits, shape, tensors["qweight"], tensors["scales"], tensors["zeros"], tensors["g_idx"],
-                   float(loss), float(damp))
+                   float(loss), float(damp), tensors.get("bias"))

@@ -10,7 +10,19 @@ experts' targets when the solver asks for them) and hands them to `solver.solve(
 
 Each returns a Solution: the QuantResult (codes, grids, dequantized weight) and a few numbers per
 layer that the engine logs (`loss` = the solver's own objective at Q, `rtn_loss` = that of
-round-to-nearest of the same target under the same H, `anchor_shift` = ‖W* − W_m‖ / ‖W_m‖).
+round-to-nearest of the same target under the same H, `anchor_shift` = ‖W* − W_m‖ / ‖W_m‖), and,
+when E-PMQ calibrates biases, the layer's new bias.
+
+E-PMQ's calibration ingredients beyond the paper (FeatCal-style, DESIGN §1; each off by default):
+
+    normalize       each task's terms (H_t, C_t) enter divided by ‖H̄_t‖_F, H̄_t its per-token Gram, so no
+                    task dominates a layer by the size of its features (the engine folds task by task)
+    interp  α       the experts' targets are taken at inputs α X^e + (1−α) X̂ (expert path and merged path
+                    mixed; α = 1 is the expert path alone, the paper's targets)
+    extrapolate ρ   the anchor is W_a = W_0 + ρ (W_m − W_0), the merge's task vector scaled by ρ
+                    (ρ = 1: the merged weights; W_0 the base model's layer)
+    calibrate_bias  after rounding, the bias is solved in closed form for the rounded Q (the same
+                    anchored objective, the bias a free parameter): it takes up the mean of the error
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ class Solution:
 
     result: QuantResult
     metrics: dict[str, float] = field(default_factory=dict)
+    bias: torch.Tensor | None = None  # (out,) float32: the layer's new bias (calibrate_bias), else None
 
 
 class RTN:
@@ -98,20 +111,53 @@ class EPMQ(GPTQ):
 
     name = "epmq"
 
-    def __init__(self, strength: float | str = 1.0, form: str = "output", **spec):
+    def __init__(self, strength: float | str = 1.0, form: str = "output", normalize: bool = False,
+                 interp: float = 1.0, extrapolate: float = 1.0, calibrate_bias: bool = False, **spec):
         super().__init__(**spec)
         self.strength = parse_strength(strength)
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         self.form = form
+        for name, value in (("normalize", normalize), ("calibrate_bias", calibrate_bias)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        if isinstance(interp, bool) or not isinstance(interp, (int, float)) or not 0 <= interp <= 1:
+            raise ValueError(f"interp (the expert path's share α of the targets' inputs) must be in [0, 1], "
+                             f"got {interp!r}")
+        if isinstance(extrapolate, bool) or not isinstance(extrapolate, (int, float)) or not math.isfinite(extrapolate):
+            raise ValueError(f"extrapolate (ρ of the anchor W_0 + ρ (W_m − W_0)) must be a finite number, "
+                             f"got {extrapolate!r}")
+        self.normalize, self.interp = normalize, float(interp)
+        self.extrapolate, self.calibrate_bias = float(extrapolate), calibrate_bias
 
     @property
     def needs_targets(self) -> bool:
         return not math.isinf(self.strength)
 
-    def target(self, W_m, stats):
-        W_star, H = self.anchored(W_m, stats.H, stats.C, stats.residual, self.strength)
+    @property
+    def needs_base(self) -> bool:
+        """Whether solve needs the base model's layer (the extrapolated anchor)."""
+        return self.extrapolate != 1.0
+
+    def target(self, W_m, stats, base=None):
+        W_a = self.anchor(W_m, base)
+        R = stats.C
+        if R is not None and W_a is not W_m:
+            if not stats.residual:
+                raise ValueError("an extrapolated anchor needs residual statistics (the engine's)")
+            R = R - (W_a.double() - W_m.double()) @ stats.H  # C − W_a H = (C − W_m H) − (W_a − W_m) H
+        W_star, H = self.anchored(W_a, stats.H, R, stats.residual, self.strength)
         return W_star, H, {"anchor_shift": anchor_shift(W_star, W_m)}
+
+    def anchor(self, W_m: torch.Tensor, base=None) -> torch.Tensor:
+        """W_a = W_0 + ρ (W_m − W_0) (out, in); W_m itself when ρ = 1. base: (W_0, b_0), the base
+        model's weight and bias (or None) of this layer."""
+        if not self.needs_base:
+            return W_m
+        if base is None:
+            raise ValueError(f"extrapolate={self.extrapolate:g} needs the base model's layer (base=(W_0, b_0))")
+        W_0 = base[0].to(W_m)
+        return W_0 + self.extrapolate * (W_m - W_0)
 
     def anchored(self, W_m: torch.Tensor, H: torch.Tensor, C: torch.Tensor | None, residual: bool,
                  strength: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,11 +168,61 @@ class EPMQ(GPTQ):
         W_star = relaxed_target(H, C, W_m, strength, self.form, self.spec.percdamp, residual=residual)
         return W_star, rounding_hessian(H, strength, self.form)
 
+    def solve(self, W_m: torch.Tensor, stats: LayerStatistics | None = None, bias: torch.Tensor | None = None,
+              base=None) -> Solution:
+        """Q of W_m (out, in); with calibrate_bias, also the new bias (out,) from the old one `bias`."""
+        if stats is None or stats.tokens == 0:
+            raise ValueError(f"{self.name}: no calibration tokens reached this layer")
+        W_star, H, metrics = self.target(W_m, stats, base)
+        solution = self.finish(W_star, H, metrics)
+        if self.calibrate_bias and bias is not None:
+            solution.bias = self.bias_for(solution.result.weight, W_m, bias, stats, base)
+        return solution
+
+    def finish(self, W_star: torch.Tensor, H: torch.Tensor, metrics: dict) -> Solution:
+        """The layer's Solution from its target W*: GPTQ-rounded here (RelaxedEPMQ keeps it as it is)."""
+        return self.quantize_target(W_star, H, metrics)
+
+    def bias_for(self, Q: torch.Tensor, W_m: torch.Tensor, b_m: torch.Tensor, stats: LayerStatistics,
+                 base=None) -> torch.Tensor:
+        """The bias (out,) minimising the anchored objective for the fixed weight Q (out, in).
+
+        With d = b − b_m, D = Q − W_m, the anchor's shifts Δ = W_a − W_m and β = b_a − b_m, the means
+        x̄ = Σ w X̂ / S and ē = Σ w (Ỹ − X̂W_mᵀ) / S of the inputs and of the residual targets:
+
+            output form:  d = (ē + λ (β + Δ x̄)) / (1 + λ) − D x̄
+            weight form:  d = (S (ē − D x̄) + λ'' (β + Δ x̄ − D x̄)) / (S + λ''),  λ'' = λ' mean(diag H)
+
+        λ = inf gives d = β − (Q − W_a) x̄: the rounding's (and the anchor's) mean error removed.
+        """
+        if stats.x is None:
+            raise ValueError("calibrate_bias needs statistics with means=True")
+        S = float(stats.S)
+        if not S > 0:
+            return b_m.detach().float().clone()
+        x_bar = stats.x / S                                                   # in
+        W64 = W_m.double()
+        W_a = self.anchor(W_m, base).double()
+        b_a = b_m.double() if not self.needs_base else base[1].double() + self.extrapolate * (b_m.double() - base[1].double())
+        anchor_d = (b_a - b_m.double()) - (Q.double() - W_a) @ x_bar          # β − (Q − W_a) x̄, the λ = inf answer
+        lam = self.strength
+        if math.isinf(lam):
+            d = anchor_d
+        else:
+            fit_d = stats.y / S - (Q.double() - W64) @ x_bar                    # ē − D x̄, the λ = 0 answer
+            weight = lam if self.form == "output" else lam * float(stats.H.diagonal().mean()) / S
+            d = (fit_d + weight * anchor_d) / (1 + weight)
+        return (b_m.double() + d).float()
+
     def describe(self) -> dict:
-        return {**super().describe(), "strength": self.strength, "form": self.form}
+        return {**super().describe(), "strength": self.strength, "form": self.form, "normalize": self.normalize,
+                "interp": self.interp, "extrapolate": self.extrapolate, "calibrate_bias": self.calibrate_bias}
 
     def __repr__(self) -> str:
-        return f"EPMQ(strength={self.strength:g}, form={self.form!r}, {self.spec})"
+        extras = "".join(f", {k}={v!r}" for k, v, default in (("normalize", self.normalize, False),
+                         ("interp", self.interp, 1.0), ("extrapolate", self.extrapolate, 1.0),
+                         ("calibrate_bias", self.calibrate_bias, False)) if v != default)
+        return f"EPMQ(strength={self.strength:g}, form={self.form!r}{extras}, {self.spec})"
 
 
 class RelaxedEPMQ(EPMQ):
@@ -141,10 +237,7 @@ class RelaxedEPMQ(EPMQ):
     name = "epmq_fp"
     quantizes = False
 
-    def solve(self, W_m: torch.Tensor, stats: LayerStatistics | None = None) -> Solution:
-        if stats is None or stats.tokens == 0:
-            raise ValueError(f"{self.name}: no calibration tokens reached this layer")
-        W_star, _, metrics = self.target(W_m, stats)
+    def finish(self, W_star: torch.Tensor, H: torch.Tensor, metrics: dict) -> Solution:
         none = W_star.new_empty(0)
         return Solution(QuantResult(W_star.float(), none.to(torch.uint8), none, none, none.long(), 0.0), metrics)
 
@@ -175,7 +268,11 @@ class LayerwiseEPMQ(EPMQ):
     name = "epmq"
 
     def __init__(self, candidates=(0.0, 0.3, 1.0, 3.0, 10.0, "inf"), folds: int = 2, form: str = "output", **spec):
+        ingredients = {k: spec.pop(k) for k in ("normalize", "interp", "extrapolate", "calibrate_bias") if k in spec}
         super().__init__(strength=0.0, form=form, **spec)
+        if any(v != getattr(self, k) for k, v in ingredients.items()):
+            raise ValueError(f"the per-layer anchor choice (quant.select=layer) takes none of E-PMQ's calibration "
+                             f"ingredients; got {ingredients}")
         values = sorted({parse_strength(c) for c in candidates}, reverse=True)  # strongest first
         if not values:
             raise ValueError("candidates must list at least one anchor strength")

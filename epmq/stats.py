@@ -5,6 +5,7 @@ With X̂ (n x in) the layer's inputs in the partially quantized merged model (ro
 
     H = Σ_n w X̂ᵀ X̂      (in x in)    Hessian of the layer-wise squared error
     C = Σ_n w Ỹᵀ X̂      (out x in)   E-PMQ cross term between targets and inputs
+    x = Σ_n w X̂,  y = Σ_n w Ỹ,  S = Σ_n w     first moments (with means=True), for the bias
 
 Precision: each batch product is formed in float32 (float64 if the inputs are float64), the
 precision the layer itself computes in, and then added into buffers that are float64 by default.
@@ -37,6 +38,8 @@ class LayerStatistics:
         share_H_with: another layer's statistics whose H this one uses (layers that read the same
             input tensor, such as q/k/v: one H, accumulated once). H is then that object's buffer,
             added to only when `add(..., with_H=True)` is called on either of them.
+        means: also keep the first moments x = Σ w X̂ (in,), y = Σ w Ỹ (out,) and S = Σ w, which a
+            solver that calibrates the layer's bias needs (each layer keeps its own x: a vector).
 
     The buffers are plain tensors returned by `buffers()`, so a DDP run can all-reduce them in
     place (sum) before the solve; `+=` sums statistics gathered by several objects. A borrowed H
@@ -45,7 +48,7 @@ class LayerStatistics:
 
     def __init__(self, in_features: int, out_features: int | None = None, device=None,
                  dtype: torch.dtype = torch.float64, residual: bool = False,
-                 share_H_with: "LayerStatistics | None" = None):
+                 share_H_with: "LayerStatistics | None" = None, means: bool = False):
         if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features <= 0:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         if out_features is not None and (not isinstance(out_features, int)
@@ -66,6 +69,10 @@ class LayerStatistics:
         self.residual = bool(residual)
         self._C = (None if out_features is None else
                    torch.zeros(out_features, in_features, dtype=dtype, device=device))  # out x in
+        self.means = bool(means)
+        vector = lambda n: torch.zeros(n, dtype=dtype, device=self._H.device) if self.means else None  # noqa: E731
+        self._x, self._S = vector(in_features), vector(())
+        self._y = None if out_features is None else vector(out_features)
         # token count as a tensor on the buffers' device so that it is all-reduced with them
         self._tokens = torch.zeros((), dtype=torch.int64, device=self._H.device)
 
@@ -80,13 +87,29 @@ class LayerStatistics:
         return self._C
 
     @property
+    def x(self) -> torch.Tensor | None:
+        """Σ w X̂, (in,); None without means."""
+        return self._x
+
+    @property
+    def y(self) -> torch.Tensor | None:
+        """Σ w Ỹ (or of the residuals, see `residual`), (out,); None without means or out_features."""
+        return self._y
+
+    @property
+    def S(self) -> torch.Tensor | None:
+        """Σ w, a 0-dim tensor; None without means."""
+        return self._S
+
+    @property
     def tokens(self) -> int:
         """Number of token rows added so far (whatever their weights)."""
         return int(self._tokens.item())
 
     def buffers(self) -> list[torch.Tensor]:
-        """The raw sums [H, C (if any), tokens] that a distributed run all-reduces (op: sum)."""
-        return [t for t in (self._H if self.owns_H else None, self._C, self._tokens) if t is not None]
+        """The raw sums [H, C, x, y, S (those kept), tokens] that a distributed run all-reduces (op: sum)."""
+        return [t for t in (self._H if self.owns_H else None, self._C, self._x, self._y, self._S, self._tokens)
+                if t is not None]
 
     def reset(self) -> None:
         """Zero every sum in place (the buffers keep their identity)."""
@@ -134,6 +157,13 @@ class LayerStatistics:
                 _accumulate(self._H, Xw.T @ X2)                                 # in x in
             if self._C is not None:
                 _accumulate(self._C, Y2.T @ Xw)                                 # out x in
+            if self.means:
+                w_rows = (X2.new_full((X2.shape[0],), w) if isinstance(w, float)
+                          else w.reshape(-1).to(compute))                       # n
+                _accumulate(self._x, Xw.sum(0))                                 # in
+                _accumulate(self._S, w_rows.sum())
+                if self._y is not None:
+                    _accumulate(self._y, w_rows @ Y2)                           # out
         self._tokens += X2.shape[0]
 
     @staticmethod
@@ -155,16 +185,21 @@ class LayerStatistics:
 
     def __iadd__(self, other: "LayerStatistics") -> "LayerStatistics":
         """Sum another object's statistics into this one (same layer, e.g. another data shard)."""
+        return self.add_scaled(other, 1.0)
+
+    def add_scaled(self, other: "LayerStatistics", scale: float) -> "LayerStatistics":
+        """self += scale · other for every sum (the token count unscaled): how one task's statistics
+        join the total with their own weight (normalised per-expert terms)."""
         if not isinstance(other, LayerStatistics):
             return NotImplemented
-        if (other.in_features, other.out_features) != (self.in_features, self.out_features):
+        if (other.in_features, other.out_features, other.means) != (self.in_features, self.out_features, self.means):
             raise ValueError(f"cannot add statistics of shape (in={other.in_features}, "
-                             f"out={other.out_features}) to (in={self.in_features}, "
-                             f"out={self.out_features})")
+                             f"out={other.out_features}, means={other.means}) to (in={self.in_features}, "
+                             f"out={self.out_features}, means={self.means})")
         if self.owns_H != other.owns_H:
             raise ValueError("cannot add statistics with a shared H to statistics with their own H")
         for mine, theirs in zip(self.buffers(), other.buffers()):
-            mine += theirs.to(mine.device, mine.dtype)
+            mine += theirs.to(mine.device, mine.dtype) * (1 if mine is self._tokens else scale)
         return self
 
     def __repr__(self) -> str:
