@@ -12,6 +12,9 @@
                     the selection samples, exactly as `run` chooses (never on test data)
       epmq_layer    one calibration, the strength chosen per layer among `quant.candidates` by K-fold
                     cross-validation on the calibration samples (quant.select=layer, output form)
+      ingredients   E-PMQ at the anchor it chose, once per entry of `compare.ingredients` with that
+                    entry's calibration options over the configured ones (quant.normalize, interp,
+                    extrapolate, calibrate_bias): the ablation of each ingredient, one row each
 
 Shared instead of redone: the merged model, the experts' per-layer targets (one
 ExpertActivationCache(keep=True) for every E-PMQ calibration at every bit width), the data. Every
@@ -41,7 +44,7 @@ from epmq.pipeline import (calibrate, claim_run_folder, evaluate, evaluate_exper
                            quiet_lightning, resolved_config, select_scores, selection_key, solvers, target_cache)
 from epmq.regmean import gram_matrices, regmean
 from epmq.report import write_json_atomic
-from epmq.solvers import EPMQ, GPTQ, RTN, LayerwiseEPMQ, RelaxedEPMQ
+from epmq.solvers import EPMQ, GPTQ, INGREDIENTS, RTN, LayerwiseEPMQ, RelaxedEPMQ
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,25 @@ def compare_plan(cfg: DictConfig):
     ablation = OmegaConf.merge(quant, {"strength": "auto", "form": "auto", "candidates": {
         "strength": list(opts.ablation.strength), "form": list(opts.ablation.form)}})
     grid = {(s.strength, s.form) for s in solvers(ablation)} | set(selection)
-    return methods, specs, selection, sorted(grid, key=lambda c: (-c[0], c[1]))
+    return methods, specs, selection, sorted(grid, key=lambda c: (-c[0], c[1])), ingredient_plan(cfg)
+
+
+def ingredient_plan(cfg: DictConfig) -> tuple[dict, dict[str, dict]]:
+    """(E-PMQ's configured calibration options, {row name: the options with that row's changes}),
+    checked by building a solver with each (ValueError naming the row)."""
+    configured = {k: cfg.quant[k] for k in INGREDIENTS if k in cfg.quant}
+    rows = {}
+    for name, change in (cfg.compare.get("ingredients") or {}).items():
+        change = OmegaConf.to_container(change) if change is not None else {}
+        unknown = sorted(set(change) - set(INGREDIENTS))
+        if unknown:
+            raise ValueError(f"compare.ingredients.{name}: unknown option(s) {unknown}; E-PMQ's are {list(INGREDIENTS)}")
+        try:
+            EPMQ(1.0, **{**configured, **change})
+        except ValueError as e:
+            raise ValueError(f"compare.ingredients.{name}: {e}") from None
+        rows[name] = {**configured, **change}
+    return configured, rows
 
 
 def compare(cfg: DictConfig) -> dict:
@@ -119,7 +140,7 @@ class Units:
 
 
 def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
-    methods, specs, selection, grid = plan
+    methods, specs, selection, grid, (configured, ingredient_rows) = plan
     suite, pool, data = prepared.suite, prepared.pool, prepared.data
     claim_run_folder(out_dir, prepared, resume=cfg.get("resume"))
     units = Units(out_dir, prepared.fingerprint)
@@ -141,17 +162,24 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
         timings["regmean_s"] = seconds
 
     expert_cache = target_cache(cfg, pool, keep=True)
-    entries, ablation = [], []
+    entries, ablation, ingredients = [], [], []
     for bits, spec in specs.items():
         for method in methods:
             if method == "epmq":
                 rows = [units.get(f"epmq/bits_{bits}/{form}/strength_{strength:g}") or units.put(
                             f"epmq/bits_{bits}/{form}/strength_{strength:g}",
-                            ablation_row(cfg, prepared, EPMQ(strength, form, **spec), k, len(grid), expert_cache))
+                            ablation_row(cfg, prepared, EPMQ(strength, form, **spec, **configured), k, len(grid),
+                                         expert_cache))
                         for k, (strength, form) in enumerate(grid)]
                 ablation += rows
                 entries.append(epmq_entry(rows, selection, cfg.quant.select_by, bits,
                                           getattr(prepared.suite, "higher_is_better", True)))
+                anchor = entries[-1]["anchor"]
+                for name, options in ingredient_rows.items():
+                    key = f"ingredients/{name}/bits_{bits}"
+                    solver = EPMQ(_strength(anchor["strength"]), anchor["form"], **spec, **options)
+                    row = units.get(key) or units.put(key, ablation_row(cfg, prepared, solver, 0, 1, expert_cache, name))
+                    ingredients.append({"name": name, "options": options, **row})
                 continue
             key = f"{method}/bits_{bits}"
             entry = units.get(key)
@@ -172,7 +200,7 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
     epmq_entries = sorted((e for e in entries if e["method"] == "epmq"), key=lambda e: -e["bits"])
     if cfg.compare.get("fp_calibrated", True) and epmq_entries:
         references["calibrated"] = units.get("epmq_fp") or units.put(
-            "epmq_fp", fp_calibrated(cfg, prepared, epmq_entries[0]["anchor"], specs, expert_cache))
+            "epmq_fp", fp_calibrated(cfg, prepared, epmq_entries[0]["anchor"], specs, expert_cache, configured))
     del expert_cache
     timings["total_s"] = time.perf_counter() - start
 
@@ -188,6 +216,7 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
         "references": references,
         "methods": entries,
         "ablation": ablation,
+        "ingredients": ingredients,
         "timings": timings,
         "config": resolved_config(cfg),
     }
@@ -216,13 +245,16 @@ def regmean_merge(suite, pool, data, alpha: float) -> dict:
     return regmean(base, experts, grams, alpha)
 
 
-def ablation_row(cfg, prepared, solver, k: int, n: int, expert_cache) -> dict:
-    """One anchor setting at one bit width: calibrate, score on the selection samples, test."""
+def ablation_row(cfg, prepared, solver, k: int, n: int, expert_cache, ingredient: str = "") -> dict:
+    """One E-PMQ setting at one bit width (an anchor of the grid, or an ingredient's row): calibrate,
+    score on the selection samples, test."""
     bits = solver.spec.bits
     label = f"{bits}-bit {solver.form}/strength_{solver.strength:g} ({k + 1}/{n})"
+    where = f"ablation/{solver.form}/bits_{bits}/strength_{solver.strength:g}"
+    if ingredient:
+        label, where = f"{bits}-bit ingredient {ingredient}", f"ingredients/{ingredient}/bits_{bits}"
     calib = calibrate(cfg, prepared, solver, label=label, experts=expert_cache)
     t0 = time.perf_counter()
-    where = f"ablation/{solver.form}/bits_{bits}/strength_{solver.strength:g}"
     scores = select_scores(cfg, prepared, calib.model, where)
     select_seconds = time.perf_counter() - t0
     test = evaluate(cfg, prepared, calib.model, prepared.data.test_dataloader(), f"{where}/test").results
@@ -244,12 +276,12 @@ def epmq_entry(rows: list[dict], selection: list[tuple[float, str]], select_by: 
             "layer_loss": best["layer_loss"], "rtn_layer_loss": best["rtn_layer_loss"]}
 
 
-def fp_calibrated(cfg, prepared, anchor: dict, specs: dict, expert_cache) -> dict:
-    """The FP calibrated merge: E-PMQ's calibration at the anchor it chose at the widest bit width (on
-    the selection samples), its continuous targets W* written without rounding; tested."""
+def fp_calibrated(cfg, prepared, anchor: dict, specs: dict, expert_cache, options: dict) -> dict:
+    """The FP calibrated merge: E-PMQ's calibration (with its configured ingredients `options`) at the
+    anchor it chose at the widest bit width (on the selection samples), W* written without rounding; tested."""
     strength, form = _strength(anchor["strength"]), anchor["form"]
     spec = next(iter(specs.values()))  # only percdamp (the damping δ) matters without rounding
-    calib = calibrate(cfg, prepared, RelaxedEPMQ(strength, form, **spec), label="FP calibrated merge",
+    calib = calibrate(cfg, prepared, RelaxedEPMQ(strength, form, **spec, **options), label="FP calibrated merge",
                       experts=expert_cache)
     test = evaluate(cfg, prepared, calib.model, prepared.data.test_dataloader(), "calibrated/test").results
     log.info("FP calibrated merge (λ=%g, %s): test accuracy %.2f", strength, form, 100 * test["avg"])

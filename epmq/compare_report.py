@@ -23,6 +23,9 @@ results.json (one suite, one merge, one seed; accuracies in [0, 1], times in sec
                           round-to-nearest of the same W* under the same H (None for RTN)
     ablation              one entry per (bits, form, strength): {"select_avg_acc", "select_avg_nll",
                           "test", "seconds", ...}; strength ∞ is the JSON string "inf"
+    ingredients           (optional) one entry per (ingredient row, bits): E-PMQ at its chosen anchor with
+                          the row's calibration options: {"name", "options", "bits", "strength", "form",
+                          "select_avg_acc", "select_avg_nll", "test", "seconds", ...}
     timings, config       wall times of the run's stages; the resolved Hydra config
 """
 
@@ -183,6 +186,23 @@ def bits_table(results: dict, bits: int) -> str:
     return "\n".join(lines)
 
 
+def ingredients_table(results: dict, bits: int) -> str | None:
+    """E-PMQ at its chosen anchor, then with each ingredient row's options: selection and test averages
+    and the test change against E-PMQ. None when the run has no ingredient rows at this bit width."""
+    rows = [e for e in results.get("ingredients") or [] if e["bits"] == bits]
+    epmq = method_entry(results, "epmq", bits)
+    if not rows or epmq is None:
+        return None
+    base = epmq["test"]["avg"]
+    lines = [markdown_header(["E-PMQ at its anchor, with", "options", "select avg", "test avg", "Δ test"], slice(2, None))]
+    lines.append(markdown_row(["(as configured)", "", "", pct(base), ""]))
+    for e in rows:
+        options = ", ".join(f"{k}={v}" for k, v in e["options"].items())
+        lines.append(markdown_row([e["name"], options, pct(e["select_avg_acc"]), pct(e["test"]["avg"]),
+                                   f"{100 * (e['test']['avg'] - base):+.2f}"]))
+    return "\n".join(lines)
+
+
 def markdown_table(results: dict) -> str:
     """One run's tables in GitHub markdown: the FP references, then one table per bit width."""
     validate(results)
@@ -193,6 +213,9 @@ def markdown_table(results: dict) -> str:
     parts = [head, "### Full-precision references", references_table(results)]
     for bits in sorted(results["bits"]):
         parts += [f"### {bits} bits", bits_table(results, bits)]
+        table = ingredients_table(results, bits)
+        if table:
+            parts += [f"E-PMQ's calibration ingredients, one at a time ({bits} bits):", table]
     return "\n\n".join(parts) + "\n"
 
 

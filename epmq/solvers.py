@@ -38,6 +38,9 @@ from epmq.quant import QuantSpec
 from epmq.stats import LayerStatistics
 
 
+INGREDIENTS = ("normalize", "interp", "extrapolate", "calibrate_bias")  # EPMQ's options beyond the paper's
+
+
 @dataclass
 class Solution:
     """A quantized layer and what is logged about it (floats, keyed by metric name)."""
@@ -268,7 +271,7 @@ class LayerwiseEPMQ(EPMQ):
     name = "epmq"
 
     def __init__(self, candidates=(0.0, 0.3, 1.0, 3.0, 10.0, "inf"), folds: int = 2, form: str = "output", **spec):
-        ingredients = {k: spec.pop(k) for k in ("normalize", "interp", "extrapolate", "calibrate_bias") if k in spec}
+        ingredients = {k: spec.pop(k) for k in INGREDIENTS if k in spec}
         super().__init__(strength=0.0, form=form, **spec)
         if any(v != getattr(self, k) for k, v in ingredients.items()):
             raise ValueError(f"the per-layer anchor choice (quant.select=layer) takes none of E-PMQ's calibration "

@@ -14,7 +14,8 @@ from epmq.run import run
 
 OPTIONS = ("experiment=compare", "compare.bits=[2,4]", "compare.methods=[rtn,gptq,regmean_gptq,epmq,epmq_layer]",
            "data.test_samples=null", "data.calib_samples=16", "compare.ablation.strength=[0,1,10000,inf]",
-           "quant.candidates.strength=[0,1,inf]", "seed=1")
+           "quant.candidates.strength=[0,1,inf]", "seed=1", "~compare.ingredients",
+           "+compare.ingredients={bias:{calibrate_bias:true}}")
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,13 @@ def test_compare_writes_results_table_and_plots(compared):
     calibrated = on_disk["references"]["calibrated"]  # at the anchor E-PMQ chose at the widest bit width
     assert (calibrated["strength"], calibrated["form"]) == (epmq4["anchor"]["strength"], epmq4["anchor"]["form"])
     assert set(calibrated["test"]) == {*on_disk["tasks"], "avg"}
-    seconds = {(e["method"], e["bits"]): e["seconds"] for e in on_disk["methods"]}
-    for bits in (2, 4):  # one calibration against one per candidate (and their scoring)
-        assert seconds[("epmq_layer", bits)] < seconds[("epmq", bits)]
+    for bits in (2, 4):  # the ingredient's row: E-PMQ at the anchor it chose, with the bias calibrated
+        epmq = next(e for e in on_disk["methods"] if e["method"] == "epmq" and e["bits"] == bits)
+        row = next(e for e in on_disk["ingredients"] if e["bits"] == bits)
+        assert row["name"] == "bias" and row["options"]["calibrate_bias"] is True
+        assert (row["strength"], row["form"]) == (epmq["anchor"]["strength"], epmq["anchor"]["form"])
+        assert set(row["test"]) == {*on_disk["tasks"], "avg"} and 0 <= row["select_avg_acc"] <= 1
+    assert table.count("E-PMQ's calibration ingredients, one at a time") == 2
     for plot in ("per_task_acc", "avg_acc_vs_bits", "ablation"):
         assert (out / "plots" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
