@@ -101,7 +101,7 @@ class ExpertActivationCache(L.Callback):
         if self.keep:
             layout = (tuple(pl_module.task_names), tuple(tuple(t.tolist()) for t in pl_module.batch_tasks),
                       tuple(b for b in range(len(pl_module.batch_tasks)) if pl_module.owns(b)),
-                      tuple((s.label, s.layers) for s in pl_module.schedule),
+                      tuple((s.label, pl_module.target_names(s)) for s in pl_module.schedule),
                       loader_fingerprint(pl_module.calibration_loader()))
         start = pl_module.step_index
         self._replaying = (self.keep and layout == self._layout
@@ -179,7 +179,7 @@ class ExpertActivationCache(L.Callback):
         outputs: dict[str, torch.Tensor] = {}
         hooks = [self._blocks[t].get_submodule(name).register_forward_hook(
                      lambda m, a, out, name=name: outputs.__setitem__(name, out))
-                 for t in present for name in step.layers]
+                 for t in present for name in pl_module.target_names(step)]
         targets: dict[str, torch.Tensor] = {}
         try:
             for t in present:
@@ -233,7 +233,7 @@ class ExpertActivationCache(L.Callback):
         return pl_module.inputs_to_cache(inputs)
 
     def layer(self, source: int | str, key: str, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W, b) of one linear layer, read from the pool: source is a task index into the module's
+        """(W, b) of one linear layer (or (γ, β) of a norm), read from the pool: source is a task index into the module's
         task_names (that expert) or "base"; key is the layer's name in the model ('<block prefix><name>').
         The last source's layers are kept until another expert is asked for (tasks come in turn)."""
         if source != self._layer_source and source != "base":

@@ -45,6 +45,8 @@ class Stage:
             stage's tokens, masked by its mask).
     shared_inputs: linears that the family's code calls on one and the same tensor (q/k/v,
             gate/up): they share one H, accumulated once (the engine checks the tensor is the same).
+    norms:  the block's nn.LayerNorm modules whose affine parameters E-PMQ may calibrate
+            (calibrate_norms), in the order the block computes them.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Stage:
     groups: tuple[tuple[str, ...], ...]
     context_layers: frozenset = frozenset()
     shared_inputs: tuple[tuple[str, ...], ...] = ()
+    norms: tuple[str, ...] = ()
 
     def source(self, layer: str) -> str:
         """Which tokens a layer reads: "context" (an earlier stage's) or "self" (this stage's)."""
@@ -155,7 +158,8 @@ class CLIPVisionAdapter(ModelAdapter):
         path = "encoder.layers"
         if not isinstance(getattr(getattr(tower, "encoder", None), "layers", None), nn.ModuleList):
             raise ValueError(f"{type(model).__name__} has no CLIP vision encoder ('{prefix}{path}')")
-        return [Stage("vision", prefix + path, self.GROUPS, shared_inputs=self.GROUPS[:1])]
+        return [Stage("vision", prefix + path, self.GROUPS, shared_inputs=self.GROUPS[:1],
+                      norms=("layer_norm1", "layer_norm2"))]
 
     def run_stage(self, model, stage, batch, context, device):
         self.require(batch, ("pixel_values",), "CLIP vision")

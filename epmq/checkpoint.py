@@ -76,18 +76,20 @@ class StepStore:
                 except (KeyError, ValueError) as e:
                     raise ValueError(f"cannot resume {self.folder}: layer {layer} of {entry['file']} is "
                                      f"damaged ({e})") from None
+            norms = {name: {p: tensors[f"{name}.{p}"] for p in ("weight", "bias")} for name in entry.get("norms", [])}
             finished.append(FinishedStep(entry["index"], entry["label"], tuple(entry["layers"]), results,
-                                         entry["metrics"]))
+                                         entry["metrics"], norms))
         return finished
 
     def save(self, step: FinishedStep) -> None:
         """Add a finished step: its codes file, then the progress file listing it."""
         name = f"step_{step.index:05d}.safetensors"
         tensors = {f"{layer}.{f}": t.contiguous() for layer, r in step.results.items() for f, t in r.tensors().items()}
+        tensors.update({f"{name}.{p}": t.contiguous() for name, params in step.norms.items() for p, t in params.items()})
         write_atomic(self.folder / name, lambda tmp: save_file(tensors, str(tmp)))
         self.steps = [s for s in self.steps if s["index"] != step.index] + [{
             "index": step.index, "label": step.label, "layers": list(step.layers), "file": name,
-            "metrics": step.metrics,
+            "metrics": step.metrics, "norms": list(step.norms),
             "results": {layer: {"bits": r.bits, "loss": r.loss, "damp": r.damp} for layer, r in step.results.items()}}]
         self._write()
 

@@ -82,8 +82,8 @@ def compare_plan(cfg: DictConfig):
 
 
 def ingredient_plan(cfg: DictConfig) -> tuple[dict, dict[str, dict]]:
-    """(E-PMQ's configured calibration options, {row name: the options with that row's changes}),
-    checked by building a solver with each (ValueError naming the row)."""
+    """(E-PMQ's configured calibration options, {row name: that row's changes to them}), checked by
+    building a solver with each (ValueError naming the row)."""
     configured = {k: cfg.quant[k] for k in INGREDIENTS if k in cfg.quant}
     rows = {}
     for name, change in (cfg.compare.get("ingredients") or {}).items():
@@ -95,7 +95,7 @@ def ingredient_plan(cfg: DictConfig) -> tuple[dict, dict[str, dict]]:
             EPMQ(1.0, **{**configured, **change})
         except ValueError as e:
             raise ValueError(f"compare.ingredients.{name}: {e}") from None
-        rows[name] = {**configured, **change}
+        rows[name] = change
     return configured, rows
 
 
@@ -175,11 +175,11 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
                 entries.append(epmq_entry(rows, selection, cfg.quant.select_by, bits,
                                           getattr(prepared.suite, "higher_is_better", True)))
                 anchor = entries[-1]["anchor"]
-                for name, options in ingredient_rows.items():
+                for name, change in ingredient_rows.items():
                     key = f"ingredients/{name}/bits_{bits}"
-                    solver = EPMQ(_strength(anchor["strength"]), anchor["form"], **spec, **options)
+                    solver = EPMQ(_strength(anchor["strength"]), anchor["form"], **spec, **{**configured, **change})
                     row = units.get(key) or units.put(key, ablation_row(cfg, prepared, solver, 0, 1, expert_cache, name))
-                    ingredients.append({"name": name, "options": options, **row})
+                    ingredients.append({"name": name, "options": change, **row})
                 continue
             key = f"{method}/bits_{bits}"
             entry = units.get(key)

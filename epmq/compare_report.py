@@ -24,7 +24,8 @@ results.json (one suite, one merge, one seed; accuracies in [0, 1], times in sec
     ablation              one entry per (bits, form, strength): {"select_avg_acc", "select_avg_nll",
                           "test", "seconds", ...}; strength ∞ is the JSON string "inf"
     ingredients           (optional) one entry per (ingredient row, bits): E-PMQ at its chosen anchor with
-                          the row's calibration options: {"name", "options", "bits", "strength", "form",
+                          the row's changes to the configured calibration options ("options"): {"name",
+                          "options", "bits", "strength", "form",
                           "select_avg_acc", "select_avg_nll", "test", "seconds", ...}
     timings, config       wall times of the run's stages; the resolved Hydra config
 """

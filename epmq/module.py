@@ -49,6 +49,7 @@ from epmq.pool import ExpertPool
 from epmq.precision import tf32
 from epmq.quantized_layer import QuantizedLayer
 from epmq.schedule import Step, build_schedule
+from epmq.norm_affine import NormStatistics
 from epmq.stats import FoldedStatistics, LayerStatistics
 
 
@@ -57,7 +58,8 @@ class FinishedStep:
     """A solved step, as the module keeps it and a resumed run reloads it.
 
     results: full layer name -> QuantizedLayer (packed codes and grids, on CPU; .weight() is the
-    solver's weight, bit for bit); metrics: full layer name -> logged numbers.
+    solver's weight, bit for bit); metrics: full layer name -> logged numbers; norms: full norm name ->
+    {"weight": γ, "bias": β} (float32, CPU) for the LayerNorms the step calibrated (calibrate_norms).
     """
 
     index: int
@@ -65,6 +67,7 @@ class FinishedStep:
     layers: tuple[str, ...]
     results: dict[str, QuantizedLayer]
     metrics: dict[str, dict[str, float]]
+    norms: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
 class BlockwiseCalibration(L.LightningModule):
@@ -154,6 +157,7 @@ class BlockwiseCalibration(L.LightningModule):
         self._seen: dict[str, tuple[str, torch.Tensor]] = {}  # input group -> (layer, X̂) added to H this batch
         self._fold_ids: torch.Tensor | None = None        # (batch,) fold of each sample (cross-validating solvers)
         self._task_statistics: dict[str, LayerStatistics] = {}  # normalize: the current task's own sums
+        self.norm_statistics: dict[str, NormStatistics] = {}   # calibrate_norms: per LayerNorm of the block
         self._batch_idx = -1                              # the batch the hooks are adding
         self._hooks: list = []
         self._num_batches = 0
@@ -286,6 +290,11 @@ class BlockwiseCalibration(L.LightningModule):
                     linear.weight.copy_(record.weight().to(linear.weight))  # the solver's weight, bit for bit
                     if record.bias is not None:
                         linear.bias.copy_(record.bias.to(linear.bias))
+            for name, params in done.norms.items():  # LayerNorms the step calibrated
+                norm = self.model.get_submodule(name)
+                with torch.no_grad():
+                    norm.weight.copy_(params["weight"].to(norm.weight))
+                    norm.bias.copy_(params["bias"].to(norm.bias))
             self.finished.append(done)
 
     def count_tokens(self) -> None:
@@ -393,6 +402,27 @@ class BlockwiseCalibration(L.LightningModule):
                                               device=self.device_, residual=with_C,
                                               share_H_with=sums.get(owner), **means)
             self._hooks.append(lin.register_forward_hook(self._statistics_hook(name, step.stage.source(name))))
+        self.norm_statistics = {}
+        norms = step.stage.norms if getattr(self.solver, "calibrate_norms", False) and step.first else ()
+        for name in norms:  # the block's LayerNorms; at λ = inf no targets: they go to the anchor
+            norm = block.get_submodule(name)
+            if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
+                raise ValueError(f"calibrate_norms: '{step.prefix}{name}' is {type(norm).__name__}, not an nn.LayerNorm "
+                                 f"with weight and bias")
+            self.norm_statistics[name] = NormStatistics(norm.normalized_shape[-1], norm.eps, device=self.device_)
+            if name in self.target_names(step):
+                self._hooks.append(norm.register_forward_hook(self._norm_hook(name)))
+
+    def target_names(self, step: Step) -> tuple[str, ...]:
+        """What the experts' targets are needed for in `step`: its linear layers, and on a block's first step
+        the block's LayerNorms when the solver calibrates them (with expert targets)."""
+        norms = (getattr(self.solver, "calibrate_norms", False) and self.solver.needs_targets and step.first)
+        return step.layers + (step.stage.norms if norms else ())
+
+    def _norm_hook(self, name: str):
+        def hook(norm: nn.LayerNorm, args, output):
+            self.norm_statistics[name].add(args[0], self._targets[name], self._weights["self"])
+        return hook
 
     @property
     def normalize(self) -> bool:
@@ -541,7 +571,7 @@ class BlockwiseCalibration(L.LightningModule):
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        buffers = [buf for stats in self.statistics.values() for buf in stats.buffers()]
+        buffers = [buf for stats in [*self.statistics.values(), *self.norm_statistics.values()] for buf in stats.buffers()]
         if buffers:
             self.all_reduce_(*buffers)
         block = self.block(step)
@@ -560,8 +590,18 @@ class BlockwiseCalibration(L.LightningModule):
             for key, value in solution.metrics.items():
                 self.log(f"calib/{step.label}/{name}/{key}", value, on_step=False, on_epoch=True, batch_size=1,
                          sync_dist=True)
-        self.statistics = {}
-        self.finished.append(FinishedStep(step.index, step.label, step.layers, results, metrics))
+        norms = {}
+        for name, stats in self.norm_statistics.items():  # the LayerNorms feeding this block's layers
+            norm = block.get_submodule(name)
+            base = None
+            if getattr(self.solver, "needs_base", False):
+                base = self.experts.layer("base", step.prefix + name, norm.weight.device)
+            gamma, beta = self.solver.norm_affine(stats, norm.weight.detach(), norm.bias.detach(), base)
+            norm.weight.copy_(gamma.to(norm.weight))
+            norm.bias.copy_(beta.to(norm.bias))
+            norms[step.prefix + name] = {"weight": gamma.cpu(), "bias": beta.cpu()}
+        self.statistics, self.norm_statistics = {}, {}
+        self.finished.append(FinishedStep(step.index, step.label, step.layers, results, metrics, norms))
         if step.last:
             with self.forward_precision():
                 for b, inputs in self._inputs.items():  # the quantized block's output feeds the next block

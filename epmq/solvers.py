@@ -23,6 +23,8 @@ E-PMQ's calibration ingredients beyond the paper (FeatCal-style, DESIGN §1; eac
                     (ρ = 1: the merged weights; W_0 the base model's layer)
     calibrate_bias  after rounding, the bias is solved in closed form for the rounded Q (the same
                     anchored objective, the bias a free parameter): it takes up the mean of the error
+    calibrate_norms the block's LayerNorms' γ, β fitted channel by channel to the experts' norm outputs
+                    (epmq.norm_affine), anchored the same way; they stay in float
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ import torch
 
 from epmq.anchor import FORMS, relaxed_target, rounding_hessian
 from epmq.gptq import QuantResult, gptq, rtn
+from epmq.norm_affine import NormStatistics, solve_norm_affine
 from epmq.quant import QuantSpec
 from epmq.stats import LayerStatistics
 
 
-INGREDIENTS = ("normalize", "interp", "extrapolate", "calibrate_bias")  # EPMQ's options beyond the paper's
+INGREDIENTS = ("normalize", "interp", "extrapolate", "calibrate_bias", "calibrate_norms")  # EPMQ's options beyond the paper's
 
 
 @dataclass
@@ -115,13 +118,15 @@ class EPMQ(GPTQ):
     name = "epmq"
 
     def __init__(self, strength: float | str = 1.0, form: str = "output", normalize: bool = False,
-                 interp: float = 1.0, extrapolate: float = 1.0, calibrate_bias: bool = False, **spec):
+                 interp: float = 1.0, extrapolate: float = 1.0, calibrate_bias: bool = False,
+                 calibrate_norms: bool = False, **spec):
         super().__init__(**spec)
         self.strength = parse_strength(strength)
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         self.form = form
-        for name, value in (("normalize", normalize), ("calibrate_bias", calibrate_bias)):
+        for name, value in (("normalize", normalize), ("calibrate_bias", calibrate_bias),
+                            ("calibrate_norms", calibrate_norms)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
         if isinstance(interp, bool) or not isinstance(interp, (int, float)) or not 0 <= interp <= 1:
@@ -132,6 +137,7 @@ class EPMQ(GPTQ):
                              f"got {extrapolate!r}")
         self.normalize, self.interp = normalize, float(interp)
         self.extrapolate, self.calibrate_bias = float(extrapolate), calibrate_bias
+        self.calibrate_norms = calibrate_norms
 
     @property
     def needs_targets(self) -> bool:
@@ -182,6 +188,17 @@ class EPMQ(GPTQ):
             solution.bias = self.bias_for(solution.result.weight, W_m, bias, stats, base)
         return solution
 
+    def norm_affine(self, stats: NormStatistics, gamma_m: torch.Tensor, beta_m: torch.Tensor,
+                    base=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A LayerNorm's new (γ, β), each (features,), from its statistics (epmq.norm_affine), anchored at the
+        merged (γ_m, β_m) or, with extrapolate ρ, at base + ρ (merged − base); base: (γ_0, β_0) or None."""
+        if self.needs_base:
+            if base is None:
+                raise ValueError(f"extrapolate={self.extrapolate:g} needs the base model's norm (base=(γ_0, β_0))")
+            gamma_m = base[0].to(gamma_m) + self.extrapolate * (gamma_m - base[0].to(gamma_m))
+            beta_m = base[1].to(beta_m) + self.extrapolate * (beta_m - base[1].to(beta_m))
+        return solve_norm_affine(stats, gamma_m, beta_m, self.strength, self.form, self.spec.percdamp)
+
     def finish(self, W_star: torch.Tensor, H: torch.Tensor, metrics: dict) -> Solution:
         """The layer's Solution from its target W*: GPTQ-rounded here (RelaxedEPMQ keeps it as it is)."""
         return self.quantize_target(W_star, H, metrics)
@@ -218,13 +235,14 @@ class EPMQ(GPTQ):
         return (b_m.double() + d).float()
 
     def describe(self) -> dict:
-        return {**super().describe(), "strength": self.strength, "form": self.form, "normalize": self.normalize,
-                "interp": self.interp, "extrapolate": self.extrapolate, "calibrate_bias": self.calibrate_bias}
+        return {**super().describe(), "strength": self.strength, "form": self.form,
+                **{k: getattr(self, k) for k in INGREDIENTS}}
 
     def __repr__(self) -> str:
         extras = "".join(f", {k}={v!r}" for k, v, default in (("normalize", self.normalize, False),
                          ("interp", self.interp, 1.0), ("extrapolate", self.extrapolate, 1.0),
-                         ("calibrate_bias", self.calibrate_bias, False)) if v != default)
+                         ("calibrate_bias", self.calibrate_bias, False),
+                         ("calibrate_norms", self.calibrate_norms, False)) if v != default)
         return f"EPMQ(strength={self.strength:g}, form={self.form!r}{extras}, {self.spec})"
 
 

@@ -5,15 +5,23 @@
         [--out docs/RESULTS.md] [--figures docs/figures] [--notes docs/results_notes.md]
 
 Reads every results.json below the given folders (written by `train.py experiment=compare`), groups the
-runs by (merge label, bits, method) and writes the markdown document plus figures/ablation.png and
-figures/avg_acc_vs_bits.png. Every run must come from the same suite (same fingerprint) and each
-(merge, seed) may appear once; otherwise it stops and names the files at fault.
+runs by (zoo, merge label) and writes the markdown document plus figures/ablation.png and
+figures/avg_acc_vs_bits.png. A zoo is one offline suite build, identified by (fingerprint, weights sha256) and
+labelled by the suite seed it was built with ("zoo seed 1", from the stored config's suite.seed; the
+fingerprint's first 8 hex digits when not recorded). With one zoo the sections are titled by the merge alone;
+with several, "<merge> · zoo seed S". Each (zoo, merge, seed) may appear once and two zoos may not claim the
+same suite seed; otherwise it stops and names the files at fault.
+
+Per (zoo, merge), besides mean ± std: E-PMQ − GPTQ per seed, the FP calibrated merge's share of the
+FP-merged-to-experts gap, and (when the runs hold "ingredients") each calibration ingredient's change of test
+accuracy and of selection NLL against E-PMQ at its chosen anchor, with a summary over all settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import statistics
@@ -25,7 +33,8 @@ from pathlib import Path
 
 from epmq.compare_report import (DISPLAY, METHODS, REFERENCES, ablation_curves, draw_ablation,
                                  draw_avg_vs_bits, format_strength, markdown_header, markdown_row,
-                                 panels, save_figure, validate, write_text_atomic)
+                                 method_entry, panels, save_figure, strength_value, validate,
+                                 write_text_atomic)
 
 BITS_COLORS = ("tab:red", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:brown", "tab:pink")
 FORM_STYLES = {"output": "-", "weight": "--"}
@@ -57,10 +66,15 @@ FusionBench documentation, CLIP-ViT-B/32 on TA8 in FP32 (their own experts):
 
 @dataclass
 class MergeRuns:
-    """Per-seed numbers of one merge, in percent (accuracy) and seconds.
+    """Per-seed numbers of one merge on one zoo, in percent (accuracy) and seconds.
 
     references: reference name -> [avg acc]; methods: (bits, method) -> [avg acc]; seconds likewise;
-    anchors: bits -> ["form/λ" chosen by E-PMQ]; ablation: (bits, form, λ) -> [test avg acc].
+    anchors: bits -> ["form/λ" chosen by E-PMQ]; ablation: (bits, form, λ) -> [test avg acc];
+    ingredients: (name, bits) -> [test avg acc of the ingredient row − E-PMQ's, points];
+    ingredient_nll: (name, bits) -> [selection NLL (mean cross-entropy) of the row − that of the ablation
+    row at E-PMQ's chosen anchor]; options: ingredient name -> "k=v, ..." (what the row changes);
+    margins: bits -> {seed: E-PMQ − GPTQ test avg, points}; recovered: {seed: FP calibrated merge's
+    gap recovered in %, None when the run has no calibrated merge}.
     """
 
     seeds: list = field(default_factory=list)
@@ -69,6 +83,11 @@ class MergeRuns:
     seconds: dict = field(default_factory=lambda: defaultdict(list))
     anchors: dict = field(default_factory=lambda: defaultdict(list))
     ablation: dict = field(default_factory=lambda: defaultdict(list))
+    ingredients: dict = field(default_factory=lambda: defaultdict(list))
+    ingredient_nll: dict = field(default_factory=lambda: defaultdict(list))
+    options: dict = field(default_factory=dict)
+    margins: dict = field(default_factory=lambda: defaultdict(dict))
+    recovered: dict = field(default_factory=dict)
 
     @property
     def bits(self) -> list[int]:
@@ -92,53 +111,156 @@ def find_results(paths: list[Path]) -> list[Path]:
     return files
 
 
+def zoo_key(results: dict) -> tuple:
+    """A zoo's identity: (suite fingerprint, weights sha256); None where the run did not record it."""
+    suite = results.get("suite") or {}
+    return suite.get("fingerprint"), suite.get("weights_sha256")
+
+
+def suite_seed(results: dict):
+    """The seed the run's zoo was built with (the stored config's suite.seed), None when not recorded."""
+    return ((results.get("config") or {}).get("suite") or {}).get("seed")
+
+
+def zoo_labels(runs: list[dict]) -> dict[tuple, str]:
+    """zoo key -> "zoo seed S" ("zoo <fingerprint[:8]>" without a recorded seed), ordered by suite seed,
+    then by first appearance."""
+    seeds: dict[tuple, object] = {}
+    for results in runs:
+        if seeds.get(zoo_key(results)) is None:
+            seeds[zoo_key(results)] = suite_seed(results)
+    order = sorted(seeds, key=lambda k: (seeds[k] is None, seeds[k] if isinstance(seeds[k], (int, float)) else 0))
+    return {k: f"zoo seed {seeds[k]}" if seeds[k] is not None else f"zoo {str(k[0])[:8]}" for k in order}
+
+
+def check_ingredients(results: dict) -> None:
+    """Raise ValueError naming the first ingredient row that cannot be compared with E-PMQ."""
+    for i, entry in enumerate(results.get("ingredients") or []):
+        for key in ("name", "bits", "test"):
+            if key not in entry:
+                raise ValueError(f"results.json: ingredients[{i}] has no {key!r}")
+        if "avg" not in entry["test"]:
+            raise ValueError(f"results.json: ingredients[{i}].test has no 'avg'")
+        if method_entry(results, "epmq", entry["bits"]) is None:
+            raise ValueError(f"results.json: ingredients[{i}] ({entry['name']!r}) is at {entry['bits']} bits, "
+                             f"where the run has no E-PMQ entry to compare it with")
+
+
 def load_runs(files: list[Path]) -> list[dict]:
-    """Read and check every file: valid schema, one suite fingerprint, each (merge, seed) once."""
-    runs, by_fingerprint, by_seed = [], defaultdict(list), defaultdict(list)
+    """Read and check every file: valid schema, each (zoo, merge, seed) once, one zoo per suite seed."""
+    runs, by_run, claims = [], defaultdict(list), defaultdict(lambda: defaultdict(list))
     for path in files:
         try:
             results = json.loads(path.read_text())
             validate(results)
+            check_ingredients(results)
         except (ValueError, KeyError) as err:
             raise SystemExit(f"results_doc: {path}: {err}") from None
         runs.append(results)
-        suite = results.get("suite", {})
-        by_fingerprint[(suite.get("fingerprint"), suite.get("weights_sha256"))].append(path)
-        by_seed[(results["merge"]["label"], results.get("seed"))].append(path)
-    if len(by_fingerprint) > 1:
-        listing = "; ".join(f"{fp}: {', '.join(map(str, ps))}" for fp, ps in by_fingerprint.items())
-        raise SystemExit(f"results_doc: the files disagree on the suite (fingerprint, weights) ({listing})")
-    for (label, seed), paths in by_seed.items():
+        if suite_seed(results) is not None:
+            claims[suite_seed(results)][zoo_key(results)].append(path)
+        by_run[(zoo_key(results), results["merge"]["label"], results.get("seed"))].append(path)
+    for seed, zoos in claims.items():
+        if len(zoos) > 1:
+            listing = "; ".join(f"fingerprint {fp}, weights {sha}: {', '.join(map(str, ps))}"
+                                for (fp, sha), ps in zoos.items())
+            raise SystemExit(f"results_doc: {len(zoos)} different zoos claim suite seed {seed} ({listing})")
+    for (zoo, label, seed), paths in by_run.items():
         if len(paths) > 1:
-            raise SystemExit(f"results_doc: merge {label!r} seed {seed} appears {len(paths)} times: "
-                             f"{', '.join(map(str, paths))}; pass only one run per seed")
+            raise SystemExit(f"results_doc: merge {label!r} seed {seed} on zoo {zoo[0]} appears {len(paths)} "
+                             f"times: {', '.join(map(str, paths))}; pass only one run per seed")
     return runs
 
 
 def summarize(runs: list[dict]) -> dict[str, MergeRuns]:
-    """merge label -> its per-seed numbers (labels sorted)."""
-    merges: dict[str, MergeRuns] = defaultdict(MergeRuns)
-    for results in runs:
-        merge = merges[results["merge"]["label"]]
-        merge.seeds.append(results.get("seed"))
-        for key, name in REFERENCES.items():
-            test = results["references"].get(key, {}).get("test", {})
-            if "avg" in test:
-                merge.references[name].append(100 * test["avg"])
-        for entry in results["methods"]:
-            key = (entry["bits"], entry["method"])
-            merge.methods[key].append(100 * entry["test"]["avg"])
-            if entry.get("seconds") is not None:
-                merge.seconds[key].append(entry["seconds"])
-            if entry.get("anchor"):
-                a = entry["anchor"]
-                merge.anchors[entry["bits"]].append(f"{a['form']}/{format_strength(a['strength'])}")
-        ablation = results.get("ablation") or []
-        for bits in {e["bits"] for e in ablation}:
-            for form, points in ablation_curves([e for e in ablation if e["bits"] == bits]).items():
-                for strength, acc in points:
-                    merge.ablation[(bits, form, strength)].append(100 * acc)
-    return dict(sorted(merges.items()))
+    """section title -> per-seed numbers of one (zoo, merge), sorted by merge label, then zoo. The title is
+    the merge label, followed by " · <zoo label>" when the runs come from more than one zoo."""
+    zoos = zoo_labels(runs)
+    order = {key: i for i, key in enumerate(zoos)}
+    merges: dict[str, MergeRuns] = {}
+    for results in sorted(runs, key=lambda r: (r["merge"]["label"], order[zoo_key(r)])):
+        title = results["merge"]["label"]
+        if len(zoos) > 1:
+            title += f" · {zoos[zoo_key(results)]}"
+        add_run(merges.setdefault(title, MergeRuns()), results)
+    return merges
+
+
+def add_run(merge: MergeRuns, results: dict) -> None:
+    """Append one run's numbers (one seed) to its merge's."""
+    merge.seeds.append(results.get("seed"))
+    for key, name in REFERENCES.items():
+        test = results["references"].get(key, {}).get("test", {})
+        if "avg" in test:
+            merge.references[name].append(100 * test["avg"])
+    for entry in results["methods"]:
+        key = (entry["bits"], entry["method"])
+        merge.methods[key].append(100 * entry["test"]["avg"])
+        if entry.get("seconds") is not None:
+            merge.seconds[key].append(entry["seconds"])
+        if entry.get("anchor"):
+            a = entry["anchor"]
+            merge.anchors[entry["bits"]].append(f"{a['form']}/{format_strength(a['strength'])}")
+    ablation = results.get("ablation") or []
+    for bits in {e["bits"] for e in ablation}:
+        for form, points in ablation_curves([e for e in ablation if e["bits"] == bits]).items():
+            for strength, acc in points:
+                merge.ablation[(bits, form, strength)].append(100 * acc)
+    add_margins(merge, results)
+    add_ingredients(merge, results)
+
+
+def gap_recovered(references: dict) -> float | None:
+    """100·(calibrated − FP merged)/(experts − FP merged) on test avg; None when a reference is missing
+    or the experts are no better than the merge (no gap)."""
+    avg = {k: references.get(k, {}).get("test", {}).get("avg") for k in ("calibrated", "merged", "experts")}
+    if None in avg.values() or avg["experts"] == avg["merged"]:
+        return None
+    return 100 * (avg["calibrated"] - avg["merged"]) / (avg["experts"] - avg["merged"])
+
+
+def add_margins(merge: MergeRuns, results: dict) -> None:
+    """E-PMQ − GPTQ per bit width (points) and the FP calibrated merge's gap recovered, for this run's seed."""
+    seed = results.get("seed")
+    for bits in results["bits"]:
+        epmq, gptq = method_entry(results, "epmq", bits), method_entry(results, "gptq", bits)
+        if epmq and gptq:
+            merge.margins[bits][seed] = 100 * (epmq["test"]["avg"] - gptq["test"]["avg"])
+    merge.recovered[seed] = gap_recovered(results["references"])
+
+
+def anchor_row(ablation: list[dict], bits: int, anchor: dict) -> dict | None:
+    """The ablation entry at `bits` and E-PMQ's chosen (strength, form); λ = 0 and ∞ do not depend on the
+    form and are listed once, so there any form's entry serves. None when not found."""
+    if "strength" not in anchor or "form" not in anchor:
+        return None
+    strength = strength_value(anchor["strength"])
+    rows = [e for e in ablation if e["bits"] == bits and strength_value(e["strength"]) == strength]
+    same_form = [e for e in rows if e["form"] == anchor["form"]]
+    if same_form:
+        return same_form[0]
+    return rows[0] if rows and (strength == 0 or math.isinf(strength)) else None
+
+
+def options_text(options: dict, configured: dict) -> str:
+    """The options an ingredient row changes against the run's configured quant options, "k=v, ..." (all
+    of them when the run's config does not say)."""
+    changed = {k: v for k, v in options.items() if k not in configured or configured[k] != v}
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in changed.items()) or "as configured"
+
+
+def add_ingredients(merge: MergeRuns, results: dict) -> None:
+    """Each ingredient row's change against E-PMQ at its bit width: test avg (points), and selection NLL
+    against the ablation row of E-PMQ's chosen anchor (the selection data is what decides the defaults)."""
+    configured = (results.get("config") or {}).get("quant") or {}
+    for entry in results.get("ingredients") or []:
+        epmq = method_entry(results, "epmq", entry["bits"])
+        key = (entry["name"], entry["bits"])
+        merge.options.setdefault(entry["name"], options_text(entry.get("options") or {}, configured))
+        merge.ingredients[key].append(100 * (entry["test"]["avg"] - epmq["test"]["avg"]))
+        base = anchor_row(results.get("ablation") or [], entry["bits"], epmq.get("anchor") or entry)
+        if base and base.get("select_avg_nll") is not None and entry.get("select_avg_nll") is not None:
+            merge.ingredient_nll[key].append(entry["select_avg_nll"] - base["select_avg_nll"])
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -230,6 +352,78 @@ def ablation_table(merge: MergeRuns) -> str:
     return "\n".join(lines)
 
 
+def seed_order(seeds) -> list:
+    """Seeds in numeric order (others after, as text)."""
+    return sorted(seeds, key=lambda s: (not isinstance(s, (int, float)), s if isinstance(s, (int, float)) else str(s)))
+
+
+def per_seed_row(name: str, values: dict, seeds: list, fmt: str) -> str:
+    """A row: name, the values in seed order ("-" where absent), their mean."""
+    present = [values[s] for s in seeds if values.get(s) is not None]
+    cells = ", ".join("-" if values.get(s) is None else format(values[s], fmt) for s in seeds)
+    return markdown_row([name, cells, format(statistics.mean(present), fmt) if present else "-"])
+
+
+def margins_table(merge: MergeRuns) -> str:
+    """Per seed: E-PMQ − GPTQ test avg per bit width (points), and the FP calibrated merge's gap recovered
+    (100·(calibrated − FP merged)/(experts − FP merged); "-" where the run has no calibrated merge)."""
+    seeds = seed_order(merge.seeds)
+    lines = [markdown_header(["", f"per seed ({', '.join(map(str, seeds))})", "mean"])]
+    lines += [per_seed_row(f"E-PMQ − GPTQ, {bits} bits (points)", merge.margins[bits], seeds, "+.2f")
+              for bits in sorted(merge.margins)]
+    lines.append(per_seed_row("FP calibrated merge: gap recovered (%)", merge.recovered, seeds, ".1f"))
+    return "\n".join(lines)
+
+
+def delta_cell(tests: list[float] | None, nlls: list[float] | None) -> str:
+    """"Δtest / ΔNLL" means over seeds, e.g. "+0.58 / +0.0013" ("-" where absent)."""
+    if not tests:
+        return "-"
+    return f"{statistics.mean(tests):+.2f} / " + (f"{statistics.mean(nlls):+.4f}" if nlls else "-")
+
+
+def ingredients_table(merge: MergeRuns) -> str | None:
+    """Ingredient (its options) x bits: mean over seeds of Δtest / ΔNLL against E-PMQ; None without rows."""
+    if not merge.ingredients:
+        return None
+    names = list(dict.fromkeys(name for name, _ in merge.ingredients))
+    all_bits = sorted({b for _, b in merge.ingredients})
+    lines = [markdown_header(["ingredient (changes)", *(f"{b} bits" for b in all_bits)])]
+    for name in names:
+        cells = [delta_cell(merge.ingredients.get((name, b)), merge.ingredient_nll.get((name, b))) for b in all_bits]
+        lines.append(markdown_row([f"{name} ({merge.options[name]})", *cells]))
+    return "\n".join(lines)
+
+
+INGREDIENTS_NOTE = ("E-PMQ at the anchor it chose, with one calibration ingredient changed. Each cell: "
+                    "Δtest / ΔNLL, means over seeds: Δtest = the row's test average accuracy − E-PMQ's, in "
+                    "points; ΔNLL = the row's selection NLL (mean cross-entropy on the selection samples) − "
+                    "that of E-PMQ's chosen (λ, form) in the ablation, lower is better. Selection data, not "
+                    "test data, is what decides the defaults.")
+
+
+def ingredients_summary(merges: dict[str, MergeRuns]) -> str | None:
+    """One line: per ingredient, over all (zoo, merge, bits) settings, the mean of the per-setting means of
+    Δtest and ΔNLL and in how many settings the selection NLL improves (ΔNLL < 0)."""
+    settings = defaultdict(list)  # name -> [(mean Δtest, mean ΔNLL or None)], one per setting
+    for merge in merges.values():
+        for key, tests in merge.ingredients.items():
+            nlls = merge.ingredient_nll.get(key)
+            settings[key[0]].append((statistics.mean(tests), statistics.mean(nlls) if nlls else None))
+    if not settings:
+        return None
+    parts = []
+    for name, rows in settings.items():
+        nlls = [n for _, n in rows if n is not None]
+        text = f"{name} {statistics.mean(t for t, _ in rows):+.2f} test"
+        if nlls:
+            better = sum(n < 0 for n in nlls)
+            text += f" / {statistics.mean(nlls):+.4f} NLL, selection NLL better in {better} of {len(nlls)}"
+        parts.append(text)
+    return ("Over every setting (zoo, merge, bits), mean of the per-setting means over seeds, Δtest in points / "
+            "ΔNLL against E-PMQ: " + "; ".join(parts) + ".")
+
+
 def weights_sentence(suite: dict) -> str:
     """Which weights the runs used: the zoo's weights hash (epmq.offline.zoo.weights_sha256)."""
     sha = suite.get("weights_sha256")
@@ -240,19 +434,32 @@ def weights_sentence(suite: dict) -> str:
             f"`python train.py` on a fresh machine builds these same weights).")
 
 
+def zoos_sentence(runs: list[dict]) -> str:
+    """Each zoo's fingerprint and weights hash (one zoo: the sentence the document always had)."""
+    suite = runs[0].get("suite", {})
+    zoos = zoo_labels(runs)
+    if len(zoos) == 1:
+        return f"fingerprint `{suite.get('fingerprint', '?')}`, " + weights_sentence(suite)
+    listing = "; ".join(f"{label}: fingerprint `{fp or '?'}`, weights sha256 `{sha or 'not recorded'}`"
+                        for (fp, sha), label in zoos.items())
+    return (f"{len(zoos)} zoos ({listing}). A zoo's weights hash is its `weights_sha256` in its zoo.json, "
+            f"checked by `epmq.offline.zoo.open_zoo(root).verify_weights()`; the build is deterministic, so "
+            f"`python train.py` with the same `suite.seed` on a fresh machine builds the same weights.")
+
+
 def header_section(runs: list[dict], merges: dict[str, MergeRuns], commands: list[str],
                    doc_command: str) -> str:
-    """How the document was produced: commands, run and seed counts, suite fingerprint, date."""
+    """How the document was produced: commands, run and seed counts, zoo fingerprints, date."""
     suite = runs[0].get("suite", {})
     produced = "\n".join(f"    {c}" for c in commands) if commands else "    (not given: pass --command)"
-    seeds = "; ".join(f"{label}: {len(m.seeds)} seed{'s' if len(m.seeds) > 1 else ''} ({', '.join(map(str, sorted(m.seeds, key=str)))})"
-                      for label, m in merges.items())
+    seeds = "; ".join(f"{label}: {len(m.seeds)} seed{'s' if len(m.seeds) > 1 else ''} "
+                      f"({', '.join(map(str, seed_order(m.seeds)))})" for label, m in merges.items())
     return "\n".join([
         "# Results", "",
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `{doc_command}` from "
         f"{len(runs)} results.json file{'s' if len(runs) > 1 else ''}. Runs: {seeds}.", "",
-        f"Suite `{suite.get('name', '?')}` (tasks: {', '.join(runs[0]['tasks'])}), fingerprint "
-        f"`{suite.get('fingerprint', '?')}`, " + weights_sentence(suite) + " All numbers below are the "
+        f"Suite `{suite.get('name', '?')}` (tasks: {', '.join(runs[0]['tasks'])}), "
+        + zoos_sentence(runs) + " All numbers below are the "
         "offline suite's (the project's own small CLIP-architecture tower and experts, trained here), "
         "not the paper's models.", "",
         "Runs produced with:", "", produced, "",
@@ -269,8 +476,12 @@ def document(runs: list[dict], merges: dict[str, MergeRuns], commands: list[str]
     parts = [header_section(runs, merges, commands, doc_command)]
     for label, merge in merges.items():
         parts += [f"## {label}", "### Full-precision references", references_table(merge),
-                  "### Quantized", merge_table(merge)]
+                  "### Quantized", merge_table(merge), "### Per-seed margins", margins_table(merge)]
+        if (table := ingredients_table(merge)) is not None:
+            parts += ["### E-PMQ's calibration ingredients (one at a time)", INGREDIENTS_NOTE, table]
     parts += ["## Where E-PMQ stands", comparison_section(merges)]
+    if (summary := ingredients_summary(merges)) is not None:
+        parts += ["## Calibration ingredients over all settings", summary]
     if notes.strip():
         parts.append(notes.strip())
     if "avg_acc_vs_bits" in figures:
@@ -289,9 +500,14 @@ def document(runs: list[dict], merges: dict[str, MergeRuns], commands: list[str]
 
 # ----------------------------------------------------------------------------- figures
 
+def panel_width(n: int) -> float:
+    """Inches per panel: narrower when many (zoo, merge) panels share the row."""
+    return 5.5 if n <= 3 else 4.0
+
+
 def plot_avg_vs_bits(merges: dict[str, MergeRuns], path: Path) -> Path:
-    """Mean ± std of average accuracy against bits, one panel per merge, FP references dashed."""
-    fig, axes = panels(len(merges), width=5.5)
+    """Mean ± std of average accuracy against bits, one panel per (zoo, merge), FP references dashed."""
+    fig, axes = panels(len(merges), width=panel_width(len(merges)))
     for ax, (label, merge) in zip(axes, merges.items()):
         lines = {}
         for method in METHODS:
@@ -309,11 +525,11 @@ def plot_avg_vs_bits(merges: dict[str, MergeRuns], path: Path) -> Path:
 
 
 def plot_ablation(merges: dict[str, MergeRuns], path: Path) -> Path | None:
-    """Mean test accuracy against λ, one panel per merge, a line per (form, bits), GPTQ dotted per bits."""
+    """Mean test accuracy against λ, one panel per (zoo, merge), a line per (form, bits), GPTQ dotted per bits."""
     with_ablation = {label: m for label, m in merges.items() if m.ablation}
     if not with_ablation:
         return None
-    fig, axes = panels(len(with_ablation), width=5.5)
+    fig, axes = panels(len(with_ablation), width=panel_width(len(with_ablation)))
     for ax, (label, merge) in zip(axes, with_ablation.items()):
         all_bits = sorted({b for b, _, _ in merge.ablation})
         colors = dict(zip(all_bits, BITS_COLORS))

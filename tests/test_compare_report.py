@@ -198,7 +198,8 @@ def test_document_errors(tmp_path):
     with pytest.raises(SystemExit, match="no results.json"):
         results_doc.main([str(tmp_path), "--out", str(tmp_path / "R.md")])
     a, b = make_results(0, {("gptq", 4): 0.7}), make_results(1, {("gptq", 4): 0.7}, fingerprint="fp-b")
+    a["config"] = b["config"] = {"suite": {"seed": 0}}  # two zoos claiming the same suite seed
     write_runs(tmp_path, [a, b])
-    with pytest.raises(SystemExit, match=r"fingerprint.*fp-a.*run0.*fp-b.*run1"):
-        results_doc.main([str(tmp_path), "--out", str(tmp_path / "R.md")])
+    with pytest.raises(SystemExit, match=r"suite seed 0.*fp-a.*run0.*fp-b.*run1"):
+        results_doc.main([str(tmp_path), "--out", str(tmp_path / "R.md"), "--figures", str(tmp_path / "f")])
     assert not (tmp_path / "R.md").exists()

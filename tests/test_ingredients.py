@@ -1,4 +1,5 @@
-"""E-PMQ's calibration ingredients (epmq.solvers.EPMQ: normalize, interp, extrapolate, calibrate_bias).
+"""E-PMQ's calibration ingredients (epmq.solvers.EPMQ: normalize, interp, extrapolate, calibrate_bias,
+calibrate_norms).
 
 Solver level on random float64 layers, each property against a brute-force computation from the raw
 rows (X, Y, w): the first moments and add_scaled of LayerStatistics, the closed-form bias, the
@@ -473,3 +474,176 @@ def test_extrapolated_relaxed_anchor_at_inf_is_the_scaled_task_vector_in_every_l
             torch.testing.assert_close(linear.weight, b.weight + rho * (m.weight - b.weight), rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(linear.bias, b.bias + rho * (m.bias - b.bias), rtol=1e-6, atol=1e-7)
             assert relative(linear.weight, m.weight) > 1e-3, key
+
+
+# -- calibrate_norms (epmq.norm_affine) on the tiny CLIP zoo ---------------------------------------------
+
+NORMS = ("layer_norm1", "layer_norm2")
+
+
+def norm_params(module_or_model, block: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """norm name -> (γ, β) of block `block` (a BlockwiseCalibration's model or a CLIP model)."""
+    model = getattr(module_or_model, "model", module_or_model)
+    layer = model.encoder.layers[block]
+    return {name: (layer.get_submodule(name).weight.detach(), layer.get_submodule(name).bias.detach())
+            for name in NORMS}
+
+
+def block0_norm_rows(model, pixel_values: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """norm -> (input, output), each (samples, tokens, 32), of block 0's LayerNorms in `model` (float32)."""
+    seen = {}
+    layer = model.encoder.layers[0]
+    handles = [layer.get_submodule(n).register_forward_hook(
+        lambda m, args, out, n=n: seen.__setitem__(n, (args[0].detach(), out.detach()))) for n in NORMS]
+    with torch.no_grad():
+        layer(model.pre_layrnorm(model.embeddings(pixel_values)), None)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def test_calibrated_norms_of_block_0_are_the_anchored_fit_to_each_samples_expert_norm(zoo, pool, data):
+    """Block 0, λ = 1: each LayerNorm's (γ, β) is solve_norm_affine of its merged inputs (hooks on the merged
+    model: block 0 reads the merged model's own inputs, and its norms come before any rounding there) and of
+    each sample's own expert's norm output on the expert's path, tokens weighted w_t / n_t."""
+    from epmq.norm_affine import NormStatistics, solve_norm_affine
+
+    module = fit(zoo["merged"], EPMQ(strength=1.0, calibrate_norms=True, **SPEC_ARGS), data, pool)
+    merged = load_state(zoo["merged"])
+    rows = block0_norm_rows(merged, data.pixel_values)
+    targets = {n: torch.empty_like(rows[n][1]) for n in NORMS}
+    for t, task in enumerate(TASKS):
+        sel = data.tasks == t
+        own = block0_norm_rows(zoo["experts"][task], data.pixel_values[sel])
+        for n in NORMS:
+            targets[n][sel] = own[n][1]
+    w = token_weights(data.tasks)
+    for n in NORMS:
+        norm = merged.encoder.layers[0].get_submodule(n)
+        stats = NormStatistics(32, norm.eps)
+        stats.add(rows[n][0], targets[n], w)
+        gamma, beta = solve_norm_affine(stats, norm.weight.detach(), norm.bias.detach(), 1.0, "output",
+                                        percdamp=SPEC.percdamp)
+        got = norm_params(module, 0)[n]
+        torch.testing.assert_close(got[0], gamma, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[1], beta, rtol=1e-4, atol=1e-5)
+        assert (got[0] - norm.weight).abs().max() > 1e-3 and (got[1] - norm.bias).abs().max() > 1e-3, n
+
+
+def test_calibrated_norms_are_recorded_kept_in_the_step_files_and_resumed(zoo, pool, data, tmp_path):
+    solver = lambda: EPMQ(strength=1.0, calibrate_norms=True, **SPEC_ARGS)  # noqa: E731
+    whole = fit(zoo["merged"], solver(), data, pool)
+    merged = load_state(zoo["merged"])
+    assert len(whole.finished) == 2  # one step per block: each calibrates its block's norms
+    for block, step in enumerate(whole.finished):
+        assert set(step.norms) == {f"encoder.layers.{block}.{n}" for n in NORMS}
+        for n, (gamma, beta) in norm_params(whole, block).items():
+            record = step.norms[f"encoder.layers.{block}.{n}"]
+            assert torch.equal(record["weight"], gamma) and torch.equal(record["bias"], beta), (block, n)
+            original = norm_params(merged, block)[n]
+            assert not torch.equal(gamma, original[0]) and not torch.equal(beta, original[1]), (block, n)
+
+    store = StepStore(tmp_path / "steps", {"run": "norms"})
+    for step in whole.finished:
+        store.save(step)
+    loaded = StepStore(tmp_path / "steps", {"run": "norms"}).load()
+    for step, again in zip(whole.finished, loaded):
+        assert set(again.norms) == set(step.norms)
+        for key, params in step.norms.items():
+            for p in ("weight", "bias"):
+                assert torch.equal(again.norms[key][p], params[p]), (key, p)
+
+    # a fresh merged model takes the saved norms (and weights) ...
+    applied = BlockwiseCalibration(load_state(zoo["merged"]), solver(), TASKS, experts=pool)
+    applied.apply_finished(loaded)
+    # ... and a run resumed after block 0 calibrates block 1 through the calibrated block 0 as the whole run did
+    resumed = fit(zoo["merged"], solver(), data, pool, resume=loaded[:1])
+    for module in (applied, resumed):
+        for key, value in whole.model.state_dict().items():
+            assert torch.equal(module.model.state_dict()[key], value), key
+    for key, params in whole.finished[1].norms.items():
+        for p in ("weight", "bias"):
+            assert torch.equal(resumed.finished[1].norms[key][p], params[p]), (key, p)
+
+
+def test_calibrated_norms_stay_merged_with_merged_experts_and_at_inf(zoo, data, tmp_path):
+    """Experts = the merged model: block 0's targets are the merged norms' own outputs on the same inputs, so
+    the fit is the anchor. λ = inf needs no targets: the norms are not touched (nor recorded)."""
+    merged = load_state(zoo["merged"])
+    for task in TASKS:
+        merged.save_pretrained(tmp_path / task)
+    same = ExpertPool(tmp_path / TASKS[0], {t: tmp_path / t for t in TASKS})
+    module = fit(zoo["merged"], EPMQ(strength=1.0, calibrate_norms=True, **SPEC_ARGS), data, same)
+    assert set(module.finished[0].norms) == {f"encoder.layers.0.{n}" for n in NORMS}
+    for n, (gamma, beta) in norm_params(module, 0).items():
+        torch.testing.assert_close(gamma, norm_params(merged, 0)[n][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(beta, norm_params(merged, 0)[n][1], rtol=1e-4, atol=1e-5)
+
+    at_inf = fit(zoo["merged"], EPMQ(strength="inf", calibrate_norms=True, **SPEC_ARGS), data)
+    for block in (0, 1):
+        recorded = at_inf.finished[block].norms  # the anchor (here the merged norms), recorded for resume
+        assert set(recorded) == {f"encoder.layers.{block}.{n}" for n in NORMS}
+        for n, (gamma, beta) in norm_params(at_inf, block).items():
+            assert torch.equal(recorded[f"encoder.layers.{block}.{n}"]["weight"], gamma), (block, n)
+            assert torch.equal(gamma, norm_params(merged, block)[n][0]), (block, n)
+            assert torch.equal(beta, norm_params(merged, block)[n][1]), (block, n)
+
+
+def test_kept_expert_targets_are_recorded_again_when_the_norms_join_them(zoo, data, monkeypatch):
+    """A kept-target cache first filled by a fit without calibrate_norms has no norm targets: a fit with it
+    records anew (the layout names the targets) and gives a fresh cache's norms; a third fit replays them."""
+    from callbacks.expert_cache import ExpertActivationCache
+
+    def norms_fit(cache, calibrate_norms=True):
+        module = BlockwiseCalibration(load_state(zoo["merged"]),
+                                      EPMQ(strength=1.0, calibrate_norms=calibrate_norms, **SPEC_ARGS), TASKS,
+                                      experts=cache)
+        trainer_for(module).fit(module, datamodule=CalibrationData(data))
+        return module
+
+    pool = ExpertPool(zoo["root"] / "base", zoo["paths"])
+    reference = norms_fit(ExpertActivationCache(pool))
+    cache = ExpertActivationCache(pool, keep=True)
+    plain = norms_fit(cache, calibrate_norms=False)
+    assert all(set(batches[0]) == set(LAYERS) for batches in cache.recorded.values())
+    second = norms_fit(cache)
+    assert all(set(batches[0]) == set(LAYERS + NORMS) for batches in cache.recorded.values())
+    calls = []
+    monkeypatch.setattr(pool, "expert_subset", lambda *a, **k: calls.append(a) or {})
+    third = norms_fit(cache)  # replayed: the pool is never read
+    assert calls == []
+    for module in (second, third):
+        for block in (0, 1):
+            for n, (gamma, beta) in norm_params(reference, block).items():
+                assert torch.equal(norm_params(module, block)[n][0], gamma), (block, n)
+                assert torch.equal(norm_params(module, block)[n][1], beta), (block, n)
+        for key, value in reference.model.state_dict().items():
+            assert torch.equal(module.model.state_dict()[key], value), key
+    assert not torch.equal(norm_params(plain, 0)["layer_norm1"][0], norm_params(reference, 0)["layer_norm1"][0])
+
+
+def test_true_sequential_calibrates_the_norms_once_on_each_blocks_first_step(zoo, pool, data):
+    """Four steps per block: the norms are fitted (and recorded) on the block's first step only, there from the
+    same merged inputs and expert targets as a one-step block, so block 0's norms are the same."""
+    solver = lambda: EPMQ(strength=1.0, calibrate_norms=True, **SPEC_ARGS)  # noqa: E731
+    sequential = fit(zoo["merged"], solver(), data, pool, true_sequential=True)
+    whole = fit(zoo["merged"], solver(), data, pool)
+    assert [bool(step.norms) for step in sequential.finished] == [True, False, False, False] * 2
+    for n, (gamma, beta) in norm_params(whole, 0).items():
+        torch.testing.assert_close(norm_params(sequential, 0)[n][0], gamma, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(norm_params(sequential, 0)[n][1], beta, rtol=1e-5, atol=1e-6)
+    for key, params in sequential.finished[4].norms.items():
+        assert torch.equal(params["weight"], sequential.model.get_submodule(key).weight), key
+
+
+def test_calibrated_norms_anchor_at_the_extrapolated_norms_read_from_the_base(zoo, pool, data):
+    """extrapolate ρ: the anchor is γ_0 + ρ (γ_m − γ_0) with the pool's base norm; a very large λ gives it."""
+    rho = 1.5
+    module = fit(zoo["merged"], EPMQ(strength=1e8, extrapolate=rho, calibrate_norms=True, **SPEC_ARGS), data, pool)
+    merged = load_state(zoo["merged"])
+    for block in (0, 1):
+        for n, (gamma, beta) in norm_params(module, block).items():
+            (g_m, b_m), (g_0, b_0) = norm_params(merged, block)[n], norm_params(zoo["base"], block)[n]
+            torch.testing.assert_close(gamma, g_0 + rho * (g_m - g_0), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(beta, b_0 + rho * (b_m - b_0), rtol=1e-5, atol=1e-6)
+            assert (gamma - g_m).abs().max() > 1e-3, (block, n)
