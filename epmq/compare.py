@@ -41,7 +41,8 @@ from epmq import compare_report
 from epmq.adapters import adapter_for
 from epmq.checkpoint import describe_changes
 from epmq.pipeline import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, prepare,
-                           quiet_lightning, resolved_config, select_scores, selection_key, solvers, target_cache)
+                           quiet_lightning, resolved_config, select_half_scores, select_scores, selection_key, solvers,
+                           target_cache)
 from epmq.regmean import gram_matrices, regmean
 from epmq.report import write_json_atomic
 from epmq.solvers import EPMQ, GPTQ, INGREDIENTS, RTN, LayerwiseEPMQ, RelaxedEPMQ
@@ -257,6 +258,8 @@ def ablation_row(cfg, prepared, solver, k: int, n: int, expert_cache, ingredient
     t0 = time.perf_counter()
     scores = select_scores(cfg, prepared, calib.model, where)
     select_seconds = time.perf_counter() - t0
+    if cfg.compare.get("select_halves", True):  # for choosing design rules on A and judging them on B
+        scores.update(select_half_scores(cfg, prepared, calib.model, where))
     test = evaluate(cfg, prepared, calib.model, prepared.data.test_dataloader(), f"{where}/test").results
     log.info("%s: select %.2f / nll %.4f, test %.2f", label, 100 * scores["select_avg_acc"],
              scores["select_avg_nll"], 100 * test["avg"])

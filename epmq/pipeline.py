@@ -296,6 +296,16 @@ def select_scores(cfg: DictConfig, prepared: Prepared, model, label: str) -> dic
     return {"select_avg_acc": evaluator.results["avg"], "select_avg_nll": evaluator.nll["avg"]}
 
 
+def select_half_scores(cfg: DictConfig, prepared: Prepared, model, label: str) -> dict[str, float]:
+    """Accuracy and cross-entropy on each half of the selection samples (A, B; data.select_halves_dataloaders):
+    select_a_avg_acc, select_a_avg_nll, select_b_avg_acc, select_b_avg_nll."""
+    scores = {}
+    for half, loaders in zip("ab", prepared.data.select_halves_dataloaders()):
+        evaluator = evaluate(cfg, prepared, model, loaders, f"select_{half}/{label}")
+        scores.update({f"select_{half}_avg_acc": evaluator.results["avg"], f"select_{half}_avg_nll": evaluator.nll["avg"]})
+    return scores
+
+
 def selection_key(scores: dict[str, float], select_by: str, higher_is_better: bool = True) -> float:
     """Higher is better: -cross-entropy ("nll") or the suite's metric ("acc": accuracy, exact match;
     negated for a metric where lower is better, such as perplexity) on the selection samples."""

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 
 def task_generator(seed: int, task: str, stream: str) -> torch.Generator:
@@ -104,6 +104,16 @@ class PerTaskDataModule(L.LightningDataModule):
         """One loader per task (task order) over its anchor-selection samples."""
         self.setup()
         return [self._loader(ds, batch_size=self.batch_size) for ds in self._select]
+
+    def select_halves_dataloaders(self) -> tuple[list[DataLoader], list[DataLoader]]:
+        """The selection samples of each task cut in two halves (A: the first ⌊n/2⌋, B: the rest; the rows
+        are a seeded random draw, so each half is too), one loader per task each. A comparison run scores
+        its settings on both: a rule (grid, criterion, ingredient) chooses on A and is judged on B, so
+        design choices are made without test data."""
+        self.setup()
+        halves = ([Subset(ds, range(len(ds) // 2)) for ds in self._select],
+                  [Subset(ds, range(len(ds) // 2, len(ds))) for ds in self._select])
+        return tuple([self._loader(ds, batch_size=self.batch_size) for ds in half] for half in halves)
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per task (task order) over its held-out samples."""

@@ -50,6 +50,10 @@ def test_compare_writes_results_table_and_plots(compared):
         assert (row["strength"], row["form"]) == (epmq["anchor"]["strength"], epmq["anchor"]["form"])
         assert set(row["test"]) == {*on_disk["tasks"], "avg"} and 0 <= row["select_avg_acc"] <= 1
     assert table.count("E-PMQ's calibration ingredients, one at a time") == 2
+    for row in on_disk["ablation"] + on_disk["ingredients"]:  # the two halves of the selection samples
+        assert row["select_a_avg_acc"] != row["select_b_avg_acc"] or row["select_a_avg_nll"] != row["select_b_avg_nll"]
+        # equal halves (an even number of selection samples per task): the whole set's mean is the halves' mean
+        assert (row["select_a_avg_acc"] + row["select_b_avg_acc"]) / 2 == pytest.approx(row["select_avg_acc"], abs=1e-6)
     for plot in ("per_task_acc", "avg_acc_vs_bits", "ablation"):
         assert (out / "plots" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
