@@ -15,6 +15,10 @@ same suite seed; otherwise it stops and names the files at fault.
 Per (zoo, merge), besides mean ± std: E-PMQ − GPTQ per seed, the FP calibrated merge's share of the
 FP-merged-to-experts gap, and (when the runs hold "ingredients") each calibration ingredient's change of test
 accuracy and of selection NLL against E-PMQ at its chosen anchor, with a summary over all settings.
+
+Over all runs whose results hold scores on the two halves of the selection samples (select_a_*, select_b_*):
+design rules (anchor grid, criterion, fixed λ) each choose an ablation row on half A and are judged by its
+half-B scores, and each calibration ingredient's change on half B; test accuracy is only reported there.
 """
 
 from __future__ import annotations
@@ -424,6 +428,168 @@ def ingredients_summary(merges: dict[str, MergeRuns]) -> str | None:
             "ΔNLL against E-PMQ: " + "; ".join(parts) + ".")
 
 
+# ----------------------------------------------------------------------------- design rules on held-out halves
+
+HALVES = ("select_a_avg_acc", "select_a_avg_nll", "select_b_avg_acc", "select_b_avg_nll")
+DEFAULT_RULE = "default: candidates grid, by NLL"
+# (label, grid, criterion): grid "candidates" = the run's quant.candidates (strength × form), "ablation" = every
+# ablation row, else strengths tried with the output form; criterion None = a fixed λ (nothing to choose)
+RULES = ((DEFAULT_RULE, "candidates", "nll"),
+         ("candidates grid, by accuracy", "candidates", "acc"),
+         ("ablation grid, both forms, by NLL", "ablation", "nll"),
+         ("coarse grid {1, 10, ∞}, by NLL", (1.0, 10.0, math.inf), "nll"),
+         ("grid {0.3, 1, 3, 10, ∞}, by NLL", (0.3, 1.0, 3.0, 10.0, math.inf), "nll"),
+         ("fixed λ = 1", (1.0,), None),
+         ("fixed λ = 3", (3.0,), None),
+         ("fixed λ = 10", (10.0,), None),
+         ("GPTQ (λ = ∞)", (math.inf,), None))
+
+
+def has_halves(entry: dict) -> bool:
+    """Whether an ablation or ingredient entry holds its scores on both selection halves (A, B)."""
+    return all(isinstance(entry.get(key), (int, float)) for key in HALVES)
+
+
+def anchor_grid(strengths, forms: list[str]) -> list[tuple[float, str]]:
+    """(λ, form) pairs of a grid, strongest first; λ = 0 and ∞ once (first form), as pipeline.solvers tries them."""
+    values = sorted({strength_value(s) for s in strengths}, reverse=True)
+    return [(s, f) for s in values for f in forms if f == forms[0] or 0 < s < math.inf]
+
+
+def candidate_grid(results: dict) -> list[tuple[float, str]] | None:
+    """The main job's anchor candidates (the run's quant.candidates; form output when not listed), None when
+    the run's config does not say or says something unreadable."""
+    candidates = ((results.get("config") or {}).get("quant") or {}).get("candidates") or {}
+    if not candidates.get("strength"):
+        return None
+    try:
+        return anchor_grid(candidates["strength"], list(candidates.get("form") or ["output"]))
+    except (ValueError, TypeError):
+        return None
+
+
+def rule_pool(results: dict, rows: list[dict], bits: int, grid) -> list[dict] | None:
+    """The rows (with half scores, at `bits`) a rule chooses among; None when one it needs is missing."""
+    if grid == "ablation":
+        return [r for r in rows if r["bits"] == bits] or None
+    pairs = candidate_grid(results) if grid == "candidates" else anchor_grid(grid, ["output"])
+    if pairs is None:
+        return None
+    pool = [anchor_row(rows, bits, {"strength": s, "form": f}) for s, f in pairs]
+    return None if any(r is None for r in pool) else pool
+
+
+def choose_on_a(pool: list[dict], by: str | None) -> dict:
+    """The row a rule picks on half A: lowest A-NLL ("nll"), or highest A-accuracy with ties to the lower
+    A-NLL ("acc"); remaining ties keep the stronger anchor (larger λ, then the form's name: the main job's
+    order). A fixed λ (by None) has one row."""
+    order = sorted(pool, key=lambda r: (-strength_value(r["strength"]), r["form"]))
+    if by is None:
+        return order[0]
+    if by == "nll":
+        return min(order, key=lambda r: r["select_a_avg_nll"])
+    return min(order, key=lambda r: (-r["select_a_avg_acc"], r["select_a_avg_nll"]))
+
+
+def rule_choices(runs: list[dict]) -> list[dict[str, tuple[int, dict]]]:
+    """One dict per (run, bits) whose ablation holds half scores: rule label -> (calibrations it costs, the
+    ablation row it chose on half A); a rule whose rows are not all there is left out of that setting."""
+    settings = []
+    for results in runs:
+        rows = [e for e in results.get("ablation") or [] if has_halves(e)]
+        for bits in sorted({e["bits"] for e in rows}):
+            chosen = {}
+            for label, grid, by in RULES:
+                if (pool := rule_pool(results, rows, bits, grid)) is not None:
+                    chosen[label] = (len(pool), choose_on_a(pool, by))
+            settings.append(chosen)
+    return settings
+
+
+def rules_table(settings: list[dict[str, tuple[int, dict]]]) -> str:
+    """Rule x (calibrations, settings, mean half-B accuracy and NLL, mean test accuracy, B-acc wins vs default)."""
+    lines = [markdown_header(["rule", "candidates (calibrations)", "settings", "half-B acc %", "half-B NLL",
+                              "test acc % (reported only, not used for choosing)", "B-acc wins vs default"])]
+    for label, _, _ in RULES:
+        picks = [(s[label], s.get(DEFAULT_RULE)) for s in settings if label in s]
+        if not picks:
+            continue
+        costs = sorted({cost for (cost, _), _ in picks})
+        rows = [row for (_, row), _ in picks]
+        wins = "-"
+        if label != DEFAULT_RULE:
+            versus = [(row["select_b_avg_acc"], default[1]["select_b_avg_acc"])
+                      for (_, row), default in picks if default is not None]
+            wins = f"{sum(b > d for b, d in versus)}/{len(versus)}"
+        lines.append(markdown_row([
+            label, str(costs[0]) if len(costs) == 1 else f"{costs[0]}–{costs[-1]}", str(len(picks)),
+            f"{statistics.mean(100 * r['select_b_avg_acc'] for r in rows):.2f}",
+            f"{statistics.mean(r['select_b_avg_nll'] for r in rows):.4f}",
+            f"{statistics.mean(100 * r['test']['avg'] for r in rows):.2f}", wins]))
+    return "\n".join(lines)
+
+
+def ingredient_halves(runs: list[dict]) -> tuple[dict[str, list[tuple[float, float]]], dict[str, str]]:
+    """(ingredient name -> [(Δ half-B accuracy in points, Δ half-B NLL)] over (run, bits), name -> its changes):
+    the ingredient row − the ablation row at E-PMQ's chosen (λ, form), where both hold half scores."""
+    deltas, options = defaultdict(list), {}
+    for results in runs:
+        rows = [e for e in results.get("ablation") or [] if has_halves(e)]
+        configured = (results.get("config") or {}).get("quant") or {}
+        for entry in results.get("ingredients") or []:
+            epmq = method_entry(results, "epmq", entry["bits"])
+            base = anchor_row(rows, entry["bits"], epmq.get("anchor") or entry)
+            if base is None or not has_halves(entry):
+                continue
+            options.setdefault(entry["name"], options_text(entry.get("options") or {}, configured))
+            deltas[entry["name"]].append((100 * (entry["select_b_avg_acc"] - base["select_b_avg_acc"]),
+                                          entry["select_b_avg_nll"] - base["select_b_avg_nll"]))
+    return deltas, options
+
+
+def ingredient_halves_table(deltas: dict[str, list[tuple[float, float]]], options: dict[str, str]) -> str:
+    """Ingredient x (settings, mean Δ half-B accuracy, mean Δ half-B NLL, settings where B-NLL improves)."""
+    lines = [markdown_header(["ingredient (changes)", "settings", "Δ half-B acc (points)", "Δ half-B NLL",
+                              "half-B NLL better"])]
+    for name, values in deltas.items():
+        lines.append(markdown_row([f"{name} ({options[name]})", str(len(values)),
+                                   f"{statistics.mean(a for a, _ in values):+.2f}",
+                                   f"{statistics.mean(n for _, n in values):+.4f}",
+                                   f"{sum(n < 0 for _, n in values)}/{len(values)}"]))
+    return "\n".join(lines)
+
+
+HALVES_NOTE = ("A and B are the two halves of each task's selection samples (a seeded random draw, cut in two). "
+               "Each rule chooses one E-PMQ setting (a row of the anchor ablation) by its scores on half A and is "
+               "judged by that row's scores on half B; test data never chooses. Means over the (run, bit width) "
+               "settings whose runs hold half scores ({settings} settings from {runs} runs; a rule counts only "
+               "where every row it needs was calibrated). Candidates: the calibrations a rule costs (λ = 0 and ∞ "
+               "once, they do not depend on the form). Ties on A keep the stronger anchor (larger λ); by "
+               "accuracy, ties first go to the lower A-NLL. NLL: mean cross-entropy in nats, lower is better. "
+               "The test column reports the chosen row's test accuracy only. B-acc wins vs default: settings "
+               "where the rule's half-B accuracy is above the default rule's (equal is no win), of those "
+               "where both apply.")
+
+INGREDIENT_HALVES_NOTE = ("Calibration ingredients on half B: each ingredient row − the ablation row at E-PMQ's "
+                          "chosen (λ, form), means over (run, bit width) settings, accuracy in points. Both rows "
+                          "sit at the anchor E-PMQ chose on the whole selection set (A ∪ B), so half B took part "
+                          "in choosing that anchor, though not in the ingredient.")
+
+
+def held_out_section(runs: list[dict]) -> list[str]:
+    """The section's parts (heading, notes, tables); empty when no run holds half scores."""
+    settings = [s for s in rule_choices(runs) if s]
+    if not settings:
+        return []
+    with_halves = sum(any(has_halves(e) for e in r.get("ablation") or []) for r in runs)
+    parts = ["## Design choices, judged on held-out selection samples",
+             HALVES_NOTE.format(settings=len(settings), runs=with_halves), rules_table(settings)]
+    deltas, options = ingredient_halves(runs)
+    if deltas:
+        parts += [INGREDIENT_HALVES_NOTE, ingredient_halves_table(deltas, options)]
+    return parts
+
+
 def weights_sentence(suite: dict) -> str:
     """Which weights the runs used: the zoo's weights hash (epmq.offline.zoo.weights_sha256)."""
     sha = suite.get("weights_sha256")
@@ -482,6 +648,7 @@ def document(runs: list[dict], merges: dict[str, MergeRuns], commands: list[str]
     parts += ["## Where E-PMQ stands", comparison_section(merges)]
     if (summary := ingredients_summary(merges)) is not None:
         parts += ["## Calibration ingredients over all settings", summary]
+    parts += held_out_section(runs)
     if notes.strip():
         parts.append(notes.strip())
     if "avg_acc_vs_bits" in figures:

@@ -212,3 +212,134 @@ def test_refusals(tmp_path):
     with pytest.raises(SystemExit, match=r"ingredients\[0\].*3 bits.*no E-PMQ"):
         results_doc.main([str(tmp_path / "bad"), *elsewhere])
     assert not (tmp_path / "R.md").exists()
+
+
+# ----------------------------------------------------------------------------- design rules on held-out halves
+
+HALVES_HEADING = "## Design choices, judged on held-out selection samples"
+CANDIDATES = [0.0, 1.0, 3.0, 10.0, "inf"]  # the runs' quant.candidates.strength (form: output)
+# half-A scores per ablation row (λ, form): (A-NLL, A-acc). λ = 0 and ∞ are listed once (form output).
+A_SCORES = {(0.0, "output"): (0.60, 0.50), (0.3, "output"): (0.55, 0.50), (1.0, "output"): (0.66, 0.80),
+            (3.0, "output"): (0.60, 0.70), (10.0, "output"): (0.70, 0.80), (100.0, "output"): (0.95, 0.50),
+            ("inf", "output"): (0.62, 0.60), (0.3, "weight"): (0.99, 0.50), (1.0, "weight"): (0.40, 0.50),
+            (3.0, "weight"): (0.99, 0.50), (10.0, "weight"): (0.99, 0.50), (100.0, "weight"): (0.99, 0.50)}
+# which row each rule picks on A, by hand:
+#   candidates {0, 1, 3, 10, ∞} by NLL: 0 and 3 tie at 0.60 -> the stronger, 3
+#   candidates by accuracy: 1 and 10 tie at 0.80 -> the lower A-NLL, 1 (not the stronger, 10)
+#   every row, both forms: weight/1 (0.40); coarse {1, 10, ∞}: ∞ (0.62); {0.3, 1, 3, 10, ∞}: 0.3 (0.55)
+DEFAULT = "default: candidates grid, by NLL"
+PICKS = {DEFAULT: (5, 3.0, "output"),  # rule -> (calibrations it costs, λ, form it picks)
+         "candidates grid, by accuracy": (5, 1.0, "output"),
+         "ablation grid, both forms, by NLL": (12, 1.0, "weight"),
+         "coarse grid {1, 10, ∞}, by NLL": (3, "inf", "output"),
+         "grid {0.3, 1, 3, 10, ∞}, by NLL": (5, 0.3, "output"),
+         "fixed λ = 1": (1, 1.0, "output"), "fixed λ = 3": (1, 3.0, "output"), "fixed λ = 10": (1, 10.0, "output"),
+         "GPTQ (λ = ∞)": (1, "inf", "output")}
+HALF_SEEDS, HALF_BITS = (0, 1), (2, 4)
+E_ANCHOR = (3.0, "output")  # E-PMQ's anchor (chosen on A ∪ B in the main job; set here)
+# ingredient -> (its change, Δ B-acc and Δ B-NLL per unit of the setting's scale 1 + seed + bits)
+HALF_INGREDIENTS = {"calibrate_bias": ({"calibrate_bias": True}, 0.004, -0.002),
+                    "interp": ({"interp": 0.25}, -0.003, 0.001)}
+
+
+def b_scores(strength, form: str, seed: int, bits: int) -> tuple[float, float, float]:
+    """(half-B accuracy, half-B NLL, test accuracy) of a row: each row its own level, shifted per setting; the
+    {0.3, ...} grid's pick (0.3) beats the default's pick (3) on B-accuracy only at seed 0."""
+    level = list(A_SCORES).index((strength, form))
+    acc = 0.60 + 0.011 * level + 0.013 * seed + 0.007 * bits
+    if (strength, form) == (0.3, "output"):
+        acc = b_scores(3.0, "output", seed, bits)[0] + (0.005 if seed == 0 else -0.005)
+    return acc, 0.90 - 0.017 * level + 0.003 * seed + 0.002 * bits, 0.55 + 0.009 * level + 0.004 * bits
+
+
+def halves_run(seed: int, halves: bool = True, drop: tuple | None = None) -> dict:
+    """A results.json dict whose ablation rows hold half scores (none when not `halves`; the row `drop` =
+    (bits, λ, form) left out), with ingredient rows at E-PMQ's anchor."""
+    methods, ablation, ingredients = [], [], []
+    for bits in HALF_BITS:
+        methods += [{"method": "gptq", "bits": bits, "test": {"avg": 0.6}},
+                    {"method": "epmq", "bits": bits, "test": {"avg": 0.7},
+                     "anchor": {"strength": E_ANCHOR[0], "form": E_ANCHOR[1]}}]
+        for (strength, form), (a_nll, a_acc) in A_SCORES.items():
+            if drop == (bits, strength, form):
+                continue
+            b_acc, b_nll, test = b_scores(strength, form, seed, bits)
+            row = {"bits": bits, "form": form, "strength": strength, "select_avg_acc": 0.5, "select_avg_nll": 1.0,
+                   "test": {"avg": test}}
+            if halves:
+                row.update(select_a_avg_acc=a_acc, select_a_avg_nll=a_nll, select_b_avg_acc=b_acc,
+                           select_b_avg_nll=b_nll)
+            ablation.append(row)
+        b_acc, b_nll, _ = b_scores(*E_ANCHOR, seed, bits)
+        for name, (change, dacc, dnll) in HALF_INGREDIENTS.items():
+            k = 1 + seed + bits
+            row = {"name": name, "options": {**CONFIGURED, **change}, "bits": bits, "strength": E_ANCHOR[0],
+                   "form": E_ANCHOR[1], "select_avg_acc": 0.5, "select_avg_nll": 1.0, "test": {"avg": 0.7}}
+            if halves:
+                row.update(select_a_avg_acc=0.5, select_a_avg_nll=1.0, select_b_avg_acc=b_acc + k * dacc,
+                           select_b_avg_nll=b_nll + k * dnll)
+            ingredients.append(row)
+    return {"suite": {"name": "offline", "fingerprint": ZOOS[0][0], "weights_sha256": ZOOS[0][1]},
+            "tasks": ["a", "b"], "merge": {"name": "task_arithmetic", "label": LABEL, "config": {}}, "seed": seed,
+            "bits": list(HALF_BITS), "group_size": 128, "references": {"merged": {"test": {"avg": 0.5}}},
+            "methods": methods, "ablation": ablation, "ingredients": ingredients,
+            "config": {"suite": {"seed": 0},
+                       "quant": {**CONFIGURED, "candidates": {"strength": CANDIDATES, "form": ["output"]}}}}
+
+
+def rule_line(label: str, settings: list[tuple[int, int]], judged: list[tuple[int, int]] | None = None) -> str:
+    """The table row expected for `label` over (seed, bits) settings, from the hand-stated picks; its B-acc wins
+    against the default count over the settings also in `judged` (where the default applies; default: all)."""
+    cost, strength, form = PICKS[label]
+    scores = [b_scores(strength, form, s, b) for s, b in settings]
+    versus = [(b_scores(strength, form, s, b)[0], b_scores(*PICKS[DEFAULT][1:], s, b)[0])
+              for s, b in settings if (s, b) in (settings if judged is None else judged)]
+    wins = "-" if label == DEFAULT else f"{sum(x > d for x, d in versus)}/{len(versus)}"
+    return (f"| {label} | {cost} | {len(settings)} | {statistics.mean(100 * x[0] for x in scores):.2f} | "
+            f"{statistics.mean(x[1] for x in scores):.4f} | {statistics.mean(100 * x[2] for x in scores):.2f} | "
+            f"{wins} |")
+
+
+def test_design_rules_on_held_out_halves(tmp_path):
+    # an old run (no half scores) among them is left out of the section, not of the document
+    text = document(tmp_path, [halves_run(0), halves_run(1), halves_run(2, halves=False)])
+    part = section(text, HALVES_HEADING)
+    assert "(4 settings from 2 runs;" in part and "not used for choosing" in part
+    settings = [(s, b) for s in HALF_SEEDS for b in HALF_BITS]
+    for label in PICKS:
+        assert rule_line(label, settings) in part, label
+    # by hand: the default picks λ = 3 (level 3): B accuracy 0.60 + 0.033 + mean(0.013 seed) + mean(0.007 bits);
+    # the {0.3, ...} grid's pick beats it on B at seed 0 only (2 of 4), the same row (fixed λ = 3) never does
+    assert f"| {DEFAULT} | 5 | 4 | {100 * (0.60 + 0.033 + 0.0065 + 0.021):.2f} | 0.8565 | 58.90 | - |" in part
+    assert "| grid {0.3, 1, 3, 10, ∞}, by NLL | 5 | 4 | 66.05 | 0.8905 | 57.10 | 2/4 |" in part
+    assert "| fixed λ = 3 | 1 | 4 | 66.05 | 0.8565 | 58.90 | 0/4 |" in part
+    for name, (change, dacc, dnll) in HALF_INGREDIENTS.items():
+        scales = [1 + s + b for s, b in settings]
+        better = sum(k * dnll < 0 for k in scales)
+        options = ", ".join(f"{k}={json.dumps(v)}" for k, v in change.items())
+        assert (f"| {name} ({options}) | 4 | {statistics.mean(100 * k * dacc for k in scales):+.2f} | "
+                f"{statistics.mean(k * dnll for k in scales):+.4f} | {better}/4 |") in part
+    assert "| calibrate_bias (calibrate_bias=true) | 4 | +1.80 | -0.0090 | 4/4 |" in part  # scales 3, 5, 4, 6
+    assert "(A ∪ B)" in part
+    assert text.index("## Where E-PMQ stands") < text.index(HALVES_HEADING) < text.index("## External reference")
+
+
+def test_design_rules_skip_where_a_row_is_missing(tmp_path):
+    # seed 1 at 4 bits has no λ = 3 output row: the default (λ = 3 is a candidate), the accuracy rule on the
+    # same candidates, the {0.3, ...} grid and fixed λ = 3 leave that setting out; the ablation grid chooses
+    # among the 11 rows there are; every other rule's wins count over the 3 settings the default has
+    text = document(tmp_path, [halves_run(0), halves_run(1, drop=(4, 3.0, "output"))])
+    part = section(text, HALVES_HEADING)
+    four, three = [(0, 2), (0, 4), (1, 2), (1, 4)], [(0, 2), (0, 4), (1, 2)]
+    short = {DEFAULT, "candidates grid, by accuracy", "grid {0.3, 1, 3, 10, ∞}, by NLL", "fixed λ = 3"}
+    for label in PICKS:
+        expected = rule_line(label, three if label in short else four, judged=three)
+        if label == "ablation grid, both forms, by NLL":
+            expected = expected.replace("| 12 |", "| 11–12 |")
+        assert expected in part, label
+
+
+def test_old_files_render_without_the_held_out_section(tmp_path):
+    text = document(tmp_path, [halves_run(s, halves=False) for s in HALF_SEEDS])
+    assert HALVES_HEADING not in text and "half-B" not in text
+    assert "## Where E-PMQ stands" in text and "### E-PMQ's calibration ingredients (one at a time)" in text
