@@ -436,9 +436,12 @@ DEFAULT_RULE = "default: candidates grid, by NLL"
 # ablation row, else strengths tried with the output form; criterion None = a fixed λ (nothing to choose)
 RULES = ((DEFAULT_RULE, "candidates", "nll"),
          ("candidates grid, by accuracy", "candidates", "acc"),
-         ("ablation grid, both forms, by NLL", "ablation", "nll"),
+         ("ablation grid, by NLL", "ablation", "nll"),
          ("coarse grid {1, 10, ∞}, by NLL", (1.0, 10.0, math.inf), "nll"),
          ("grid {0.3, 1, 3, 10, ∞}, by NLL", (0.3, 1.0, 3.0, 10.0, math.inf), "nll"),
+         ("grid {1, 10}, by NLL", (1.0, 10.0), "nll"),
+         ("grid {1, ∞}, by NLL", (1.0, math.inf), "nll"),
+         ("grid {3, ∞}, by NLL", (3.0, math.inf), "nll"),
          ("fixed λ = 1", (1.0,), None),
          ("fixed λ = 3", (3.0,), None),
          ("fixed λ = 10", (10.0,), None),

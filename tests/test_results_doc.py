@@ -227,12 +227,15 @@ A_SCORES = {(0.0, "output"): (0.60, 0.50), (0.3, "output"): (0.55, 0.50), (1.0, 
 #   candidates {0, 1, 3, 10, ∞} by NLL: 0 and 3 tie at 0.60 -> the stronger, 3
 #   candidates by accuracy: 1 and 10 tie at 0.80 -> the lower A-NLL, 1 (not the stronger, 10)
 #   every row, both forms: weight/1 (0.40); coarse {1, 10, ∞}: ∞ (0.62); {0.3, 1, 3, 10, ∞}: 0.3 (0.55)
+#   {1, 10}: 1 (0.66); {1, ∞}: ∞ (0.62); {3, ∞}: 3 (0.60)
 DEFAULT = "default: candidates grid, by NLL"
 PICKS = {DEFAULT: (5, 3.0, "output"),  # rule -> (calibrations it costs, λ, form it picks)
          "candidates grid, by accuracy": (5, 1.0, "output"),
-         "ablation grid, both forms, by NLL": (12, 1.0, "weight"),
+         "ablation grid, by NLL": (12, 1.0, "weight"),
          "coarse grid {1, 10, ∞}, by NLL": (3, "inf", "output"),
          "grid {0.3, 1, 3, 10, ∞}, by NLL": (5, 0.3, "output"),
+         "grid {1, 10}, by NLL": (2, 1.0, "output"), "grid {1, ∞}, by NLL": (2, "inf", "output"),
+         "grid {3, ∞}, by NLL": (2, 3.0, "output"),
          "fixed λ = 1": (1, 1.0, "output"), "fixed λ = 3": (1, 3.0, "output"), "fixed λ = 10": (1, 10.0, "output"),
          "GPTQ (λ = ∞)": (1, "inf", "output")}
 HALF_SEEDS, HALF_BITS = (0, 1), (2, 4)
@@ -331,10 +334,11 @@ def test_design_rules_skip_where_a_row_is_missing(tmp_path):
     text = document(tmp_path, [halves_run(0), halves_run(1, drop=(4, 3.0, "output"))])
     part = section(text, HALVES_HEADING)
     four, three = [(0, 2), (0, 4), (1, 2), (1, 4)], [(0, 2), (0, 4), (1, 2)]
-    short = {DEFAULT, "candidates grid, by accuracy", "grid {0.3, 1, 3, 10, ∞}, by NLL", "fixed λ = 3"}
+    short = {DEFAULT, "candidates grid, by accuracy", "grid {0.3, 1, 3, 10, ∞}, by NLL", "fixed λ = 3",
+             "grid {3, ∞}, by NLL"}
     for label in PICKS:
         expected = rule_line(label, three if label in short else four, judged=three)
-        if label == "ablation grid, both forms, by NLL":
+        if label == "ablation grid, by NLL":
             expected = expected.replace("| 12 |", "| 11–12 |")
         assert expected in part, label
 
