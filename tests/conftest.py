@@ -6,7 +6,9 @@ images (17 tokens, width 32), experts = base + small random task vectors saved w
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -137,6 +139,15 @@ def zoo(tmp_path_factory):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_results_doc():
+    """scripts/results_doc.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("results_doc", ROOT / "scripts" / "results_doc.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["results_doc"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,13 @@ epmq/compare_report.py) with known accuracies per seed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_results_doc
 
 from epmq.compare_report import (ablation_curves, lambda_positions, markdown_table, plot_ablation,
                                  strength_value, write_report)
@@ -20,16 +20,7 @@ LABEL = "task arithmetic (λ=0.3)"
 STRENGTHS = [0.0, 0.1, 1.0, 10.0, 1e4]
 
 
-def load_script():
-    """scripts/results_doc.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("results_doc", ROOT / "scripts" / "results_doc.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["results_doc"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-results_doc = load_script()
+results_doc = load_results_doc()
 
 
 def test_accs(avg: float) -> dict:

@@ -3,13 +3,13 @@ per-seed margins, the ingredient tables and their summary, each number recompute
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_results_doc
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL = "task arithmetic (λ=0.3)"
@@ -24,16 +24,7 @@ INGREDIENTS = {"calibrate_bias": ({"calibrate_bias": True}, 0.012345, -0.003137)
                "interp": ({"interp": 0.25}, -0.007531, 0.004213)}
 
 
-def load_script():
-    """scripts/results_doc.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("results_doc", ROOT / "scripts" / "results_doc.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["results_doc"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-results_doc = load_script()
+results_doc = load_results_doc()
 
 
 def gptq_avg(zoo: int, seed: int, bits: int) -> float:
