@@ -14,7 +14,7 @@
                     cross-validation on the calibration samples (quant.select=layer, output form)
       ingredients   E-PMQ at the anchor it chose, once per entry of `compare.ingredients` with that
                     entry's calibration options over the configured ones (quant.normalize, interp,
-                    extrapolate, calibrate_bias): the ablation of each ingredient, one row each
+                    extrapolate, calibrate_bias, calibrate_norms): the ablation of each ingredient, one row each
 
 Shared instead of redone: the merged model, the experts' per-layer targets (one
 ExpertActivationCache(keep=True) for every E-PMQ calibration at every bit width), the data. Every

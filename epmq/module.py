@@ -45,11 +45,11 @@ from callbacks.expert_cache import ExpertActivationCache
 from epmq.adapters import ModelAdapter, adapter_for
 from epmq.capture import BlockInputs, Trace, run_block, walk_to
 from epmq.fingerprint import loader_fingerprint
+from epmq.norm_affine import NormStatistics
 from epmq.pool import ExpertPool
 from epmq.precision import tf32
 from epmq.quantized_layer import QuantizedLayer
 from epmq.schedule import Step, build_schedule
-from epmq.norm_affine import NormStatistics
 from epmq.stats import FoldedStatistics, LayerStatistics
 
 
@@ -620,9 +620,7 @@ class BlockwiseCalibration(L.LightningModule):
         context = {}
         if getattr(self.solver, "calibrate_bias", False) and linear.bias is not None:
             context["bias"] = linear.bias.detach()
-        if getattr(self.solver, "needs_base", False):
-            if self.experts is None:
-                raise ValueError(f"{self.solver!r} needs the base model's layers: pass experts=ExpertPool(...)")
+        if getattr(self.solver, "needs_base", False):  # the constructor made sure there is a pool
             context["base"] = self.experts.layer("base", step.prefix + name, linear.weight.device)
         return context
 

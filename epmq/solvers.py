@@ -149,7 +149,7 @@ class EPMQ(GPTQ):
         return self.extrapolate != 1.0
 
     def target(self, W_m, stats, base=None):
-        W_a = self.anchor(W_m, base)
+        W_a = self.anchor(W_m, None if base is None else base[0])
         R = stats.C
         if R is not None and W_a is not W_m:
             if not stats.residual:
@@ -158,15 +158,15 @@ class EPMQ(GPTQ):
         W_star, H = self.anchored(W_a, stats.H, R, stats.residual, self.strength)
         return W_star, H, {"anchor_shift": anchor_shift(W_star, W_m)}
 
-    def anchor(self, W_m: torch.Tensor, base=None) -> torch.Tensor:
-        """W_a = W_0 + ρ (W_m − W_0) (out, in); W_m itself when ρ = 1. base: (W_0, b_0), the base
-        model's weight and bias (or None) of this layer."""
+    def anchor(self, merged: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The anchor base + ρ (merged − base) of one parameter (a weight, bias, γ or β, any shape, in
+        merged's dtype); `merged` itself when ρ = 1. base: the base model's same parameter."""
         if not self.needs_base:
-            return W_m
+            return merged
         if base is None:
             raise ValueError(f"extrapolate={self.extrapolate:g} needs the base model's layer (base=(W_0, b_0))")
-        W_0 = base[0].to(W_m)
-        return W_0 + self.extrapolate * (W_m - W_0)
+        base = base.to(merged)
+        return base + self.extrapolate * (merged - base)
 
     def anchored(self, W_m: torch.Tensor, H: torch.Tensor, C: torch.Tensor | None, residual: bool,
                  strength: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,12 +192,9 @@ class EPMQ(GPTQ):
                     base=None) -> tuple[torch.Tensor, torch.Tensor]:
         """A LayerNorm's new (γ, β), each (features,), from its statistics (epmq.norm_affine), anchored at the
         merged (γ_m, β_m) or, with extrapolate ρ, at base + ρ (merged − base); base: (γ_0, β_0) or None."""
-        if self.needs_base:
-            if base is None:
-                raise ValueError(f"extrapolate={self.extrapolate:g} needs the base model's norm (base=(γ_0, β_0))")
-            gamma_m = base[0].to(gamma_m) + self.extrapolate * (gamma_m - base[0].to(gamma_m))
-            beta_m = base[1].to(beta_m) + self.extrapolate * (beta_m - base[1].to(beta_m))
-        return solve_norm_affine(stats, gamma_m, beta_m, self.strength, self.form, self.spec.percdamp)
+        gamma_0, beta_0 = (None, None) if base is None else base
+        return solve_norm_affine(stats, self.anchor(gamma_m, gamma_0), self.anchor(beta_m, beta_0), self.strength,
+                                 self.form, self.spec.percdamp)
 
     def finish(self, W_star: torch.Tensor, H: torch.Tensor, metrics: dict) -> Solution:
         """The layer's Solution from its target W*: GPTQ-rounded here (RelaxedEPMQ keeps it as it is)."""
@@ -222,8 +219,9 @@ class EPMQ(GPTQ):
             return b_m.detach().float().clone()
         x_bar = stats.x / S                                                   # in
         W64 = W_m.double()
-        W_a = self.anchor(W_m, base).double()
-        b_a = b_m.double() if not self.needs_base else base[1].double() + self.extrapolate * (b_m.double() - base[1].double())
+        W_0, b_0 = (None, None) if base is None else base
+        W_a = self.anchor(W_m, W_0).double()
+        b_a = self.anchor(b_m.double(), b_0)
         anchor_d = (b_a - b_m.double()) - (Q.double() - W_a) @ x_bar          # β − (Q − W_a) x̄, the λ = inf answer
         lam = self.strength
         if math.isinf(lam):
