@@ -12,6 +12,8 @@
                     the selection samples, exactly as `run` chooses (never on test data)
       epmq_layer    one calibration, the strength chosen per layer among `quant.candidates` by K-fold
                     cross-validation on the calibration samples (quant.select=layer, output form)
+      epmq_block    one calibration, the strength chosen per block among `quant.candidates` by the heads' loss
+                    on the selection samples (quant.select=block, output form)
       ingredients   E-PMQ at the anchor it chose, once per entry of `compare.ingredients` with that
                     entry's calibration options over the configured ones (quant.normalize, interp,
                     extrapolate, calibrate_bias, calibrate_norms): the ablation of each ingredient, one row each
@@ -45,11 +47,11 @@ from epmq.pipeline import (calibrate, claim_run_folder, evaluate, evaluate_exper
                            target_cache)
 from epmq.regmean import gram_matrices, regmean
 from epmq.report import write_json_atomic
-from epmq.solvers import EPMQ, GPTQ, INGREDIENTS, RTN, LayerwiseEPMQ, RelaxedEPMQ
+from epmq.solvers import EPMQ, GPTQ, INGREDIENTS, RTN, BlockChoiceEPMQ, LayerwiseEPMQ, RelaxedEPMQ
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn", "gptq", "regmean_gptq", "epmq", "epmq_layer")
+METHODS = ("rtn", "gptq", "regmean_gptq", "epmq", "epmq_layer", "epmq_block")
 
 
 def compare_plan(cfg: DictConfig):
@@ -188,14 +190,22 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
                 state = "regmean" if method == "regmean_gptq" else "merged"
                 if method == "epmq_layer":
                     solver = LayerwiseEPMQ(list(cfg.quant.candidates.strength), cfg.quant.get("folds", 2), **spec)
+                elif method == "epmq_block":
+                    solver = BlockChoiceEPMQ(list(cfg.quant.candidates.strength), "output", **spec)
                 else:
                     solver = RTN(**spec) if method == "rtn" else GPTQ(**spec)
-                experts = expert_cache if method == "epmq_layer" else None
+                experts = expert_cache if method.startswith("epmq_") else None
                 calib = calibrate(cfg, prepared, solver, states[state], f"{method} {bits}-bit", experts=experts)
                 test = evaluate(cfg, prepared, calib.model, data.test_dataloader(),
                                 f"compare/{method}/bits_{bits}/test").results
+                extra = {}
+                if method == "epmq_block":  # its choices, and its scores on the selection halves (judging rules)
+                    extra["block_strengths"] = [next(iter(s.metrics.values()))["anchor_strength"]
+                                                for s in calib.module.finished]
+                    if cfg.compare.get("select_halves", True):
+                        extra.update(select_half_scores(cfg, prepared, calib.model, f"compare/{method}/bits_{bits}"))
                 entry = units.put(key, {"method": method, "bits": bits, "seconds": calib.seconds, "anchor": None,
-                                        "test": test, **layer_losses(calib)})
+                                        "test": test, **layer_losses(calib), **extra})
             entries.append(entry)
             log.info("%s %d-bit: test accuracy %.2f", method, bits, 100 * entry["test"]["avg"])
     epmq_entries = sorted((e for e in entries if e["method"] == "epmq"), key=lambda e: -e["bits"])

@@ -16,7 +16,8 @@ results.json (one suite, one merge, one seed; accuracies in [0, 1], times in sec
     seed, bits, group_size
     references            {"experts" | "merged" | "regmean" | "calibrated": {"test": {task: acc, "avg": acc}}}
                           ("calibrated": the FP calibrated merge, also "strength", "form", "seconds")
-    methods               one entry per (method, bits): {"method": rtn | gptq | regmean_gptq | epmq | epmq_layer,
+    methods               one entry per (method, bits): {"method": rtn | gptq | regmean_gptq | epmq | epmq_layer
+                          | epmq_block (also "block_strengths", λ per step, and its select_{a,b}_avg_{acc,nll}),
                           "bits", "test", "seconds", "layer_loss", "rtn_layer_loss", "anchor"}; E-PMQ's
                           seconds cover its whole anchor selection, its anchor is {"strength", "form"};
                           layer_loss is Σ_layers tr((Q − W*) H (Q − W*)ᵀ), rtn_layer_loss the same for
@@ -40,13 +41,13 @@ from matplotlib.figure import Figure
 
 from epmq.report import write_atomic
 
-METHODS = ("rtn", "gptq", "regmean_gptq", "epmq", "epmq_layer")
+METHODS = ("rtn", "gptq", "regmean_gptq", "epmq", "epmq_layer", "epmq_block")
 DISPLAY = {"rtn": "RTN", "gptq": "GPTQ", "regmean_gptq": "RegMean → GPTQ", "epmq": "E-PMQ",
-           "epmq_layer": "E-PMQ, λ per layer (one pass)"}
+           "epmq_layer": "E-PMQ, λ per layer (one pass)", "epmq_block": "E-PMQ, λ per block (one pass)"}
 REFERENCES = {"experts": "experts", "merged": "FP merged", "regmean": "FP RegMean",
               "calibrated": "FP calibrated merge (E-PMQ, no rounding)"}
 COLORS = {"rtn": "tab:gray", "gptq": "tab:blue", "regmean_gptq": "tab:green", "epmq": "tab:red",
-          "epmq_layer": "tab:orange"}
+          "epmq_layer": "tab:orange", "epmq_block": "tab:brown"}
 FORM_COLORS = {"output": "tab:red", "weight": "tab:purple"}
 PLOTS = {"per_task_acc": "plots/per_task_acc.png", "avg_acc_vs_bits": "plots/avg_acc_vs_bits.png",
          "ablation": "plots/ablation.png"}
@@ -180,6 +181,8 @@ def bits_table(results: dict, bits: int) -> str:
         ratio = "-" if e.get("seconds") is None or not gptq_s else f"{e['seconds'] / gptq_s:.1f}"
         if e["method"] == "epmq_layer":
             anchor_text = "per layer"
+        if e["method"] == "epmq_block":
+            anchor_text = "per block: " + " / ".join(format_strength(x) for x in e.get("block_strengths", []))
         # the share of the experts' lead over the FP merge that the method closes (negative: it loses ground)
         recovered = "-" if not gap else f"{100 * (e['test']['avg'] - refs['merged']) / gap:.1f}"
         lines.append(markdown_row([DISPLAY[e["method"]], *(pct(e["test"].get(t)) for t in tasks),

@@ -12,6 +12,7 @@ from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric, Metric
@@ -46,6 +47,27 @@ class PerTaskEvaluator(LightningModule):
             self._built = None  # drop the previous task's model before building the next
             self._built = (task, self.builders[task]().to(self.device).eval())
         return self._built[1]
+
+    def losses(self, task: str, batch: Mapping) -> torch.Tensor:
+        """The NLL terms (nats; per sample, or per target token) of one batch of `task`, 1-D: their mean
+        over a task's samples is the task's `nll`. Subclasses define it."""
+        raise NotImplementedError(f"{type(self).__name__} does not score single batches")
+
+    @torch.no_grad()
+    def mean_loss(self, loaders, device: torch.device) -> float:
+        """Mean over tasks of each task's mean NLL on its loader (loaders in task order), computed here
+        without a Trainer on `device` (where the models already are): what `nll["avg"]` is after
+        trainer.test on the same loaders, up to float summation order."""
+        per_task = []
+        for task, loader in zip(self.tasks, loaders, strict=True):
+            total, count = 0.0, 0
+            for batch in loader:
+                terms = self.losses(task, move_data_to_device(batch, device))
+                total, count = total + float(terms.double().sum()), count + terms.numel()
+            if count == 0:
+                raise ValueError(f"no selection samples for task {task!r}")
+            per_task.append(total / count)
+        return sum(per_task) / len(per_task)
 
     def publish(self, scores: Mapping[str, torch.Tensor], nll: Mapping[str, torch.Tensor],
                 names: str | Mapping[str, str], avg_name: str) -> None:
@@ -84,6 +106,10 @@ class TaskEvaluator(PerTaskEvaluator):
         self.accuracy = nn.ModuleDict(
             {t: MulticlassAccuracy(num_classes=num_classes[t], average="micro") for t in self.tasks})
         self.cross_entropy = nn.ModuleDict({t: MeanMetric() for t in self.tasks})
+
+    def losses(self, task: str, batch: Mapping) -> torch.Tensor:
+        """Cross-entropy of the true labels, (batch,) nats."""
+        return F.cross_entropy(self.model(task)(batch["pixel_values"]).float(), batch["label"], reduction="none")
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         task = self.tasks[dataloader_idx]

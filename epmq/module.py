@@ -34,7 +34,7 @@ import dataclasses
 import math
 import warnings
 from contextlib import ExitStack, contextmanager
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -96,6 +96,9 @@ class BlockwiseCalibration(L.LightningModule):
             (Trainer(precision="bf16-mixed")): it covers the merged and the experts' forwards alike.
             Statistics are multiplied in float32 without either (epmq.precision).
         resume: steps finished by an interrupted run (epmq.checkpoint), in schedule order.
+        selection: for a solver that chooses each step's anchor on held-out samples (BlockChoiceEPMQ):
+            selection(device) -> the task heads' mean loss on the selection samples (nats) of this model as
+            it stands, its forwards on `device`.
 
     Batches: dicts with the family's input keys and "task" (batch,) ints. After fit: `finished`
     (FinishedStep per step), `quant_results` (full layer name -> QuantizedLayer) and `layer_metrics`.
@@ -107,7 +110,7 @@ class BlockwiseCalibration(L.LightningModule):
                  true_sequential: bool | None = None, offload_blocks: bool | str = False,
                  cache_device: str | torch.device | None = None, shard_batches: bool = True,
                  share_statistics: bool = True, tf32: bool = False,
-                 resume: Sequence[FinishedStep] = ()):
+                 resume: Sequence[FinishedStep] = (), selection: Callable[[torch.device], float] | None = None):
         super().__init__()
         for attr in ("needs_statistics", "needs_targets", "solve"):
             if not hasattr(solver, attr):
@@ -142,6 +145,7 @@ class BlockwiseCalibration(L.LightningModule):
             raise ValueError(f"{solver!r} needs expert targets (or the base model's layers): pass "
                              f"experts=ExpertPool(...) or an ExpertActivationCache")
         self._resume = list(resume)
+        self.selection = selection
 
         # calibration state: plain attributes, never part of the state dict
         self.step_index = 0
@@ -262,6 +266,9 @@ class BlockwiseCalibration(L.LightningModule):
         device = self.device_
         if self.offload_blocks == "auto":
             self.offload_blocks = device.type == "cuda" and 2 * _bytes(self.model) > torch.cuda.mem_get_info(device)[0]
+        if self.offload_blocks and getattr(self.solver, "chooses_by_selection", False):
+            raise ValueError("quant.select=block scores the whole model for every candidate, so the model must stay "
+                             "on the device: set calibration.offload_blocks=false (or use quant.select=run)")
         if not self.offload_blocks:
             self.model.to(device)
             return
@@ -575,21 +582,14 @@ class BlockwiseCalibration(L.LightningModule):
         if buffers:
             self.all_reduce_(*buffers)
         block = self.block(step)
-        results, metrics = {}, {}
-        for name in step.layers:
-            linear = block.get_submodule(name)
-            solution = self.solver.solve(linear.weight.detach(), self.statistics.get(name),
-                                         **self.layer_context(step, name, linear))
-            linear.weight.copy_(solution.result.weight.to(linear.weight.dtype))
-            if solution.bias is not None:
-                linear.bias.copy_(solution.bias.to(linear.bias))
-            if getattr(self.solver, "quantizes", True):  # an FP solver (RelaxedEPMQ) leaves no codes
-                results[step.prefix + name] = QuantizedLayer.from_result(solution.result, self.solver.spec.bits,
-                                                                         bias=solution.bias)
-            metrics[step.prefix + name] = solution.metrics
-            for key, value in solution.metrics.items():
-                self.log(f"calib/{step.label}/{name}/{key}", value, on_step=False, on_epoch=True, batch_size=1,
-                         sync_dist=True)
+        if getattr(self.solver, "chooses_by_selection", False):
+            results, metrics = self.choose_step(step, block)
+        else:
+            results, metrics = self.solve_layers(step, block, self.solver)
+        for name, layer_metrics in metrics.items():
+            for key, value in layer_metrics.items():
+                self.log(f"calib/{step.label}/{name[len(step.prefix):]}/{key}", value, on_step=False, on_epoch=True,
+                         batch_size=1, sync_dist=True)
         norms = {}
         for name, stats in self.norm_statistics.items():  # the LayerNorms feeding this block's layers
             norm = block.get_submodule(name)
@@ -613,6 +613,45 @@ class BlockwiseCalibration(L.LightningModule):
         if self.step_index == len(self.schedule):
             self._traces = {}
             self.trainer.should_stop = True
+
+    def solve_layers(self, step: Step, block: nn.Module, solver) -> tuple[dict, dict]:
+        """Solve the step's layers with `solver` from the gathered statistics and write Q (and a calibrated
+        bias) into the block. Returns (full layer name -> QuantizedLayer, full layer name -> metrics)."""
+        results, metrics = {}, {}
+        for name in step.layers:
+            linear = block.get_submodule(name)
+            solution = solver.solve(linear.weight.detach(), self.statistics.get(name),
+                                    **self.layer_context(step, name, linear))
+            linear.weight.copy_(solution.result.weight.to(linear.weight.dtype))
+            if solution.bias is not None:
+                linear.bias.copy_(solution.bias.to(linear.bias))
+            if getattr(solver, "quantizes", True):  # an FP solver (RelaxedEPMQ) leaves no codes
+                results[step.prefix + name] = QuantizedLayer.from_result(solution.result, solver.spec.bits,
+                                                                         bias=solution.bias)
+            metrics[step.prefix + name] = solution.metrics
+        return results, metrics
+
+    def choose_step(self, step: Step, block: nn.Module) -> tuple[dict, dict]:
+        """The step's layers at each of the solver's candidate strengths in turn, scored by `selection` on the
+        model as it then stands; the candidate with the least loss is written back (ties: the stronger anchor,
+        listed first). Each layer's metrics gain anchor_strength and select_nll (the chosen model's loss)."""
+        if self.selection is None:
+            raise ValueError(f"{self.solver!r} chooses each step's anchor on the selection samples: give "
+                             f"BlockwiseCalibration a `selection` function (epmq.pipeline.calibrate does)")
+        merged = {name: block.get_submodule(name).weight.detach().clone() for name in step.layers}
+        best = None
+        for strength in self.solver.candidates:
+            for name, W_m in merged.items():  # every candidate starts from the merged weights
+                block.get_submodule(name).weight.copy_(W_m)
+            results, metrics = self.solve_layers(step, block, self.solver.at(strength))
+            with self.forward_precision():
+                loss = float(self.selection(self.device_))
+            if best is None or loss < best[0]:
+                best = (loss, strength, results, metrics)
+        loss, strength, results, metrics = best
+        for name in step.layers:
+            block.get_submodule(name).weight.copy_(results[step.prefix + name].weight().to(merged[name]))
+        return results, {k: {**m, "anchor_strength": strength, "select_nll": loss} for k, m in metrics.items()}
 
     def layer_context(self, step: Step, name: str, linear: nn.Linear) -> dict:
         """What the solver needs of a layer besides W_m and its statistics: its bias (calibrate_bias)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.text import Perplexity
 
@@ -36,6 +37,14 @@ class PerplexityEvaluator(PerTaskEvaluator):
         logits = self.model(task)(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, L, V)
         target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # x_{i+1}, padding ignored
         self.perplexity[task].update(logits[:, :-1].float(), target)
+
+    def losses(self, task: str, batch: Mapping) -> torch.Tensor:
+        """NLL of every next token (padding not scored), (tokens,) nats: their mean is log perplexity."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = self.model(task)(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, L, V)
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        real = target != -100
+        return F.cross_entropy(logits[:, :-1][real].float(), target[real], reduction="none")
 
     def on_test_epoch_end(self) -> None:
         ppl = {t: self.perplexity[t].compute() for t in self.tasks}

@@ -15,6 +15,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -41,7 +42,9 @@ log = logging.getLogger(__name__)
 SELECT_BY = ("nll", "acc")
 # run-level keys of the quant node: how `auto` anchors are chosen, not arguments of the solver
 SELECTION_KEYS = ("select_by", "candidates", "select", "folds")
-SELECT = ("run", "layer")  # how `auto` chooses: whole calibrations scored by the heads, or per layer in one pass
+# how `auto` chooses: whole calibrations scored by the heads (run); in one calibration, per step by the heads (block)
+# or per layer by cross-validated layer error (layer)
+SELECT = ("run", "block", "layer")
 
 
 @dataclass
@@ -100,10 +103,13 @@ def solvers(quant: DictConfig) -> list:
     select = quant.get("select", "run")
     if select not in SELECT:
         raise ValueError(f"quant.select must be one of {SELECT}, got {select!r}")
-    if select == "layer" and node.strength == "auto":  # one calibration, the anchor chosen per layer
+    if select in ("layer", "block") and node.strength == "auto":  # one calibration, the anchor chosen as it goes
         if node.form == "auto":
-            raise ValueError("quant.select=layer chooses the strength only: set quant.form=output or weight")
+            raise ValueError(f"quant.select={select} chooses the strength only: set quant.form=output or weight")
         node = OmegaConf.masked_copy(node, [k for k in node if k != "strength"])
+        if select == "block":
+            return [build(node, "quant", _target_="epmq.solvers.BlockChoiceEPMQ",
+                          candidates=list(quant.candidates.strength))]
         return [build(node, "quant", _target_="epmq.solvers.LayerwiseEPMQ",
                       candidates=list(quant.candidates.strength), folds=quant.get("folds", 2))]
     strengths = quant.candidates.strength if node.strength == "auto" else [node.strength]
@@ -121,8 +127,8 @@ def solvers(quant: DictConfig) -> list:
 
 def candidate_label(solver) -> str:
     """'gptq', 'rtn', or 'epmq/<form>/strength_<λ>' (folder names and metric prefixes)."""
-    if hasattr(solver, "candidates"):  # LayerwiseEPMQ: the strength is chosen per layer
-        return f"{solver.name}/{solver.form}/per_layer"
+    if hasattr(solver, "candidates"):  # LayerwiseEPMQ, BlockChoiceEPMQ: the strength is chosen as it goes
+        return f"{solver.name}/{solver.form}/per_{'block' if getattr(solver, 'chooses_by_selection', False) else 'layer'}"
     if hasattr(solver, "strength"):
         return f"{solver.name}/{solver.form}/strength_{solver.strength:g}"
     return solver.name
@@ -231,7 +237,9 @@ def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = 
                                   offload_blocks=opts.get("offload_blocks", "auto"),
                                   cache_device=opts.get("cache_device"),
                                   share_statistics=opts.get("share_statistics", True),
-                                  tf32=opts.get("tf32", False), resume=done)
+                                  tf32=opts.get("tf32", False), resume=done,
+                                  selection=selection_loss(prepared, model) if getattr(solver, "chooses_by_selection",
+                                                                                       False) else None)
     module.label = label
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
@@ -247,6 +255,20 @@ def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = 
     seconds = time.perf_counter() - t0
     metrics = next((cb for cb in callbacks if isinstance(cb, BlockMetrics)), None)
     return Calibration(model, module, metrics.history if metrics else [], seconds)
+
+
+def selection_loss(prepared: Prepared, model) -> Callable:
+    """selection(device) -> the mean NLL of `model` (as it stands when called) on the held-out selection
+    samples: the suite's evaluator over the model, scored without a Trainer (PerTaskEvaluator.mean_loss)."""
+    evaluator = prepared.suite.evaluator({t: model for t in prepared.suite.tasks}, "select")
+    loaders = prepared.data.select_dataloader()
+
+    def selection(device) -> float:
+        evaluator.to(device)  # the heads; the model itself is already there
+        evaluator.eval()
+        return evaluator.mean_loss(loaders, device)
+
+    return selection
 
 
 def layer_losses(calib: Calibration) -> dict:

@@ -104,9 +104,10 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
         "metric": suite.metric,
         "metric_scale": getattr(suite, "metric_scale", 100),  # how tables print it (100: percent)
         "quant": {"spec": described["spec"], "strength": described.get("strength"), "form": described.get("form"),
-                  **({"select": "layer", "candidates": described["candidates"], "folds": described["folds"],
+                  **({"select": described["select"], "candidates": described["candidates"],
+                      **({"folds": described["folds"]} if "folds" in described else {}),
                       "layer_strengths": {k: m["anchor_strength"] for k, m in calib.module.layer_metrics.items()}}
-                     if described.get("select") == "layer" else {})},
+                     if described.get("select") in ("layer", "block") else {})},
         "selection": selection,
         "metrics": metrics,
         **({"extra_metrics": extra_metrics} if extra_metrics else {}),
@@ -132,6 +133,10 @@ def publish(cfg, report: dict, tasks: list[str], calib, out_dir: Path) -> None:
         counts = Counter(chosen["layer_strengths"].values())
         print(f"anchor: form {chosen['form']}, strength chosen per layer by {chosen['folds']}-fold cross-validation "
               f"on the calibration samples: " + ", ".join(f"{s:g} ({counts[s]} layers)" for s in sorted(counts)))
+    elif report["method"] == "epmq" and chosen.get("select") == "block":
+        steps = [s for s in calib.module.finished if s.metrics]
+        print(f"anchor: form {chosen['form']}, strength chosen per block on held-out calibration samples: "
+              + ", ".join(f"{s.label} {next(iter(s.metrics.values()))['anchor_strength']:g}" for s in steps))
     elif report["method"] == "epmq":
         print(f"anchor: strength {chosen['strength']:g}, form {chosen['form']}"
               + (" (chosen on held-out calibration samples)" if report["selection"] else ""))

@@ -339,6 +339,58 @@ class LayerwiseEPMQ(EPMQ):
         return f"LayerwiseEPMQ(candidates={self.candidates}, folds={self.folds}, form={self.form!r}, {self.spec})"
 
 
+class BlockChoiceEPMQ(EPMQ):
+    """E-PMQ whose anchor strength is chosen per calibration step (a block; a layer group when calibrating
+    true-sequentially) by the task heads' loss on the held-out selection samples, in one calibration.
+
+    At the end of each step the engine solves and rounds the step's layers at every candidate λ from the
+    same statistics (H, C), writes each candidate in turn into the model (the steps before it at their
+    chosen λ, the layers after it still the FP merge) and keeps the one whose model has the least mean
+    cross-entropy on the selection samples; ties keep the stronger anchor. The engine asks for that loss
+    through the `selection` function a run gives it (epmq.pipeline.calibrate).
+
+    Compared with the run-level choice (one whole calibration per candidate) it calibrates once, but scores
+    every candidate of every step: K·S full forwards of the selection samples for K candidates and S steps.
+
+    Args:
+        candidates: the anchor strengths to choose from (numbers >= 0 or inf).
+        form, spec: as EPMQ. The calibration ingredients are not taken (each would need its own study here).
+    """
+
+    name = "epmq"
+    chooses_by_selection = True
+
+    def __init__(self, candidates=(math.inf, 10.0, 3.0, 1.0, 0.3, 0.0), form: str = "output", **spec):
+        ingredients = {k: spec.pop(k) for k in INGREDIENTS if k in spec}
+        super().__init__(strength=0.0, form=form, **spec)
+        if any(v != getattr(self, k) for k, v in ingredients.items()):
+            raise ValueError(f"the per-block anchor choice (quant.select=block) takes none of E-PMQ's calibration "
+                             f"ingredients; got {ingredients}")
+        values = sorted({parse_strength(c) for c in candidates}, reverse=True)  # strongest first: ties keep it
+        if not values:
+            raise ValueError("candidates must list at least one anchor strength")
+        self.candidates = values
+        self.strength = math.nan  # chosen per step: no single value
+
+    @property
+    def needs_targets(self) -> bool:
+        return any(not math.isinf(c) for c in self.candidates)
+
+    def at(self, strength: float) -> EPMQ:
+        """The plain E-PMQ solver of one candidate."""
+        return EPMQ(strength, self.form, **self.spec.__dict__)
+
+    def solve(self, W_m: torch.Tensor, stats=None, **context) -> Solution:
+        raise RuntimeError("BlockChoiceEPMQ is solved through its candidates (`at`) by the calibration engine, "
+                           "which scores each on the selection samples; give BlockwiseCalibration a `selection`")
+
+    def describe(self) -> dict:
+        return {**super().describe(), "strength": None, "candidates": self.candidates, "select": "block"}
+
+    def __repr__(self) -> str:
+        return f"BlockChoiceEPMQ(candidates={self.candidates}, form={self.form!r}, {self.spec})"
+
+
 def anchor_shift(W_star: torch.Tensor, W_m: torch.Tensor) -> float:
     """‖W* − W_m‖ / ‖W_m‖ (0 when W* is W_m itself)."""
     if W_star is W_m:

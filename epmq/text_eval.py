@@ -90,16 +90,21 @@ class TextToTextEvaluator(PerTaskEvaluator):
                              max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
+    def losses(self, task: str, batch: Mapping) -> torch.Tensor:
+        """Teacher-forced NLL of every target token, (tokens,) nats (T5 shifts the labels right itself;
+        -100 positions are not scored)."""
+        labels = batch["labels"]
+        logits = self.model(task)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  labels=labels).logits
+        real = labels != IGNORE                                           # (B, L)
+        return F.cross_entropy(logits[real].float(), labels[real], reduction="none")
+
     @torch.no_grad()
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         task = self.tasks[dataloader_idx]
         model = self.model(task)
         labels = batch["labels"]
-        # teacher forcing: T5 shifts the labels right itself; -100 positions are not scored
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
-        real = labels != IGNORE                                           # (B, L)
-        nll = F.cross_entropy(logits[real].float(), labels[real], reduction="none")  # (tokens,) nats
-        self.token_nll[task].update(nll)
+        self.token_nll[task].update(self.losses(task, batch))
         answers, targets = self.answers(model, batch), decode_targets(self.tokenizer, labels)
         if self.metric_of[task] == "exact_match":
             self.exact[task].update(torch.tensor([float(a == t) for a, t in zip(answers, targets)], device=self.device))

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from conftest import ROOT, make_cfg
+from epmq.pipeline import prepare
 from epmq.run import run
 from families import FAMILIES
 
@@ -112,6 +113,25 @@ def test_true_sequential_epmq_and_perplexity_of_every_model(llm_zoo, zoo_cache, 
     assert [s["layers"][0].rsplit(".", 1)[-1] for s in steps["steps"][:4]] == ["q_proj", "o_proj", "gate_proj", "down_proj"]
     assert len(steps["steps"]) == 8  # two layers
     assert report["calibration"][0]["layers"]["self_attn.q_proj"]["anchor_shift"] > 0
+
+
+def test_block_choice_scores_each_true_sequential_step_by_the_selection_perplexity(llm_zoo, zoo_cache, tmp_path):
+    cfg = make_cfg(tmp_path, zoo_cache, *options(llm_zoo, "quant.select=block", "quant.form=output",
+                                                 "quant.candidates.strength=[0.0,.inf]", "evaluate_references=false"))
+    prepared = prepare(cfg)
+    experts = {t: LlamaForCausalLM.from_pretrained(llm_zoo / t).eval() for t in ("alpha", "beta")}
+    evaluator = prepared.suite.evaluator(experts, "check")  # each task's own expert
+    expected = [math.log(independent_perplexity(llm_zoo / t, t)) for t in prepared.suite.tasks]
+    # the loss a candidate is scored by: the mean over tasks of the mean token NLL (log perplexity)
+    assert evaluator.mean_loss(prepared.data.test_dataloader(), torch.device("cpu")) == pytest.approx(
+        sum(expected) / 2, rel=1e-4)
+    report = run(cfg)
+    strengths = report["quant"]["layer_strengths"]
+    assert report["quant"]["select"] == "block" and len(strengths) == 14  # 7 linears in each of 2 layers
+    assert set(strengths.values()) <= {0.0, math.inf}
+    for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):  # one choice per true-sequential step
+        for layer in (0, 1):
+            assert len({v for k, v in strengths.items() if f"layers.{layer}." in k and k.rsplit(".", 1)[-1] in group}) == 1
 
 
 def test_bad_causal_lm_options_are_refused_by_name(llm_zoo, zoo_cache, tmp_path):

@@ -177,6 +177,8 @@ def test_stsb_spearman_and_teacher_forced_nll_equal_independent_computations(zoo
     rho = spearmanr(parsed, truths)[0]  # reported as it is, whatever its sign
     assert evaluator.results["stsb"] == pytest.approx(rho, abs=1e-5)
     assert evaluator.nll["stsb"] == pytest.approx(nll_sum / tokens, rel=1e-4)
+    # the same token NLL without a Trainer (what quant.select=block scores candidates by)
+    assert evaluator.mean_loss(data.test_dataloader(), torch.device("cpu")) == pytest.approx(nll_sum / tokens, rel=1e-4)
     assert parse_number("yes") == 0.0 and parse_number("nan") == 0.0 and parse_number("2.5") == 2.5
 
 

@@ -1,0 +1,145 @@
+"""The anchor strength chosen per block in one calibration by a held-out loss (BlockChoiceEPMQ, `quant.select=block`).
+
+The engine's choice is checked against an oracle built from plain calibrations: for block b and every
+candidate λ, a fresh calibration with the blocks before b at the λ the oracle already chose, block b at λ,
+and block b+1 put back to the merged weights (as it stands when the engine scores block b) is scored by the
+same loss; the engine must choose the oracle's λ at every block and end with the oracle's weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, make_cfg, trainer_for
+from epmq.adapters import adapter_for
+from epmq.module import BlockwiseCalibration
+from epmq.pipeline import evaluate, prepare, selection_loss, solvers
+from epmq.pool import ExpertPool
+from epmq.run import run
+from epmq.solvers import EPMQ, BlockChoiceEPMQ
+
+CANDIDATES = [math.inf, 3.0, 0.3, 0.0]
+LAYERS_PER_BLOCK = 6  # q, k, v, out, fc1, fc2 of a CLIP block
+
+
+class PerBlockEPMQ(EPMQ):
+    """E-PMQ at strengths[b] for the layers of block b (the engine solves block by block, layers in order)."""
+
+    def __init__(self, strengths):
+        super().__init__(strength=0.0, **SPEC_ARGS)
+        self.strengths, self.calls = list(strengths), 0
+
+    @property
+    def needs_targets(self) -> bool:
+        return True
+
+    def solve(self, W_m, stats=None, **context):
+        self.strength = self.strengths[self.calls // LAYERS_PER_BLOCK]
+        self.calls += 1
+        return super().solve(W_m, stats, **context)
+
+
+def held_out_loss(zoo):
+    """A loss of the model's pooled features against the experts' on fixed held-out pixels: what the engine
+    asks of `selection` (a number of the model as it stands), independent of any suite."""
+    x = torch.randn(12, 1, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        targets = [e(pixel_values=x).pooler_output for e in zoo["experts"].values()]
+
+    def loss(model):
+        with torch.no_grad():
+            pooled = model(pixel_values=x).pooler_output
+        return float(sum(((pooled - t) ** 2).mean() for t in targets))
+    return loss
+
+
+def fit(zoo, solver, selection=None) -> BlockwiseCalibration:
+    module = BlockwiseCalibration(load_state(zoo["merged"]), solver, TASKS,
+                                  experts=ExpertPool(zoo["root"] / "base", zoo["paths"]), selection=selection)
+    trainer_for(module).fit(module, datamodule=CalibrationData(calibration_set()))
+    return module
+
+
+def test_each_blocks_choice_is_the_oracles_and_the_weights_match_bit_for_bit(zoo):
+    loss = held_out_loss(zoo)
+    model_of = {}
+
+    def selection(device):
+        return loss(model_of["model"])
+
+    solver = BlockChoiceEPMQ(CANDIDATES, **SPEC_ARGS)
+    module = BlockwiseCalibration(load_state(zoo["merged"]), solver, TASKS,
+                                  experts=ExpertPool(zoo["root"] / "base", zoo["paths"]), selection=selection)
+    model_of["model"] = module.model
+    trainer_for(module).fit(module, datamodule=CalibrationData(calibration_set()))
+    chosen = [next(iter(s.metrics.values()))["anchor_strength"] for s in module.finished]
+
+    oracle, losses = [], {}
+    for b in range(2):
+        scores = {}
+        for lam in CANDIDATES:
+            model = fit(zoo, PerBlockEPMQ(oracle + [lam] + [math.inf] * (1 - b))).model
+            if b == 0:  # block 1 still the FP merge when block 0 is scored
+                adapter = adapter_for(model)
+                prefix = adapter.block_prefix(adapter.stages(model)[0], 1)
+                block_1 = {k: v for k, v in zoo["merged"].items() if k.startswith(prefix)}
+                assert len(block_1) >= 12
+                model.load_state_dict(block_1, strict=False)
+            scores[lam] = loss(model)
+        oracle.append(min(CANDIDATES, key=lambda lam: scores[lam]))  # candidates strongest first: ties keep it
+        losses[b] = scores
+    assert chosen == oracle
+    assert len({round(v, 12) for v in losses[0].values()}) > 1  # the candidates really differ under the loss
+    reference = fit(zoo, PerBlockEPMQ(oracle)).model.state_dict()
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+    for step in module.finished:  # the chosen candidate's score is what each layer records
+        b = step.index
+        assert all(m["select_nll"] == pytest.approx(losses[b][chosen[b]], rel=1e-6) for m in step.metrics.values())
+
+
+def test_one_candidate_is_plain_epmq_at_that_strength(zoo):
+    module = fit(zoo, BlockChoiceEPMQ([1.0], **SPEC_ARGS), selection=lambda device: 0.0)
+    plain = fit(zoo, EPMQ(1.0, **SPEC_ARGS))
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(value, plain.model.state_dict()[name]), name
+
+
+def test_a_block_choice_without_a_selection_is_refused(zoo):
+    with pytest.raises(ValueError, match="give BlockwiseCalibration a `selection`"):
+        fit(zoo, BlockChoiceEPMQ(CANDIDATES, **SPEC_ARGS))
+    with pytest.raises(ValueError, match="takes none of E-PMQ's calibration ingredients"):
+        BlockChoiceEPMQ(CANDIDATES, calibrate_bias=True, **SPEC_ARGS)
+    with pytest.raises(RuntimeError, match="solved through its candidates"):
+        BlockChoiceEPMQ(CANDIDATES, **SPEC_ARGS).solve(torch.zeros(2, 2))
+
+
+def test_the_selection_loss_is_the_evaluators_nll_on_the_selection_samples(tmp_path, zoo_cache):
+    cfg = make_cfg(tmp_path, zoo_cache, "logger=none")
+    prepared = prepare(cfg)
+    model = prepared.suite.model(prepared.merged_state)
+    expected = evaluate(cfg, prepared, model, prepared.data.select_dataloader(), "select/check").nll["avg"]
+    assert selection_loss(prepared, model)(torch.device("cpu")) == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():  # and it follows the model as it stands
+        next(model.parameters()).mul_(3.0)
+    assert selection_loss(prepared, model)(torch.device("cpu")) != pytest.approx(expected, rel=1e-5)
+
+
+def test_select_block_runs_one_calibration_and_reports_each_blocks_strength(tmp_path, zoo_cache, capsys):
+    cfg = make_cfg(tmp_path, zoo_cache, "quant.select=block", "quant.form=output",
+                   "quant.candidates.strength=[0.0,1.0,.inf]", "evaluate_references=false", "save_model=false")
+    assert [type(s).__name__ for s in solvers(cfg.quant)] == ["BlockChoiceEPMQ"]
+    report = run(cfg)
+    assert report["selection"] == [] and report["quant"]["select"] == "block"
+    strengths = report["quant"]["layer_strengths"]
+    assert len(strengths) >= 12 and set(strengths.values()) <= {0.0, 1.0, math.inf}
+    blocks = {}
+    for name, lam in strengths.items():  # one strength per block
+        blocks.setdefault(name.split(".mlp.")[0].split(".self_attn.")[0], set()).add(lam)
+    assert all(len(v) == 1 for v in blocks.values())
+    assert "strength chosen per block on held-out calibration samples" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="quant.select=block chooses the strength only"):
+        solvers(make_cfg(tmp_path / "bad", zoo_cache, "quant.select=block").quant)
