@@ -645,7 +645,11 @@ class BlockwiseCalibration(L.LightningModule):
                 block.get_submodule(name).weight.copy_(W_m)
             results, metrics = self.solve_layers(step, block, self.solver.at(strength))
             with self.forward_precision():
-                loss = float(self.selection(self.device_))
+                loss = torch.tensor([float(self.selection(self.device_))], dtype=torch.float64)
+            # every rank scores the same model on the same samples; averaging makes the choice identical on all
+            # of them even where nondeterministic kernels differ in the last bits
+            self.all_reduce_(loss)
+            loss = float(loss) / (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
             if best is None or loss < best[0]:
                 best = (loss, strength, results, metrics)
         loss, strength, results, metrics = best

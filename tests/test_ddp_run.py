@@ -39,3 +39,15 @@ def test_two_processes_give_the_one_process_model_and_accuracy(tmp_path):
     same = sum(int((c == m2.get_submodule(name).codes()).sum()) for name, c in codes.items())
     total = sum(c.numel() for c in codes.values())
     assert same / total >= 0.999, f"only {same / total:.4%} of the codes agree"
+
+
+@pytest.mark.slow  # 40 s: two train.py runs
+def test_two_processes_choose_each_blocks_anchor_as_one_process_does(tmp_path):
+    cache = tmp_path / "cache"
+    block = ("quant.strength=auto", "quant.select=block", "quant.candidates.strength=[0.0,1.0,10.0,.inf]", "save_model=false")
+    one = train(tmp_path / "one", cache, *block)
+    two = train(tmp_path / "two", cache, *block, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
+    assert one["quant"]["select"] == two["quant"]["select"] == "block"
+    assert two["quant"]["layer_strengths"] == one["quant"]["layer_strengths"]
+    for task, acc in one["metrics"]["quantized"].items():
+        assert abs(two["metrics"]["quantized"][task] - acc) <= 0.002, task
