@@ -200,8 +200,7 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
                                 f"compare/{method}/bits_{bits}/test").results
                 extra = {}
                 if method == "epmq_block":  # its choices, and its scores on the selection halves (judging rules)
-                    extra["block_strengths"] = [next(iter(s.metrics.values()))["anchor_strength"]
-                                                for s in calib.module.finished]
+                    extra["block_strengths"] = [strength for _, strength in calib.module.step_strengths]
                     if cfg.compare.get("select_halves", True):
                         extra.update(select_half_scores(cfg, prepared, calib.model, f"compare/{method}/bits_{bits}"))
                 entry = units.put(key, {"method": method, "bits": bits, "seconds": calib.seconds, "anchor": None,

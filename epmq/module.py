@@ -195,6 +195,11 @@ class BlockwiseCalibration(L.LightningModule):
         return {k: r for s in self.finished for k, r in s.results.items()}
 
     @property
+    def step_strengths(self) -> list[tuple[str, float]]:
+        """(step label, anchor strength chosen for it) per finished step of a per-block choice (BlockChoiceEPMQ)."""
+        return [(s.label, next(iter(s.metrics.values()))["anchor_strength"]) for s in self.finished if s.metrics]
+
+    @property
     def layer_metrics(self) -> dict[str, dict[str, float]]:
         return {k: m for s in self.finished for k, m in s.metrics.items()}
 
@@ -649,7 +654,7 @@ class BlockwiseCalibration(L.LightningModule):
             # every rank scores the same model on the same samples; averaging makes the choice identical on all
             # of them even where nondeterministic kernels differ in the last bits
             self.all_reduce_(loss)
-            loss = float(loss) / (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
+            loss = float(loss) / self.trainer.world_size
             if best is None or loss < best[0]:
                 best = (loss, strength, results, metrics)
         loss, strength, results, metrics = best

@@ -134,9 +134,8 @@ def publish(cfg, report: dict, tasks: list[str], calib, out_dir: Path) -> None:
         print(f"anchor: form {chosen['form']}, strength chosen per layer by {chosen['folds']}-fold cross-validation "
               f"on the calibration samples: " + ", ".join(f"{s:g} ({counts[s]} layers)" for s in sorted(counts)))
     elif report["method"] == "epmq" and chosen.get("select") == "block":
-        steps = [s for s in calib.module.finished if s.metrics]
         print(f"anchor: form {chosen['form']}, strength chosen per block on held-out calibration samples: "
-              + ", ".join(f"{s.label} {next(iter(s.metrics.values()))['anchor_strength']:g}" for s in steps))
+              + ", ".join(f"{label} {strength:g}" for label, strength in calib.module.step_strengths))
     elif report["method"] == "epmq":
         print(f"anchor: strength {chosen['strength']:g}, form {chosen['form']}"
               + (" (chosen on held-out calibration samples)" if report["selection"] else ""))

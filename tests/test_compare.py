@@ -12,7 +12,7 @@ from epmq.compare import compare_plan
 from epmq.run import run
 
 
-OPTIONS = ("experiment=compare", "compare.bits=[2,4]", "compare.methods=[rtn,gptq,regmean_gptq,epmq,epmq_layer]",
+OPTIONS = ("experiment=compare", "compare.bits=[2,4]", "compare.methods=[rtn,gptq,regmean_gptq,epmq,epmq_layer,epmq_block]",
            "data.test_samples=null", "data.calib_samples=16", "compare.ablation.strength=[0,1,10000,inf]",
            "quant.candidates.strength=[0,1,inf]", "seed=1", "~compare.ingredients",
            "+compare.ingredients={bias:{calibrate_bias:true}}")
@@ -33,11 +33,15 @@ def test_compare_writes_results_table_and_plots(compared):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["objective"] == pytest.approx(results["objective"])
     methods = {(e["method"], e["bits"]) for e in on_disk["methods"]}
-    assert methods == {(m, b) for m in ("rtn", "gptq", "regmean_gptq", "epmq", "epmq_layer") for b in (2, 4)}
+    assert methods == {(m, b) for m in ("rtn", "gptq", "regmean_gptq", "epmq", "epmq_layer", "epmq_block")
+                       for b in (2, 4)}
     table = (out / "results.md").read_text()
-    for name in ("RTN", "GPTQ", "RegMean → GPTQ", "E-PMQ", "E-PMQ, λ per layer (one pass)", "× GPTQ", "FP merged",
-                 "FP RegMean"):
+    for name in ("RTN", "GPTQ", "RegMean → GPTQ", "E-PMQ", "E-PMQ, λ per layer (one pass)",
+                 "E-PMQ, λ per block (one pass)", "× GPTQ", "FP merged", "FP RegMean"):
         assert name in table
+    for block in (e for e in on_disk["methods"] if e["method"] == "epmq_block"):  # a λ per block of the tower
+        assert len(block["block_strengths"]) == 2 and {float(s) for s in block["block_strengths"]} <= {0, 1, math.inf}
+        assert "per block: " in table and 0 <= block["select_b_avg_acc"] <= 1
     assert "FP calibrated merge (E-PMQ, no rounding)" in table and "gap recovered %" in table
     epmq4 = next(e for e in on_disk["methods"] if e["method"] == "epmq" and e["bits"] == 4)
     calibrated = on_disk["references"]["calibrated"]  # at the anchor E-PMQ chose at the widest bit width
