@@ -645,7 +645,9 @@ class BlockwiseCalibration(L.LightningModule):
                              f"BlockwiseCalibration a `selection` function (epmq.pipeline.calibrate does)")
         merged = {name: block.get_submodule(name).weight.detach().clone() for name in step.layers}
         best = None
-        for strength in self.solver.candidates:
+        for k, strength in enumerate(self.solver.candidates):
+            self.show_progress(f"{self.progress_description()} · scoring λ = {strength:g} "
+                               f"({k + 1}/{len(self.solver.candidates)})")
             for name, W_m in merged.items():  # every candidate starts from the merged weights
                 block.get_submodule(name).weight.copy_(W_m)
             results, metrics = self.solve_layers(step, block, self.solver.at(strength))
@@ -671,6 +673,12 @@ class BlockwiseCalibration(L.LightningModule):
         if getattr(self.solver, "needs_base", False):  # the constructor made sure there is a pool
             context["base"] = self.experts.layer("base", step.prefix + name, linear.weight.device)
         return context
+
+    def show_progress(self, text: str) -> None:
+        """Put `text` on the progress bar now (for long work inside a step, where no batch starts)."""
+        bar = getattr(getattr(self._trainer, "progress_bar_callback", None), "_train_progress_bar", None)
+        if bar is not None:  # a TQDM bar that is showing
+            bar.set_description(text)
 
     def progress_description(self, batch=None) -> str:
         """'block 2/4 · task mnist' (with the step's first layer when true-sequential)."""
