@@ -114,6 +114,53 @@ def replaying(blocks: nn.ModuleList, count: int, output):
             blocks[j] = block
 
 
+class _Recorded:
+    """The outputs a block gave on a sequence of forwards, handed out again one forward at a time."""
+
+    def __init__(self, outputs: list):
+        self.outputs, self.next, self.current = outputs, 0, None
+
+    def advance(self):
+        if self.next == len(self.outputs):
+            raise RuntimeError(f"a replayed forward past the {len(self.outputs)} recorded: the replayed forwards must "
+                               f"be the recorded ones, in the same order")
+        self.current, self.next = self.outputs[self.next], self.next + 1
+        return self.current
+
+
+class _ReplayNext(Replay):
+    """Stands in for one of the first blocks of a stack: returns the recorded output of this forward (the
+    first stand-in takes the next recording; the others, which the stack calls after it, return the same)."""
+
+    def __init__(self, recorded: _Recorded, original: nn.Module, first: bool):
+        super().__init__(None, original)
+        object.__setattr__(self, "_recorded", recorded)
+        object.__setattr__(self, "_first", first)
+
+    def forward(self, *args, **kwargs):
+        recorded = object.__getattribute__(self, "_recorded")
+        return recorded.advance() if object.__getattribute__(self, "_first") else recorded.current
+
+
+@contextmanager
+def replaying_recorded(blocks: nn.ModuleList, count: int, outputs: list):
+    """Blocks 0..count-1 replaced for the duration: the k-th forward of the stack gets outputs[k] (block
+    count-1's output on that forward, recorded earlier) from them, so that they do not run. Every
+    recording must be used, in order: RuntimeError otherwise (the forwards were not the recorded ones)."""
+    recorded = _Recorded(outputs)
+    saved = [blocks[j] for j in range(count)]
+    try:
+        for j in range(count):
+            blocks[j] = _ReplayNext(recorded, saved[j], first=j == 0)
+        yield
+    finally:
+        for j, block in enumerate(saved):
+            blocks[j] = block
+    if recorded.next != len(outputs):
+        raise RuntimeError(f"{len(outputs)} forwards were recorded but {recorded.next} replayed: the replayed "
+                           f"forwards must be the recorded ones, in the same order")
+
+
 @torch.no_grad()
 def capture_inputs(adapter: ModelAdapter, model: nn.Module, stage: Stage, i: int, batch: Mapping,
                    context: Context, device: torch.device, replay=None) -> BlockInputs:

@@ -43,7 +43,7 @@ from torch import nn
 
 from callbacks.expert_cache import ExpertActivationCache
 from epmq.adapters import ModelAdapter, adapter_for
-from epmq.capture import BlockInputs, Trace, run_block, walk_to
+from epmq.capture import BlockInputs, Trace, replaying_recorded, run_block, walk_to
 from epmq.fingerprint import loader_fingerprint
 from epmq.norm_affine import NormStatistics
 from epmq.pool import ExpertPool
@@ -146,6 +146,7 @@ class BlockwiseCalibration(L.LightningModule):
                              f"experts=ExpertPool(...) or an ExpertActivationCache")
         self._resume = list(resume)
         self.selection = selection
+        self._selection_replay: tuple = (None, [])  # ((stage, block), recorded outputs of the block before it)
 
         # calibration state: plain attributes, never part of the state dict
         self.step_index = 0
@@ -611,7 +612,7 @@ class BlockwiseCalibration(L.LightningModule):
             with self.forward_precision():
                 for b, inputs in self._inputs.items():  # the quantized block's output feeds the next block
                     self._traces[b].advance(run_block(block, inputs.to(self.device_)), self.to_cache)
-            self._inputs = {}
+            self._inputs, self._selection_replay = {}, (None, [])
             if self.offload_blocks:
                 block.to("cpu")
         self.step_index += 1
@@ -652,7 +653,7 @@ class BlockwiseCalibration(L.LightningModule):
                 block.get_submodule(name).weight.copy_(W_m)
             results, metrics = self.solve_layers(step, block, self.solver.at(strength))
             with self.forward_precision():
-                loss = torch.tensor([float(self.selection(self.device_))], dtype=torch.float64)
+                loss = torch.tensor([self.selection_loss(step)], dtype=torch.float64)
             # every rank scores the same model on the same samples; averaging makes the choice identical on all
             # of them even where nondeterministic kernels differ in the last bits
             self.all_reduce_(loss)
@@ -673,6 +674,28 @@ class BlockwiseCalibration(L.LightningModule):
         if getattr(self.solver, "needs_base", False):  # the constructor made sure there is a pool
             context["base"] = self.experts.layer("base", step.prefix + name, linear.weight.device)
         return context
+
+    def selection_loss(self, step: Step) -> float:
+        """`selection` on the model as it stands. The blocks before the step's block are fixed while its
+        candidates are scored: the first scoring records what the last of them returns on every forward, the
+        others replay it (epmq.capture.replaying_recorded) with the stem skipped, so those blocks run once per
+        step instead of once per candidate."""
+        if step.block == 0:
+            return float(self.selection(self.device_))
+        blocks = self.adapter.blocks(self.model, step.stage)
+        key = (step.stage_index, step.block)
+        if self._selection_replay[0] != key:
+            outputs = []
+            handle = blocks[step.block - 1].register_forward_hook(lambda module, args, output: outputs.append(output))
+            try:
+                loss = float(self.selection(self.device_))
+            finally:
+                handle.remove()
+            self._selection_replay = (key, outputs)
+            return loss
+        with replaying_recorded(blocks, step.block, self._selection_replay[1]), \
+                self.adapter.stem_skipped(self.model, step.stage):
+            return float(self.selection(self.device_))
 
     def show_progress(self, text: str) -> None:
         """Put `text` on the progress bar now (for long work inside a step, where no batch starts)."""

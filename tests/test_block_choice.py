@@ -13,8 +13,9 @@ import math
 import pytest
 import torch
 
-from conftest import SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, make_cfg, trainer_for
+from conftest import SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, make_cfg, tiny_model, trainer_for
 from epmq.adapters import adapter_for
+from epmq.capture import replaying_recorded
 from epmq.module import BlockwiseCalibration
 from epmq.pipeline import evaluate, prepare, selection_loss, solvers
 from epmq.pool import ExpertPool
@@ -143,3 +144,27 @@ def test_select_block_runs_one_calibration_and_reports_each_blocks_strength(tmp_
     assert "strength chosen per block on held-out calibration samples" in capsys.readouterr().out
     with pytest.raises(ValueError, match="quant.select=block chooses the strength only"):
         solvers(make_cfg(tmp_path / "bad", zoo_cache, "quant.select=block").quant)
+
+
+def test_replayed_blocks_refuse_forwards_other_than_the_recorded_ones():
+    model = tiny_model()
+    adapter = adapter_for(model)
+    stage = adapter.stages(model)[0]
+    blocks = adapter.blocks(model, stage)
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    outputs = []
+    handle = blocks[0].register_forward_hook(lambda module, args, output: outputs.append(output))
+    with torch.no_grad():
+        expected = [model(pixel_values=x[:k]).pooler_output for k in (1, 2)]  # two forwards recorded
+    handle.remove()
+    with torch.no_grad(), replaying_recorded(blocks, 1, outputs), adapter.stem_skipped(model, stage):
+        replayed = [model(pixel_values=x[:k]).pooler_output for k in (1, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(replayed, expected))
+    with pytest.raises(RuntimeError, match="2 forwards were recorded but 1 replayed"):
+        with torch.no_grad(), replaying_recorded(blocks, 1, outputs):
+            model(pixel_values=x[:1])
+    with pytest.raises(RuntimeError, match="past the 2 recorded"):
+        with torch.no_grad(), replaying_recorded(blocks, 1, outputs):
+            for k in (1, 2, 3):
+                model(pixel_values=x[:k])
+    assert not any(type(b).__name__ == "_ReplayNext" for b in blocks)  # the real blocks are back
