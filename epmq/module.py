@@ -653,7 +653,7 @@ class BlockwiseCalibration(L.LightningModule):
                 block.get_submodule(name).weight.copy_(W_m)
             results, metrics = self.solve_layers(step, block, self.solver.at(strength))
             with self.forward_precision():
-                loss = torch.tensor([self.selection_loss(step)], dtype=torch.float64)
+                loss = torch.tensor([self.score_candidate(step)], dtype=torch.float64)
             # every rank scores the same model on the same samples; averaging makes the choice identical on all
             # of them even where nondeterministic kernels differ in the last bits
             self.all_reduce_(loss)
@@ -675,7 +675,7 @@ class BlockwiseCalibration(L.LightningModule):
             context["base"] = self.experts.layer("base", step.prefix + name, linear.weight.device)
         return context
 
-    def selection_loss(self, step: Step) -> float:
+    def score_candidate(self, step: Step) -> float:
         """`selection` on the model as it stands. The blocks before the step's block are fixed while its
         candidates are scored: the first scoring records what the last of them returns on every forward, the
         others replay it (epmq.capture.replaying_recorded) with the stem skipped, so those blocks run once per

@@ -127,8 +127,8 @@ def solvers(quant: DictConfig) -> list:
 
 def candidate_label(solver) -> str:
     """'gptq', 'rtn', or 'epmq/<form>/strength_<λ>' (folder names and metric prefixes)."""
-    if hasattr(solver, "candidates"):  # LayerwiseEPMQ, BlockChoiceEPMQ: the strength is chosen as it goes
-        return f"{solver.name}/{solver.form}/per_{'block' if getattr(solver, 'chooses_by_selection', False) else 'layer'}"
+    if hasattr(solver, "candidates"):  # a ChosenEPMQ: the strength is chosen per layer or per block as it goes
+        return f"{solver.name}/{solver.form}/per_{solver.select}"
     if hasattr(solver, "strength"):
         return f"{solver.name}/{solver.form}/strength_{solver.strength:g}"
     return solver.name

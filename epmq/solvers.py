@@ -261,7 +261,38 @@ class RelaxedEPMQ(EPMQ):
         return Solution(QuantResult(W_star.float(), none.to(torch.uint8), none, none, none.long(), 0.0), metrics)
 
 
-class LayerwiseEPMQ(EPMQ):
+class ChosenEPMQ(EPMQ):
+    """E-PMQ whose anchor strength is chosen among `candidates` as the calibration goes (no single value:
+    `strength` is nan). The shared part of LayerwiseEPMQ and BlockChoiceEPMQ: the candidates, strongest first
+    so that ties keep the stronger anchor, and the refusal of the calibration ingredients.
+
+    Class attributes: select (the quant.select value naming the choice), unit (what one choice covers).
+    """
+
+    name = "epmq"
+    select = unit = ""
+
+    def __init__(self, candidates, form: str = "output", **spec):
+        ingredients = {k: spec.pop(k) for k in INGREDIENTS if k in spec}
+        super().__init__(strength=0.0, form=form, **spec)
+        if any(v != getattr(self, k) for k, v in ingredients.items()):
+            raise ValueError(f"the {self.unit} anchor choice (quant.select={self.select}) takes none of E-PMQ's "
+                             f"calibration ingredients; got {ingredients}")
+        values = sorted({parse_strength(c) for c in candidates}, reverse=True)  # strongest first
+        if not values:
+            raise ValueError("candidates must list at least one anchor strength")
+        self.candidates = values
+        self.strength = math.nan
+
+    @property
+    def needs_targets(self) -> bool:
+        return any(not math.isinf(c) for c in self.candidates)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "strength": None, "candidates": self.candidates, "select": self.select}
+
+
+class LayerwiseEPMQ(ChosenEPMQ):
     """E-PMQ whose anchor strength is chosen per layer, in the same pass, by K-fold cross-validation.
 
     The engine gathers the layer's statistics in K folds of samples (epmq.stats.FoldedStatistics).
@@ -284,25 +315,13 @@ class LayerwiseEPMQ(EPMQ):
         form, spec: as EPMQ.
     """
 
-    name = "epmq"
+    select, unit = "layer", "per-layer"
 
     def __init__(self, candidates=(0.0, 0.3, 1.0, 3.0, 10.0, "inf"), folds: int = 2, form: str = "output", **spec):
-        ingredients = {k: spec.pop(k) for k in INGREDIENTS if k in spec}
-        super().__init__(strength=0.0, form=form, **spec)
-        if any(v != getattr(self, k) for k, v in ingredients.items()):
-            raise ValueError(f"the per-layer anchor choice (quant.select=layer) takes none of E-PMQ's calibration "
-                             f"ingredients; got {ingredients}")
-        values = sorted({parse_strength(c) for c in candidates}, reverse=True)  # strongest first
-        if not values:
-            raise ValueError("candidates must list at least one anchor strength")
+        super().__init__(candidates, form, **spec)
         if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
             raise ValueError(f"folds must be an int >= 2, got {folds!r}")
-        self.candidates, self.folds = values, folds
-        self.strength = math.nan  # chosen per layer: no single value
-
-    @property
-    def needs_targets(self) -> bool:
-        return any(not math.isinf(c) for c in self.candidates)
+        self.folds = folds
 
     def solve(self, W_m: torch.Tensor, stats) -> Solution:
         if stats is None or stats.tokens == 0:
@@ -332,14 +351,13 @@ class LayerwiseEPMQ(EPMQ):
                                                       "anchor_strength": best})
 
     def describe(self) -> dict:
-        return {**super().describe(), "strength": None, "candidates": self.candidates, "folds": self.folds,
-                "select": "layer"}
+        return {**super().describe(), "folds": self.folds}
 
     def __repr__(self) -> str:
         return f"LayerwiseEPMQ(candidates={self.candidates}, folds={self.folds}, form={self.form!r}, {self.spec})"
 
 
-class BlockChoiceEPMQ(EPMQ):
+class BlockChoiceEPMQ(ChosenEPMQ):
     """E-PMQ whose anchor strength is chosen per calibration step (a block; a layer group when calibrating
     true-sequentially) by the task heads' loss on the held-out selection samples, in one calibration.
 
@@ -357,24 +375,11 @@ class BlockChoiceEPMQ(EPMQ):
         form, spec: as EPMQ. The calibration ingredients are not taken (each would need its own study here).
     """
 
-    name = "epmq"
+    select, unit = "block", "per-block"
     chooses_by_selection = True
 
     def __init__(self, candidates=(math.inf, 10.0, 3.0, 1.0, 0.3, 0.0), form: str = "output", **spec):
-        ingredients = {k: spec.pop(k) for k in INGREDIENTS if k in spec}
-        super().__init__(strength=0.0, form=form, **spec)
-        if any(v != getattr(self, k) for k, v in ingredients.items()):
-            raise ValueError(f"the per-block anchor choice (quant.select=block) takes none of E-PMQ's calibration "
-                             f"ingredients; got {ingredients}")
-        values = sorted({parse_strength(c) for c in candidates}, reverse=True)  # strongest first: ties keep it
-        if not values:
-            raise ValueError("candidates must list at least one anchor strength")
-        self.candidates = values
-        self.strength = math.nan  # chosen per step: no single value
-
-    @property
-    def needs_targets(self) -> bool:
-        return any(not math.isinf(c) for c in self.candidates)
+        super().__init__(candidates, form, **spec)
 
     def at(self, strength: float) -> EPMQ:
         """The plain E-PMQ solver of one candidate."""
@@ -383,9 +388,6 @@ class BlockChoiceEPMQ(EPMQ):
     def solve(self, W_m: torch.Tensor, stats=None, **context) -> Solution:
         raise RuntimeError("BlockChoiceEPMQ is solved through its candidates (`at`) by the calibration engine, "
                            "which scores each on the selection samples; give BlockwiseCalibration a `selection`")
-
-    def describe(self) -> dict:
-        return {**super().describe(), "strength": None, "candidates": self.candidates, "select": "block"}
 
     def __repr__(self) -> str:
         return f"BlockChoiceEPMQ(candidates={self.candidates}, form={self.form!r}, {self.spec})"
