@@ -28,7 +28,7 @@ from epmq.pool import ExpertPool
 from epmq.quant import QuantSpec
 from epmq.solvers import EPMQ, GPTQ, RTN
 
-import families
+from helpers import families
 
 TASKS = ["mnist", "svhn"]
 SPEC = QuantSpec(bits=3, group_size=16, blocksize=16)

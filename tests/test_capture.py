@@ -22,7 +22,7 @@ from epmq.module import BlockwiseCalibration
 from epmq.pool import ExpertPool
 from epmq.quant import QuantSpec
 from epmq.solvers import GPTQ, Solution
-from families import FAMILIES, TASKS, loader, model_inputs
+from helpers.families import FAMILIES, TASKS, loader, model_inputs
 
 
 class Unchanged:

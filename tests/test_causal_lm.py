@@ -12,66 +12,18 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset, DatasetDict
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from conftest import ROOT, make_cfg
 from epmq.pipeline import prepare
 from epmq.run import run
-from families import FAMILIES
-
-WORDS = ("the a cat dog sat ran on under mat log big small red blue one two three four five six "
-         "seven eight nine ten plus minus equals sum code loop if else return print").split()
-TEXTS = {
-    "alpha": [" ".join(WORDS[(i * 3 + k) % 12] for k in range(7 + i % 5)) for i in range(60)],
-    "beta": [" ".join(WORDS[12 + (i * 5 + k) % 22] for k in range(6 + i % 7)) for i in range(60)],
-}
-SEQ_LEN = 12
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: 4 + i for i, w in enumerate(WORDS)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-
-
-def fine_tuned(base: LlamaForCausalLM, texts: list[str], steps: int = 30) -> LlamaForCausalLM:
-    """A copy of base trained a few steps on next-token prediction over `texts`: a real expert."""
-    tok = tiny_tokenizer()
-    stream = [i for text in texts for i in tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
-    windows = torch.tensor(stream[: len(stream) // SEQ_LEN * SEQ_LEN]).view(-1, SEQ_LEN)
-    expert = FAMILIES["llama"].base()
-    expert.load_state_dict(base.state_dict())
-    expert.train()
-    opt = torch.optim.AdamW(expert.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        batch = windows[torch.randint(len(windows), (8,), generator=gen)]
-        loss = expert(input_ids=batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return expert.eval()
+from helpers import llm_world
+from helpers.llm_world import SEQ_LEN, TEXTS, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def llm_zoo(tmp_path_factory):
-    """base/ (with its tokenizer), two experts saved as sharded safetensors, a text dataset per task."""
-    root = tmp_path_factory.mktemp("llm")
-    family = FAMILIES["llama"]
-    base = family.base()
-    base.save_pretrained(root / "base", max_shard_size="40KB")
-    tiny_tokenizer().save_pretrained(root / "base")
-    for t, task in enumerate(TEXTS):
-        fine_tuned(base, TEXTS[task][:45]).save_pretrained(root / task, max_shard_size="40KB")
-        texts = TEXTS[task]
-        DatasetDict({"train": Dataset.from_dict({"text": texts[:45]}),
-                     "test": Dataset.from_dict({"text": texts[45:]})}).save_to_disk(str(root / f"{task}_text"))
-    assert (root / "alpha" / "model.safetensors.index.json").is_file()  # really sharded
-    return root
+    return llm_world.build(tmp_path_factory.mktemp("llm"))
 
 
 def options(root, *extra):

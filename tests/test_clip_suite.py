@@ -1,4 +1,4 @@
-"""The clip suite on a tiny CLIP zoo written to disk (tests/clip_zoo.py): the job end to end, zero-shot
+"""The clip suite on a tiny CLIP zoo written to disk (tests/helpers/clip_zoo.py): the job end to end, zero-shot
 accuracy against transformers' own CLIPModel features, heads, sources, and hub failures."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from hydra.core.global_hydra import GlobalHydra
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPModel
 
-import clip_zoo
-import openclip_reference as ref
-from clip_zoo import CLASSES, TASKS
+from helpers import clip_zoo
+from helpers import openclip_reference as ref
+from helpers.clip_zoo import CLASSES, TASKS
 from conftest import ROOT, make_cfg
 from epmq.pool import ExpertPool
 from epmq.run import run

@@ -29,7 +29,7 @@ from epmq.load import QuantLinear
 from epmq.packing import pack_rows
 from epmq.quant import QuantSpec
 from epmq.quantized_layer import QuantizedLayer
-from families import FAMILIES, model_inputs
+from helpers.families import FAMILIES, model_inputs
 
 
 def quantize(model, spec: QuantSpec, seed: int = 0) -> dict[str, QuantizedLayer]:

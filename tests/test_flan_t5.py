@@ -1,4 +1,4 @@
-"""suite=flan_t5 on a tiny FLAN-T5-shaped zoo built here (tests/t5_glue_zoo.py): a real
+"""suite=flan_t5 on a tiny FLAN-T5-shaped zoo built here (tests/helpers/t5_glue_zoo.py): a real
 T5ForConditionalGeneration (2+2 blocks, width 32, own lm_head), a word-level T5 tokenizer, experts
 fine-tuned for 60 steps on GLUE-shaped sst2 / rte / stsb datasets saved with save_to_disk.
 
@@ -37,7 +37,7 @@ from epmq.solvers import EPMQ, GPTQ, Solution
 from epmq.stats import LayerStatistics
 from epmq.suites.flan_t5 import FlanT5Suite
 from epmq.text_eval import parse_number
-from t5_glue_zoo import build_zoo
+from helpers.t5_glue_zoo import build_zoo
 
 TASKS = ["sst2", "rte"]
 SPEC = dict(bits=4, group_size=16, blocksize=16)

@@ -1,5 +1,5 @@
 """open_clip ViT towers in the HF CLIPVisionModel layout (epmq.openclip), checked against an independent
-reference forward of open_clip's architecture (tests/openclip_reference.py), without open_clip."""
+reference forward of open_clip's architecture (tests/helpers/openclip_reference.py), without open_clip."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-import openclip_reference as ref
+from helpers import openclip_reference as ref
 from epmq import openclip
 from epmq.pool import ExpertPool
 from epmq.suites.clip import no_init_weights

@@ -20,7 +20,7 @@ from epmq.checkpoint import StepStore
 from epmq.module import BlockwiseCalibration
 from epmq.run import run
 from epmq.solvers import GPTQ
-from families import FAMILIES, TASKS, loader
+from helpers.families import FAMILIES, TASKS, loader
 
 OPTIONS = ["quant.strength=1.0", "quant.form=output", "calibration.true_sequential=true", "data.calib_samples=12",
            "data.batch_size=4", "data.select_samples=4", "data.test_samples=16", "evaluate_references=false"]
@@ -53,7 +53,7 @@ def test_sigkill_mid_calibration_then_resume_gives_the_uninterrupted_weights(tmp
     whole = tmp_path / "whole"
     train(whole, zoo_cache)
     killed = tmp_path / "killed"
-    proc = train(killed, zoo_cache, "+callbacks.killer._target_=killer.KillInStep", "+callbacks.killer.step=5",
+    proc = train(killed, zoo_cache, "+callbacks.killer._target_=helpers.killer.KillInStep", "+callbacks.killer.step=5",
                  check=False)
     assert proc.returncode == -signal.SIGKILL
     progress = json.loads((killed / "calibration" / "epmq" / "output" / "strength_1" / "progress.json").read_text())

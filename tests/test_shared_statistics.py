@@ -20,7 +20,7 @@ from epmq.merge import task_arithmetic
 from epmq.module import BlockwiseCalibration
 from epmq.pool import ExpertPool
 from epmq.solvers import EPMQ, GPTQ
-from families import FAMILIES, TASKS, loader
+from helpers.families import FAMILIES, TASKS, loader
 
 
 class Watching:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import families
+from helpers import families
 
 TASKS = ["shapes", "colors", "sizes"]
 CLASSES = {"shapes": ["circle", "square", "triangle"], "colors": ["red", "green", "blue", "yellow"],
