@@ -95,7 +95,7 @@ def build_models(args, root: Path) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from epmq.merge import task_arithmetic
+    from epmq.core.merge import task_arithmetic
 
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per saved model otherwise
     torch.manual_seed(args.seed)
@@ -200,7 +200,7 @@ def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str, ca
     """
     import lightning as L
     from epmq.module import BlockwiseCalibration
-    from epmq.solvers import EPMQ, GPTQ, RTN
+    from epmq.core.solvers import EPMQ, GPTQ, RTN
 
     tasks = [task_name(k) for k in range(T)]
     model = model_class(args).from_pretrained(merged_dir).eval()

@@ -1,4 +1,4 @@
-"""Time epmq.gptq on CPU for typical layer shapes, optionally side by side with the reference.
+"""Time epmq.core.gptq on CPU for typical layer shapes, optionally side by side with the reference.
 
     python benchmarks/gptq_speed.py                         # our solve times
     python benchmarks/gptq_speed.py --reference /tmp/gptq   # also IST-DASLab/gptq's gptq.py, and the ratio
@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from epmq.gptq import gptq
-from epmq.quant import QuantSpec
+from epmq.core.gptq import gptq
+from epmq.core.quant import QuantSpec
 
 SHAPES = [(768, 768), (3072, 768), (768, 3072), (4096, 4096)]  # (out, in)
 

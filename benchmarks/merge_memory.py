@@ -111,7 +111,7 @@ def reset_peak() -> bool:
 
 
 def make_merger(name: str, args):
-    from epmq.merge import SimpleAverage, TaskArithmetic, TiesMerging
+    from epmq.core.merge import SimpleAverage, TaskArithmetic, TiesMerging
 
     return {"simple_average": lambda: SimpleAverage(),
             "task_arithmetic": lambda: TaskArithmetic(scaling_factor=0.3),

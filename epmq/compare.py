@@ -45,9 +45,9 @@ from epmq.checkpoint import describe_changes
 from epmq.pipeline import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, prepare,
                            quiet_lightning, resolved_config, select_half_scores, select_scores, selection_key, solvers,
                            target_cache)
-from epmq.regmean import gram_matrices, regmean
+from epmq.core.regmean import gram_matrices, regmean
 from epmq.report import write_json_atomic
-from epmq.solvers import EPMQ, GPTQ, INGREDIENTS, RTN, BlockChoiceEPMQ, LayerwiseEPMQ, RelaxedEPMQ
+from epmq.core.solvers import EPMQ, GPTQ, INGREDIENTS, RTN, BlockChoiceEPMQ, LayerwiseEPMQ, RelaxedEPMQ
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def compare_plan(cfg: DictConfig):
         rest = ",".join(m for m in methods if m != "regmean_gptq")
         raise ValueError(f"compare.methods: regmean_gptq is not available for suite {cfg.suite._target_}: {why}; "
                          f"leave it out: compare.methods=[{rest}]")
-    quant = OmegaConf.merge(cfg.quant, {"_target_": "epmq.solvers.EPMQ"})
+    quant = OmegaConf.merge(cfg.quant, {"_target_": "epmq.core.solvers.EPMQ"})
     selection = [(s.strength, s.form) for s in solvers(quant)]
     bits = list(opts.bits)
     if not bits or len(set(bits)) != len(bits):

@@ -45,12 +45,12 @@ from callbacks.expert_cache import ExpertActivationCache
 from epmq.adapters import ModelAdapter, adapter_for
 from epmq.capture import BlockInputs, Trace, replaying_recorded, run_block, walk_to
 from epmq.fingerprint import loader_fingerprint
-from epmq.norm_affine import NormStatistics
+from epmq.core.norm_affine import NormStatistics
 from epmq.pool import ExpertPool
-from epmq.precision import tf32
+from epmq.core.precision import tf32
 from epmq.quantized_layer import QuantizedLayer
 from epmq.schedule import Step, build_schedule
-from epmq.stats import FoldedStatistics, LayerStatistics
+from epmq.core.stats import FoldedStatistics, LayerStatistics
 
 
 @dataclasses.dataclass
@@ -71,11 +71,11 @@ class FinishedStep:
 
 
 class BlockwiseCalibration(L.LightningModule):
-    """Quantize a merged model step by step with a solver (epmq.solvers: RTN, GPTQ, EPMQ).
+    """Quantize a merged model step by step with a solver (epmq.core.solvers: RTN, GPTQ, EPMQ).
 
     Args:
         model: the merged model (e.g. a transformers CLIPVisionModel); quantized in place.
-        solver: an epmq.solvers object (chosen by `_target_` in conf/quant).
+        solver: an epmq.core.solvers object (chosen by `_target_` in conf/quant).
         task_names: the tasks; a batch's "task" entry indexes into this list.
         experts: an epmq.pool.ExpertPool, or an ExpertActivationCache to share between fits
             (keep=True); needed when the solver needs expert targets.
@@ -94,7 +94,7 @@ class BlockwiseCalibration(L.LightningModule):
             numbers, computed again; for comparisons).
         tf32: allow TF32 products in block forwards (CUDA). Mixed precision is the trainer's
             (Trainer(precision="bf16-mixed")): it covers the merged and the experts' forwards alike.
-            Statistics are multiplied in float32 without either (epmq.precision).
+            Statistics are multiplied in float32 without either (epmq.core.precision).
         resume: steps finished by an interrupted run (epmq.checkpoint), in schedule order.
         selection: for a solver that chooses each step's anchor on held-out samples (BlockChoiceEPMQ):
             selection(device) -> the task heads' mean loss on the selection samples (nats) of this model as
@@ -114,7 +114,7 @@ class BlockwiseCalibration(L.LightningModule):
         super().__init__()
         for attr in ("needs_statistics", "needs_targets", "solve"):
             if not hasattr(solver, attr):
-                raise ValueError(f"solver must be an epmq.solvers object (RTN, GPTQ, EPMQ), got {type(solver).__name__}")
+                raise ValueError(f"solver must be an epmq.core.solvers object (RTN, GPTQ, EPMQ), got {type(solver).__name__}")
         task_names = list(task_names)
         if not task_names or len(set(task_names)) != len(task_names):
             raise ValueError(f"task_names must be a non-empty list of distinct names, got {task_names}")

@@ -34,7 +34,7 @@ from epmq.fingerprint import run_fingerprint
 from epmq.module import BlockwiseCalibration
 from epmq.pool import ExpertPool
 from epmq.report import write_json_atomic
-from epmq.solvers import parse_strength
+from epmq.core.solvers import parse_strength
 from epmq.tracking import close_logger
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,9 @@ def solvers(quant: DictConfig) -> list:
             raise ValueError(f"quant.select={select} chooses the strength only: set quant.form=output or weight")
         node = OmegaConf.masked_copy(node, [k for k in node if k != "strength"])
         if select == "block":
-            return [build(node, "quant", _target_="epmq.solvers.BlockChoiceEPMQ",
+            return [build(node, "quant", _target_="epmq.core.solvers.BlockChoiceEPMQ",
                           candidates=list(quant.candidates.strength))]
-        return [build(node, "quant", _target_="epmq.solvers.LayerwiseEPMQ",
+        return [build(node, "quant", _target_="epmq.core.solvers.LayerwiseEPMQ",
                       candidates=list(quant.candidates.strength), folds=quant.get("folds", 2))]
     strengths = quant.candidates.strength if node.strength == "auto" else [node.strength]
     forms = list(quant.candidates.form if node.form == "auto" else [node.form])

@@ -21,9 +21,9 @@ has no prefix) is matched by stripping or adding that one prefix.
 Merging without holding the experts: `pool.lazy_expert(task)` and `pool.lazy_base()` are read-only
 Mappings in the base's key space (LazyStateDict) whose `view[key]` reads that one tensor from disk
 and whose `view.spec(key)` gives its (shape, dtype) from the file headers without reading it. The
-merges of epmq.merge take them in place of state dicts; `pool.merge(merger)` is the entry point:
+merges of epmq.core.merge take them in place of state dicts; `pool.merge(merger)` is the entry point:
 it returns the same tensors, bit for bit, as `merger(pool.base_state_dict(), {t:
-pool.expert_state_dict(t) ...})`, while holding one tensor per expert at a time (see epmq.merge for
+pool.expert_state_dict(t) ...})`, while holding one tensor per expert at a time (see epmq.core.merge for
 each merge's peak memory).
 """
 
@@ -236,7 +236,7 @@ class LazyStateDict(Mapping):
     Pickle checkpoints (.bin/.pt/.pth) cannot be read in part: the first key of a file loads that
     whole file and the view keeps it (one file at a time: a sharded pickle holds one shard) until
     a key of another file is read or the view is dropped, and hands out that file's tensors
-    themselves (read-only by contract, as for every input of epmq.merge). Convert to .safetensors
+    themselves (read-only by contract, as for every input of epmq.core.merge). Convert to .safetensors
     to merge such experts one tensor at a time.
 
     Args:
@@ -423,9 +423,9 @@ class ExpertPool:
     def merge(self, merger: Callable, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """merger(base, experts) of `tasks` (default all, in the pool's order) through lazy views.
 
-        `merger` is one of epmq.merge's merges (SimpleAverage, TaskArithmetic, TiesMerging, or the
+        `merger` is one of epmq.core.merge's merges (SimpleAverage, TaskArithmetic, TiesMerging, or the
         functions): the result equals, bit for bit, merger(base_state_dict(), {t:
-        expert_state_dict(t)}) while no expert is held whole (peak memory: epmq.merge's docstring).
+        expert_state_dict(t)}) while no expert is held whole (peak memory: epmq.core.merge's docstring).
         Returns a new state dict in the base's key space, order and dtypes.
         """
         tasks = self.tasks if tasks is None else list(tasks)

@@ -22,9 +22,9 @@ import dataclasses
 
 import torch
 
-from epmq.gptq import QuantResult
+from epmq.core.gptq import QuantResult
 from epmq.packing import CODE_BITS, check_code_bits, pack_bits, packed_length, unpack_bits
-from epmq.quant import dequantize
+from epmq.core.quant import dequantize
 
 FIELDS = ("qweight", "scales", "zeros", "g_idx")  # the tensors of every record, as files store them
 OPTIONAL = ("bias",)  # stored only when present

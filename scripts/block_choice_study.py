@@ -59,7 +59,7 @@ def _config(overrides: list[str]):
 def study(overrides: list[str], out: Path) -> None:
     from epmq import pipeline
     from epmq.adapters import adapter_for
-    from epmq.solvers import EPMQ
+    from epmq.core.solvers import EPMQ
 
     cfg = _config(overrides)
     pipeline.quiet_lightning()

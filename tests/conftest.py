@@ -21,12 +21,12 @@ from omegaconf import open_dict
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from epmq.merge import task_arithmetic
+from epmq.core.merge import task_arithmetic
 from epmq.module import BlockwiseCalibration
 from epmq.offline.zoo import build_zoo
 from epmq.pool import ExpertPool
-from epmq.quant import QuantSpec
-from epmq.solvers import EPMQ, GPTQ, RTN
+from epmq.core.quant import QuantSpec
+from epmq.core.solvers import EPMQ, GPTQ, RTN
 
 from helpers import families
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from epmq.anchor import relaxed_target, rounding_hessian
-from epmq.stats import LayerStatistics
+from epmq.core.anchor import relaxed_target, rounding_hessian
+from epmq.core.stats import LayerStatistics
 
 D_IN, D_OUT = 12, 5
 
@@ -128,7 +128,7 @@ def test_indefinite_h_from_rounding_falls_back_and_stays_exact(form, caplog):
     H_bad = H - 1e-9 * H.diagonal().mean() * (v @ v.T)
     C = W_m @ H_bad
     strength = 1e9 if form == "output" else 0.0
-    with caplog.at_level(logging.WARNING, logger="epmq.anchor"):
+    with caplog.at_level(logging.WARNING, logger="epmq.core.anchor"):
         W_star = relaxed_target(H_bad, C, W_m, strength, form=form)
     assert torch.isfinite(W_star).all()
     torch.testing.assert_close(W_star, W_m, rtol=0, atol=1e-9)

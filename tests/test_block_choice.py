@@ -20,7 +20,7 @@ from epmq.module import BlockwiseCalibration
 from epmq.pipeline import evaluate, prepare, selection_loss, solvers
 from epmq.pool import ExpertPool
 from epmq.run import run
-from epmq.solvers import EPMQ, BlockChoiceEPMQ
+from epmq.core.solvers import EPMQ, BlockChoiceEPMQ
 
 CANDIDATES = [math.inf, 3.0, 0.3, 0.0]
 LAYERS_PER_BLOCK = 6  # q, k, v, out, fc1, fc2 of a CLIP block

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from conftest import trainer_for
-from epmq.gptq import QuantResult
-from epmq.merge import task_arithmetic
+from epmq.core.gptq import QuantResult
+from epmq.core.merge import task_arithmetic
 from epmq.module import BlockwiseCalibration
 from epmq.pool import ExpertPool
-from epmq.quant import QuantSpec
-from epmq.solvers import GPTQ, Solution
+from epmq.core.quant import QuantSpec
+from epmq.core.solvers import GPTQ, Solution
 from helpers.families import FAMILIES, TASKS, loader, model_inputs
 
 

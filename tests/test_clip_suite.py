@@ -26,7 +26,7 @@ from helpers.clip_zoo import CLASSES, TASKS
 from conftest import ROOT, make_cfg
 from epmq.pool import ExpertPool
 from epmq.run import run
-from epmq.stats import LayerStatistics
+from epmq.core.stats import LayerStatistics
 from epmq.suites import clip as clip_suite
 from epmq.suites.clip import ClipSuite, resolve_tasks
 

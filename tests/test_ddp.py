@@ -9,7 +9,7 @@ import torch
 from conftest import SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, trainer_for
 from epmq.module import BlockwiseCalibration
 from epmq.pool import ExpertPool
-from epmq.solvers import EPMQ
+from epmq.core.solvers import EPMQ
 
 
 class RecordingEPMQ(EPMQ):

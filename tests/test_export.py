@@ -24,10 +24,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForCondition
 from conftest import ROOT, make_cfg
 from epmq import load_quantized
 from epmq.export import checkpoint_size, save_quantized
-from epmq.gptq import gptq
+from epmq.core.gptq import gptq
 from epmq.load import QuantLinear
 from epmq.packing import pack_rows
-from epmq.quant import QuantSpec
+from epmq.core.quant import QuantSpec
 from epmq.quantized_layer import QuantizedLayer
 from helpers.families import FAMILIES, model_inputs
 

@@ -31,10 +31,10 @@ from conftest import ROOT, make_cfg, trainer_for
 from epmq.glue import GLUE_TASKS, glue_task
 from epmq.module import BlockwiseCalibration
 from epmq.pipeline import calibrate, prepare
-from epmq.quant import QuantSpec
+from epmq.core.quant import QuantSpec
 from epmq.run import run
-from epmq.solvers import EPMQ, GPTQ, Solution
-from epmq.stats import LayerStatistics
+from epmq.core.solvers import EPMQ, GPTQ, Solution
+from epmq.core.stats import LayerStatistics
 from epmq.suites.flan_t5 import FlanT5Suite
 from epmq.text_eval import parse_number
 from helpers.t5_glue_zoo import build_zoo
@@ -208,7 +208,7 @@ class Recording:
 
 
 def _unchanged(W):
-    from epmq.gptq import QuantResult
+    from epmq.core.gptq import QuantResult
 
     z = torch.zeros(W.shape[0], 1)
     return QuantResult(W.detach().clone(), torch.zeros_like(W, dtype=torch.uint8), z + 1, z,

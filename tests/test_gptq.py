@@ -1,12 +1,12 @@
-"""GPTQ and round-to-nearest (epmq/gptq.py) on small random correlated problems."""
+"""GPTQ and round-to-nearest (epmq/core/gptq.py) on small random correlated problems."""
 
 import logging
 
 import pytest
 import torch
 
-from epmq.gptq import QuantResult, gptq, layer_loss, rtn
-from epmq.quant import QuantSpec, dequantize, find_params, quantize
+from epmq.core.gptq import QuantResult, gptq, layer_loss, rtn
+from epmq.core.quant import QuantSpec, dequantize, find_params, quantize
 
 
 def problem(seed, out=24, inp=96, n=400, rank=None):
@@ -166,7 +166,7 @@ def test_cholesky_failure_raises_damping_with_a_warning(caplog):
     evals, evecs = torch.linalg.eigh(H.double())
     evals[0] = -0.05 * torch.diag(H).mean()  # indefinite: 1% damping cannot fix it, 10% can
     H_bad = (evecs @ torch.diag(evals) @ evecs.t()).float()
-    with caplog.at_level(logging.WARNING, logger="epmq.gptq"):
+    with caplog.at_level(logging.WARNING, logger="epmq.core.gptq"):
         res = gptq(W, H_bad, QuantSpec(bits=4, group_size=32))
     assert any("raising damp" in r.getMessage() for r in caplog.records)
     assert res.damp == pytest.approx(0.1 * torch.diag(H_bad).mean().item(), rel=1e-5)
@@ -177,7 +177,7 @@ def test_cholesky_failure_raises_damping_with_a_warning(caplog):
 
 def test_well_posed_problem_logs_nothing(caplog):
     W, H = problem(10)
-    with caplog.at_level(logging.WARNING, logger="epmq.gptq"):
+    with caplog.at_level(logging.WARNING, logger="epmq.core.gptq"):
         gptq(W, H, QuantSpec())
     assert not caplog.records
 

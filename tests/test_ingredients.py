@@ -1,4 +1,4 @@
-"""E-PMQ's calibration ingredients (epmq.solvers.EPMQ: normalize, interp, extrapolate, calibrate_bias,
+"""E-PMQ's calibration ingredients (epmq.core.solvers.EPMQ: normalize, interp, extrapolate, calibrate_bias,
 calibrate_norms).
 
 Solver level on random float64 layers, each property against a brute-force computation from the raw
@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from conftest import SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibration_set, load_state, trainer_for
-from epmq.anchor import relaxed_target
+from epmq.core.anchor import relaxed_target
 from epmq.checkpoint import StepStore
-from epmq.gptq import gptq
+from epmq.core.gptq import gptq
 from epmq.module import BlockwiseCalibration
 from epmq.pool import ExpertPool
-from epmq.solvers import EPMQ, LayerwiseEPMQ, RelaxedEPMQ
-from epmq.stats import LayerStatistics
+from epmq.core.solvers import EPMQ, LayerwiseEPMQ, RelaxedEPMQ
+from epmq.core.stats import LayerStatistics
 
 LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 QKV = LAYERS[:3]
@@ -476,7 +476,7 @@ def test_extrapolated_relaxed_anchor_at_inf_is_the_scaled_task_vector_in_every_l
             assert relative(linear.weight, m.weight) > 1e-3, key
 
 
-# -- calibrate_norms (epmq.norm_affine) on the tiny CLIP zoo ---------------------------------------------
+# -- calibrate_norms (epmq.core.norm_affine) on the tiny CLIP zoo ---------------------------------------------
 
 NORMS = ("layer_norm1", "layer_norm2")
 
@@ -506,7 +506,7 @@ def test_calibrated_norms_of_block_0_are_the_anchored_fit_to_each_samples_expert
     """Block 0, λ = 1: each LayerNorm's (γ, β) is solve_norm_affine of its merged inputs (hooks on the merged
     model: block 0 reads the merged model's own inputs, and its norms come before any rounding there) and of
     each sample's own expert's norm output on the expert's path, tokens weighted w_t / n_t."""
-    from epmq.norm_affine import NormStatistics, solve_norm_affine
+    from epmq.core.norm_affine import NormStatistics, solve_norm_affine
 
     module = fit(zoo["merged"], EPMQ(strength=1.0, calibrate_norms=True, **SPEC_ARGS), data, pool)
     merged = load_state(zoo["merged"])

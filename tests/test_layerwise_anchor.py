@@ -16,8 +16,8 @@ import torch
 from conftest import make_cfg
 from epmq.pipeline import solvers
 from epmq.run import run
-from epmq.solvers import LayerwiseEPMQ
-from epmq.stats import FoldedStatistics, LayerStatistics
+from epmq.core.solvers import LayerwiseEPMQ
+from epmq.core.stats import FoldedStatistics, LayerStatistics
 
 IN, OUT = 24, 8
 SPEC = dict(bits=3, group_size=-1)

@@ -4,7 +4,7 @@ from collections.abc import Mapping
 import pytest
 import torch
 
-from epmq.merge import (SimpleAverage, TaskArithmetic, TiesMerging, _kth_smallest, check_experts,
+from epmq.core.merge import (SimpleAverage, TaskArithmetic, TiesMerging, _kth_smallest, check_experts,
                         simple_average, task_arithmetic, ties_merging)
 
 

@@ -13,11 +13,11 @@ from callbacks.block_metrics import BlockMetrics, BlockProgressBar
 from callbacks.expert_cache import ExpertActivationCache
 from conftest import (SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibrate, calibration_set, load_state,
                       solver, trainer_for)
-from epmq.anchor import relaxed_target
-from epmq.gptq import gptq
+from epmq.core.anchor import relaxed_target
+from epmq.core.gptq import gptq
 from epmq.module import BlockwiseCalibration
 from epmq.pool import ExpertPool
-from epmq.stats import LayerStatistics
+from epmq.core.stats import LayerStatistics
 
 LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
           "mlp.fc1", "mlp.fc2")
@@ -367,7 +367,7 @@ def test_the_fp_calibrated_merge_writes_the_unrounded_targets(zoo, data, pool):
     """RelaxedEPMQ runs E-PMQ's calibration and writes W* itself: at the first block (whose inputs
     are the merged model's own in both runs) its weights are E-PMQ's targets, not grid values, and
     the engine keeps no codes for it."""
-    from epmq.solvers import RelaxedEPMQ
+    from epmq.core.solvers import RelaxedEPMQ
 
     seen = {}
 

@@ -1,4 +1,4 @@
-"""epmq.norm_affine: the per-channel sums of a LayerNorm's normalised input and targets, and the anchored
+"""epmq.core.norm_affine: the per-channel sums of a LayerNorm's normalised input and targets, and the anchored
 least-squares (γ, β) solved from them, each checked against a brute-force computation from the raw rows
 (float64): weighted sums of F.layer_norm, per-channel torch.linalg.lstsq of the stacked objective.
 """
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from epmq.norm_affine import NormStatistics, solve_norm_affine
-from epmq.solvers import EPMQ, LayerwiseEPMQ
+from epmq.core.norm_affine import NormStatistics, solve_norm_affine
+from epmq.core.solvers import EPMQ, LayerwiseEPMQ
 
 FEATURES = 12
 EPS = 1e-5

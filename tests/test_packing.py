@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epmq.gptq import gptq, rtn
+from epmq.core.gptq import gptq, rtn
 from epmq.packing import (dequantize_layer, pack_bits, pack_cols, pack_layer, pack_rows, pack_zeros, packed_length,
                           unpack_bits, unpack_cols, unpack_layer, unpack_rows, unpack_zeros)
-from epmq.quant import QuantSpec
+from epmq.core.quant import QuantSpec
 
 ODD = [(1, 1), (7, 3), (31, 5), (33, 2), (100, 17), (64, 64)]
 

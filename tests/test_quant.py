@@ -1,11 +1,11 @@
-"""Min-max grids and QuantSpec validation (epmq/quant.py)."""
+"""Min-max grids and QuantSpec validation (epmq/core/quant.py)."""
 
 import dataclasses
 
 import pytest
 import torch
 
-from epmq.quant import QuantSpec, dequantize, find_params, grid_params, group_params, quantize
+from epmq.core.quant import QuantSpec, dequantize, find_params, grid_params, group_params, quantize
 
 
 def test_quantspec_defaults_and_maxq():

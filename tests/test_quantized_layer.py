@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epmq.gptq import gptq, rtn
+from epmq.core.gptq import gptq, rtn
 from epmq.packing import pack_rows, packed_length
-from epmq.quant import QuantSpec
+from epmq.core.quant import QuantSpec
 from epmq.quantized_layer import QuantizedLayer
 
 SPECS = {

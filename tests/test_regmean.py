@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from epmq.merge import simple_average
-from epmq.regmean import gram_matrices, reduce_non_diagonal, regmean
+from epmq.core.merge import simple_average
+from epmq.core.regmean import gram_matrices, reduce_non_diagonal, regmean
 
 OUT, IN = 5, 7
 KEY = "layer.weight"
@@ -113,7 +113,7 @@ def test_dead_input_column_is_ridged_toward_the_mean(caplog):
     for X in Xs:
         X[:, 3] = 0  # feature 3 never fires on any task
     Gs = [gram(X) for X in Xs]
-    with caplog.at_level("WARNING", logger="epmq.regmean"):
+    with caplog.at_level("WARNING", logger="epmq.core.regmean"):
         merged = regmean(*pool(Ws, Gs), alpha=1.0)[KEY]
     assert "singular" in caplog.text
     assert torch.isfinite(merged).all()

@@ -19,7 +19,7 @@ from conftest import ROOT, make_cfg, trainer_for
 from epmq.checkpoint import StepStore
 from epmq.module import BlockwiseCalibration
 from epmq.run import run
-from epmq.solvers import GPTQ
+from epmq.core.solvers import GPTQ
 from helpers.families import FAMILIES, TASKS, loader
 
 OPTIONS = ["quant.strength=1.0", "quant.form=output", "calibration.true_sequential=true", "data.calib_samples=12",

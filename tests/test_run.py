@@ -65,7 +65,7 @@ def test_epmq_run_writes_report_model_table_and_csv_metrics(tmp_path, zoo_cache,
         assert accs["avg"] == pytest.approx(sum(accs[t] for t in tasks) / len(tasks))
     assert on_disk["quant"]["strength"] == 1.0 and on_disk["selection"] == []
     assert [b["block"] for b in on_disk["calibration"]] == ["block_0", "block_1"]  # the micro tower's two blocks
-    assert on_disk["config"]["quant"]["_target_"] == "epmq.solvers.EPMQ"
+    assert on_disk["config"]["quant"]["_target_"] == "epmq.core.solvers.EPMQ"
     assert len(on_disk["suite"]["weights_sha256"]) == 64
 
     # the saved model: the GPTQ layout (tests/test_export.py checks it in depth), 4-bit layers < 0.3x float32
@@ -152,7 +152,7 @@ def test_wandb_offline_run_records_config_test_and_step_metrics(tmp_path, zoo_ca
     assert history["calib/block_1/mlp.fc2/anchor_shift"] == pytest.approx(
         report["calibration"][1]["layers"]["mlp.fc2"]["anchor_shift"])
     config = wandb_config(runs[0])
-    assert config["quant"]["_target_"] == "epmq.solvers.EPMQ" and config["quant"]["strength"] == 1.0
+    assert config["quant"]["_target_"] == "epmq.core.solvers.EPMQ" and config["quant"]["strength"] == 1.0
 
 
 def test_a_merged_model_brought_by_the_user_runs_end_to_end(tmp_path, zoo_cache):
@@ -173,4 +173,4 @@ def test_a_merged_model_brought_by_the_user_runs_end_to_end(tmp_path, zoo_cache)
 def test_train_py_prints_the_job_config():
     out = subprocess.run([sys.executable, "train.py", "--cfg", "job", "quant=gptq", "quant.bits=3"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert "_target_: epmq.solvers.GPTQ" in out and "bits: 3" in out
+    assert "_target_: epmq.core.solvers.GPTQ" in out and "bits: 3" in out

@@ -16,10 +16,10 @@ import torch
 
 from conftest import SPEC_ARGS, trainer_for
 from epmq.adapters import CLIPVisionAdapter
-from epmq.merge import task_arithmetic
+from epmq.core.merge import task_arithmetic
 from epmq.module import BlockwiseCalibration
 from epmq.pool import ExpertPool
-from epmq.solvers import EPMQ, GPTQ
+from epmq.core.solvers import EPMQ, GPTQ
 from helpers.families import FAMILIES, TASKS, loader
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from epmq.stats import LayerStatistics
+from epmq.core.stats import LayerStatistics
 
 
 def reference(batches):

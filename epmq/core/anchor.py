@@ -1,6 +1,6 @@
 """Merged-weight anchoring: the continuous E-PMQ target W* that GPTQ then rounds.
 
-Per linear layer, with H = Σ w X̂ᵀX̂ (in x in) and C = Σ w ỸᵀX̂ (out x in) from epmq.stats and
+Per linear layer, with H = Σ w X̂ᵀX̂ (in x in) and C = Σ w ỸᵀX̂ (out x in) from epmq.core.stats and
 the merged weight W_m (out x in), E-PMQ minimises over the quantization grid
 
     f(Q) = Σ w ‖X̂ Qᵀ − Ỹ‖²  +  λ Σ w ‖X̂ (Q − W_m)ᵀ‖²  +  δ ‖Q − W_m‖²_F

@@ -14,14 +14,14 @@ drift over millions of tokens is the running sum, and that is kept in float64, s
 batches (and the DDP all-reduce of the buffers) agree to about 1e-12 relative rather than 1e-6.
 A consequence worth knowing: a float32 product is positive semi-definite only up to float32
 rounding, so H may have eigenvalues slightly below zero in directions the data does not reach;
-epmq.anchor symmetrises H and damps it before solving.
+epmq.core.anchor symmetrises H and damps it before solving.
 """
 
 from __future__ import annotations
 
 import torch
 
-from epmq.precision import exact_products
+from epmq.core.precision import exact_products
 
 
 class LayerStatistics:
@@ -34,7 +34,7 @@ class LayerStatistics:
             another device are multiplied there and the (in x in) product moved here.
         dtype: dtype of the running sums, float64 by default.
         residual: the Y given to `add` are residuals Ỹ − X̂W_mᵀ (targets minus the merged layer's
-            own outputs), so that C holds R = C − W_m H (epmq.anchor.relaxed_target(residual=True)).
+            own outputs), so that C holds R = C − W_m H (epmq.core.anchor.relaxed_target(residual=True)).
         share_H_with: another layer's statistics whose H this one uses (layers that read the same
             input tensor, such as q/k/v: one H, accumulated once). H is then that object's buffer,
             added to only when `add(..., with_H=True)` is called on either of them.

@@ -23,7 +23,7 @@ squared input j. Every W above minimises Σ_t tr((W − W_t) G̃_t (W − W_t)�
 
 Only the weights of linear layers whose Grams were collected are merged this way; every other
 floating entry (biases, layer norms, embeddings) is the simple average of the experts, and integer
-buffers are copied from the base (epmq.merge.simple_average).
+buffers are copied from the base (epmq.core.merge.simple_average).
 
 Singular systems. Σ_t G̃_t is positive semi-definite; it is singular when an input feature is zero on
 every task (a dead column) or, at alpha = 1, when the tasks together have fewer tokens than inputs.
@@ -43,7 +43,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from epmq.merge import check_experts, simple_average
+from epmq.core.merge import check_experts, simple_average
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Block forwards may run under autocast (Trainer(precision="bf16-mixed" or "16-mix
 CUDA, with TF32 matrix products (calibration.tf32); both round the hidden states and the layer
 outputs to about 8-10 significant bits. The statistics GPTQ and E-PMQ solve with (H = Σ w X̂ᵀX̂,
 the cross term) are always multiplied from float32 copies with autocast and TF32 off
-(`exact_products`) and summed in float64 (epmq.stats): a faster forward changes the inputs those
+(`exact_products`) and summed in float64 (epmq.core.stats): a faster forward changes the inputs those
 sums see, not the sums.
 """
 

@@ -5,7 +5,7 @@ experts' targets when the solver asks for them) and hands them to `solver.solve(
 
     RTN    round W_m to the nearest point of its grids; needs no data
     GPTQ   GPTQ of W_m under H (the merged model's own outputs are the targets)
-    EPMQ   GPTQ of W* = relaxed_target(H, C, W_m, λ, form) under H (epmq.anchor): the experts
+    EPMQ   GPTQ of W* = relaxed_target(H, C, W_m, λ, form) under H (epmq.core.anchor): the experts
            supply the targets and the merged weights anchor the solution; λ = inf is GPTQ exactly
 
 Each returns a Solution: the QuantResult (codes, grids, dequantized weight) and a few numbers per
@@ -24,7 +24,7 @@ E-PMQ's calibration ingredients beyond the paper (FeatCal-style, DESIGN §1; eac
     calibrate_bias  after rounding, the bias is solved in closed form for the rounded Q (the same
                     anchored objective, the bias a free parameter): it takes up the mean of the error
     calibrate_norms the block's LayerNorms' γ, β fitted channel by channel to the experts' norm outputs
-                    (epmq.norm_affine), anchored the same way; they stay in float
+                    (epmq.core.norm_affine), anchored the same way; they stay in float
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from epmq.anchor import FORMS, relaxed_target, rounding_hessian
-from epmq.gptq import QuantResult, gptq, rtn
-from epmq.norm_affine import NormStatistics, solve_norm_affine
-from epmq.quant import QuantSpec
-from epmq.stats import LayerStatistics
+from epmq.core.anchor import FORMS, relaxed_target, rounding_hessian
+from epmq.core.gptq import QuantResult, gptq, rtn
+from epmq.core.norm_affine import NormStatistics, solve_norm_affine
+from epmq.core.quant import QuantSpec
+from epmq.core.stats import LayerStatistics
 
 
 INGREDIENTS = ("normalize", "interp", "extrapolate", "calibrate_bias", "calibrate_norms")  # EPMQ's options beyond the paper's
@@ -54,7 +54,7 @@ class Solution:
 
 
 class RTN:
-    """Round-to-nearest on min-max grids (epmq.quant); no calibration data.
+    """Round-to-nearest on min-max grids (epmq.core.quant); no calibration data.
 
     Args: the QuantSpec fields (bits, group_size, sym, ...); act_order, static_groups, percdamp
     and blocksize are accepted for a uniform config and play no role.
@@ -82,7 +82,7 @@ class RTN:
 
 
 class GPTQ(RTN):
-    """GPTQ of the merged weights under H = Σ_t w_t X̂_tᵀX̂_t / n_t (epmq.gptq)."""
+    """GPTQ of the merged weights under H = Σ_t w_t X̂_tᵀX̂_t / n_t (epmq.core.gptq)."""
 
     name = "gptq"
     needs_statistics = True
@@ -106,7 +106,7 @@ class GPTQ(RTN):
 
 
 class EPMQ(GPTQ):
-    """E-PMQ: GPTQ of the anchored expert-guided target W* (DESIGN §1, epmq.anchor).
+    """E-PMQ: GPTQ of the anchored expert-guided target W* (DESIGN §1, epmq.core.anchor).
 
     Args:
         strength: anchor strength λ >= 0 (output form) or λ' (weight form); inf (or "inf") is plain
@@ -190,7 +190,7 @@ class EPMQ(GPTQ):
 
     def norm_affine(self, stats: NormStatistics, gamma_m: torch.Tensor, beta_m: torch.Tensor,
                     base=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A LayerNorm's new (γ, β), each (features,), from its statistics (epmq.norm_affine), anchored at the
+        """A LayerNorm's new (γ, β), each (features,), from its statistics (epmq.core.norm_affine), anchored at the
         merged (γ_m, β_m) or, with extrapolate ρ, at base + ρ (merged − base); base: (γ_0, β_0) or None."""
         gamma_0, beta_0 = (None, None) if base is None else base
         return solve_norm_affine(stats, self.anchor(gamma_m, gamma_0), self.anchor(beta_m, beta_0), self.strength,
@@ -295,7 +295,7 @@ class ChosenEPMQ(EPMQ):
 class LayerwiseEPMQ(ChosenEPMQ):
     """E-PMQ whose anchor strength is chosen per layer, in the same pass, by K-fold cross-validation.
 
-    The engine gathers the layer's statistics in K folds of samples (epmq.stats.FoldedStatistics).
+    The engine gathers the layer's statistics in K folds of samples (epmq.core.stats.FoldedStatistics).
     For every candidate λ and fold k, W*(λ) is fitted on the other folds and rounded by GPTQ under
     their H; its error on fold k against the experts' targets,
 

@@ -30,7 +30,7 @@ import logging
 
 import torch
 
-from epmq.quant import QuantSpec, dequantize, find_params, group_params, quantize
+from epmq.core.quant import QuantSpec, dequantize, find_params, group_params, quantize
 
 log = logging.getLogger(__name__)
 
