@@ -76,7 +76,7 @@ def cases(worlds: Path) -> dict[str, list[str]]:
                             "compare.methods=[rtn,gptq,regmean_gptq,epmq,epmq_layer,epmq_block]",
                             "compare.ablation.strength=[0.0,1.0,.inf]", "compare.ablation.form=[output]",
                             "quant.candidates.strength=[0.0,1.0,.inf]",
-                            "compare.ingredients={bias: {calibrate_bias: true}}"],
+                            "~compare.ingredients", "+compare.ingredients={bias: {calibrate_bias: true}}"],
         "t5_epmq_auto": [*t5(worlds), "quant.candidates.strength=[0.0,1.0,.inf]"],
         "t5_gptq": [*t5(worlds), "quant=gptq"],
         "llama_epmq_fixed": [*llama(worlds), *FIXED],
@@ -197,7 +197,7 @@ def main() -> None:
     run = sub.add_parser("run", help="run every case and write their digests")
     run.add_argument("out", type=Path)
     run.add_argument("--worlds", type=Path, required=True, help="where the tiny worlds and the runs live (kept)")
-    run.add_argument("--only", nargs="*", help="case names (default: all)")
+    run.add_argument("--only", nargs="*", help="case names (default: all); added to the cases already in OUT")
     cmp = sub.add_parser("compare", help="compare two digest files")
     cmp.add_argument("a", type=Path)
     cmp.add_argument("b", type=Path)
@@ -212,10 +212,12 @@ def main() -> None:
     unknown = sorted(set(args.only or []) - set(chosen))
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; cases: {sorted(chosen)}")
-    results = {name: run_case(name, overrides, worlds) for name, overrides in chosen.items()
-               if not args.only or name in args.only}
-    args.out.write_text(json.dumps(results, indent=1, default=str))
-    print(f"{len(results)} cases written to {args.out}")
+    results = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}  # --only adds to a file
+    for name, overrides in chosen.items():
+        if not args.only or name in args.only:
+            results[name] = run_case(name, overrides, worlds)
+            args.out.write_text(json.dumps(results, indent=1, default=str))  # each case as soon as it is done
+    print(f"{len(results)} cases in {args.out}")
 
 
 if __name__ == "__main__":
