@@ -187,7 +187,7 @@ def calibration_batches(args, T: int):
 
 def expert_pool(experts_dir: Path, T: int):
     """The ExpertPool of the first T experts under experts_dir (base/ beside it)."""
-    from epmq.pool import ExpertPool
+    from epmq.io.pool import ExpertPool
 
     return ExpertPool(experts_dir.parent / "base", {task_name(k): experts_dir / task_name(k) for k in range(T)})
 

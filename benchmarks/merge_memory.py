@@ -124,7 +124,7 @@ def measure(args) -> dict:
 
     import torch
 
-    from epmq.pool import ExpertPool
+    from epmq.io.pool import ExpertPool
 
     torch.set_num_threads(args.threads)
     root = Path(args.root)

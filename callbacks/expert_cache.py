@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from epmq.capture import BlockInputs, Trace, hookless_copy, run_block, walk_to
-from epmq.fingerprint import loader_fingerprint
-from epmq.pool import ExpertPool, match_prefix
+from epmq.io.fingerprint import loader_fingerprint
+from epmq.io.pool import ExpertPool, match_prefix
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class ExpertActivationCache(L.Callback):
     """Expert targets for BlockwiseCalibration when its solver needs them (E-PMQ).
 
     Args:
-        pool: epmq.pool.ExpertPool holding an expert for every task in the module's task_names.
+        pool: epmq.io.pool.ExpertPool holding an expert for every task in the module's task_names.
         keep: record every step's targets and replay them in later fits on the same batches.
         keep_budget_gb: the most the recording may hold (GiB); beyond it nothing is kept.
         keep_device: where the recording lives ("cpu" keeps it off the accelerator; each batch's
@@ -62,7 +62,7 @@ class ExpertActivationCache(L.Callback):
     def __init__(self, pool: ExpertPool, keep: bool = False, keep_budget_gb: float = 0.5,
                  keep_device: str | torch.device | None = None):
         if not isinstance(pool, ExpertPool):
-            raise ValueError(f"pool must be an epmq.pool.ExpertPool, got {type(pool).__name__}")
+            raise ValueError(f"pool must be an epmq.io.pool.ExpertPool, got {type(pool).__name__}")
         if not keep_budget_gb >= 0:
             raise ValueError(f"keep_budget_gb must be >= 0, got {keep_budget_gb!r}")
         self.pool = pool

@@ -1,7 +1,7 @@
 """StepCheckpoint: save every finished calibration step, so that a killed run can resume.
 
 After each fit epoch (one schedule step, solved in the epoch's last batch) rank 0 appends the step
-to an epmq.checkpoint.StepStore in the run folder: the step's codes and grids, then the progress
+to an epmq.io.step_store.StepStore in the run folder: the step's codes and grids, then the progress
 file that lists it, each written atomically. `python train.py ... resume=<run folder>` reloads
 them and continues after the last finished step (epmq.module.BlockwiseCalibration(resume=...)).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from epmq.checkpoint import StepStore
+from epmq.io.step_store import StepStore
 
 
 class StepCheckpoint(L.Callback):

@@ -12,7 +12,7 @@ def __getattr__(name: str):
     # `from epmq import load_quantized` without importing torch and transformers at `import epmq`
     # (train.py imports the package before Hydra starts)
     if name == "load_quantized":
-        from epmq.load import load_quantized
+        from epmq.io.load import load_quantized
 
         return load_quantized
     raise AttributeError(f"module 'epmq' has no attribute {name!r}")

@@ -64,7 +64,7 @@ def load_glue(task: str, data: str | Path = DEFAULT_DATA) -> DatasetDict:
             raise ValueError(f"no saved dataset for task {task!r} under {root} (looked for {task}/ and "
                              f"data/{task}/ with dataset_dict.json); available: {available}")
         return load_from_disk(str(path))
-    from epmq.hub import load_dataset  # refused within seconds, naming the id, when the hub does not answer
+    from epmq.io.hub import load_dataset  # refused within seconds, naming the id, when the hub does not answer
 
     data = str(data)
     if "{task}" in data:

@@ -44,11 +44,11 @@ from torch import nn
 from callbacks.expert_cache import ExpertActivationCache
 from epmq.adapters import ModelAdapter, adapter_for
 from epmq.capture import BlockInputs, Trace, replaying_recorded, run_block, walk_to
-from epmq.fingerprint import loader_fingerprint
+from epmq.io.fingerprint import loader_fingerprint
 from epmq.core.norm_affine import NormStatistics
-from epmq.pool import ExpertPool
+from epmq.io.pool import ExpertPool
 from epmq.core.precision import tf32
-from epmq.quantized_layer import QuantizedLayer
+from epmq.io.quantized_layer import QuantizedLayer
 from epmq.schedule import Step, build_schedule
 from epmq.core.stats import FoldedStatistics, LayerStatistics
 
@@ -77,7 +77,7 @@ class BlockwiseCalibration(L.LightningModule):
         model: the merged model (e.g. a transformers CLIPVisionModel); quantized in place.
         solver: an epmq.core.solvers object (chosen by `_target_` in conf/quant).
         task_names: the tasks; a batch's "task" entry indexes into this list.
-        experts: an epmq.pool.ExpertPool, or an ExpertActivationCache to share between fits
+        experts: an epmq.io.pool.ExpertPool, or an ExpertActivationCache to share between fits
             (keep=True); needed when the solver needs expert targets.
         adapter: the family's ModelAdapter; None picks one from the model class.
         task_weights: w_t per task (mapping name -> w, or a sequence in task order); default 1 each.
@@ -95,7 +95,7 @@ class BlockwiseCalibration(L.LightningModule):
         tf32: allow TF32 products in block forwards (CUDA). Mixed precision is the trainer's
             (Trainer(precision="bf16-mixed")): it covers the merged and the experts' forwards alike.
             Statistics are multiplied in float32 without either (epmq.core.precision).
-        resume: steps finished by an interrupted run (epmq.checkpoint), in schedule order.
+        resume: steps finished by an interrupted run (epmq.io.step_store), in schedule order.
         selection: for a solver that chooses each step's anchor on held-out samples (BlockChoiceEPMQ):
             selection(device) -> the task heads' mean loss on the selection samples (nats) of this model as
             it stands, its forwards on `device`.

@@ -29,10 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks.block_metrics import BlockMetrics
 from callbacks.expert_cache import ExpertActivationCache
 from callbacks.resume import StepCheckpoint
-from epmq.checkpoint import StepStore, describe_changes
-from epmq.fingerprint import run_fingerprint
+from epmq.io.step_store import StepStore, describe_changes
+from epmq.io.fingerprint import run_fingerprint
 from epmq.module import BlockwiseCalibration
-from epmq.pool import ExpertPool
+from epmq.io.pool import ExpertPool
 from epmq.report import write_json_atomic
 from epmq.core.solvers import parse_strength
 from epmq.tracking import close_logger

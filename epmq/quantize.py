@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from callbacks.block_metrics import peak_memory_mb
-from epmq.export import check_exportable, checkpoint_size, save_quantized
+from epmq.io.export import check_exportable, checkpoint_size, save_quantized
 from epmq.pipeline import (calibrate, calibration_record, candidate_label, claim_run_folder, evaluate,
                            evaluate_experts, logging_to, prepare, quiet_lightning, resolved_config, run_folder_store,
                            select_scores, selection_key, solvers, target_cache)

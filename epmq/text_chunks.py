@@ -39,7 +39,7 @@ def load_text_dataset(source: str, split_names: Sequence[str]) -> DatasetDict:
     elif str(source).startswith(("/", ".", "~")):
         raise ValueError(f"dataset folder {source!r} does not exist")
     else:
-        from epmq.hub import load_dataset  # fails within seconds, naming the id, when the hub does not answer
+        from epmq.io.hub import load_dataset  # fails within seconds, naming the id, when the hub does not answer
 
         name, _, config = str(source).partition(":")
         data = load_dataset(name, config or None, what="suite.datasets")

@@ -18,7 +18,7 @@ from epmq.adapters import adapter_for
 from epmq.capture import replaying_recorded
 from epmq.module import BlockwiseCalibration
 from epmq.pipeline import evaluate, prepare, selection_loss, solvers
-from epmq.pool import ExpertPool
+from epmq.io.pool import ExpertPool
 from epmq.run import run
 from epmq.core.solvers import EPMQ, BlockChoiceEPMQ
 

@@ -19,7 +19,7 @@ from conftest import trainer_for
 from epmq.core.gptq import QuantResult
 from epmq.core.merge import task_arithmetic
 from epmq.module import BlockwiseCalibration
-from epmq.pool import ExpertPool
+from epmq.io.pool import ExpertPool
 from epmq.core.quant import QuantSpec
 from epmq.core.solvers import GPTQ, Solution
 from helpers.families import FAMILIES, TASKS, loader, model_inputs

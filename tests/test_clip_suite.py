@@ -24,7 +24,7 @@ from helpers import clip_zoo
 from helpers import openclip_reference as ref
 from helpers.clip_zoo import CLASSES, TASKS
 from conftest import ROOT, make_cfg
-from epmq.pool import ExpertPool
+from epmq.io.pool import ExpertPool
 from epmq.run import run
 from epmq.core.stats import LayerStatistics
 from epmq.suites import clip as clip_suite

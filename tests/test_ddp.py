@@ -8,7 +8,7 @@ import torch
 
 from conftest import SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, trainer_for
 from epmq.module import BlockwiseCalibration
-from epmq.pool import ExpertPool
+from epmq.io.pool import ExpertPool
 from epmq.core.solvers import EPMQ
 
 

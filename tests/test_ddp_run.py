@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from epmq import load_quantized
-from epmq.load import QuantLinear
+from epmq.io.load import QuantLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Saved models in the GPTQ checkpoint layout (epmq.export) and their pure-torch loader (epmq.load).
+"""Saved models in the GPTQ checkpoint layout (epmq.io.export) and their pure-torch loader (epmq.io.load).
 
 Every family the engine calibrates (CLIP vision, T5, Llama) is saved and reloaded: the reloaded
 model holds exactly the codes, zeros and group indices, and computes what the in-memory quantized
@@ -23,12 +23,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForCondition
 
 from conftest import ROOT, make_cfg
 from epmq import load_quantized
-from epmq.export import checkpoint_size, save_quantized
+from epmq.io.export import checkpoint_size, save_quantized
 from epmq.core.gptq import gptq
-from epmq.load import QuantLinear
-from epmq.packing import pack_rows
+from epmq.io.load import QuantLinear
+from epmq.io.packing import pack_rows
 from epmq.core.quant import QuantSpec
-from epmq.quantized_layer import QuantizedLayer
+from epmq.io.quantized_layer import QuantizedLayer
 from helpers.families import FAMILIES, model_inputs
 
 
@@ -181,12 +181,12 @@ def test_shards_ties_and_atomic_replacement(tmp_path, monkeypatch):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
     # a save that fails leaves the previous folder whole and no temporary folder behind
-    import epmq.export
+    import epmq.io.export
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(epmq.export, "save_file", broken)
+    monkeypatch.setattr(epmq.io.export, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         save_quantized(model, results, out, spec)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"] and (out / "config.json").exists()
@@ -254,9 +254,9 @@ def test_bad_input_is_refused_with_a_message_naming_it(tmp_path, monkeypatch):
 
 
 def test_import_epmq_stays_light_and_exposes_load_quantized():
-    import epmq.load
+    import epmq.io.load
 
-    assert load_quantized is epmq.load.load_quantized  # `from epmq import load_quantized`, at the top
+    assert load_quantized is epmq.io.load.load_quantized  # `from epmq import load_quantized`, at the top
     code = "import sys, epmq; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
 
@@ -317,7 +317,7 @@ def export_llama(folder, spec, fmt):
 
 
 def reference_weight(tensors: dict, layer: str, qc: dict, in_features: int, out_features: int) -> torch.Tensor:
-    """From the format's description, not from epmq.packing: qweight's column o, read as one
+    """From the format's description, not from epmq.io.packing: qweight's column o, read as one
     little-endian bit stream (word r at bit 32r), holds input i's code at bit i*bits; qzeros' row g
     likewise holds output o's zero point; "gptq" zero points are stored minus one (GPTQModel adds
     0x...0101 to each word for 2/4/8 bits, and one to each field for 3 bits); scales fp16 [g, o]."""

@@ -17,10 +17,10 @@ import torch
 
 from conftest import SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibration_set, load_state, trainer_for
 from epmq.core.anchor import relaxed_target
-from epmq.checkpoint import StepStore
+from epmq.io.step_store import StepStore
 from epmq.core.gptq import gptq
 from epmq.module import BlockwiseCalibration
-from epmq.pool import ExpertPool
+from epmq.io.pool import ExpertPool
 from epmq.core.solvers import EPMQ, LayerwiseEPMQ, RelaxedEPMQ
 from epmq.core.stats import LayerStatistics
 

@@ -16,7 +16,7 @@ from conftest import (SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, c
 from epmq.core.anchor import relaxed_target
 from epmq.core.gptq import gptq
 from epmq.module import BlockwiseCalibration
-from epmq.pool import ExpertPool
+from epmq.io.pool import ExpertPool
 from epmq.core.stats import LayerStatistics
 
 LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",

@@ -11,7 +11,7 @@ from transformers import CLIPVisionModel
 
 from helpers import openclip_reference as ref
 from epmq import openclip
-from epmq.pool import ExpertPool
+from epmq.io.pool import ExpertPool
 from epmq.suites.clip import no_init_weights
 
 

@@ -1,4 +1,4 @@
-"""epmq.packing: pack then unpack returns exactly the codes, scales, zeros and g_idx (2, 3, 4 and 8
+"""epmq.io.packing: pack then unpack returns exactly the codes, scales, zeros and g_idx (2, 3, 4 and 8
 bits, grouped and per-row, act-order and static groups, odd shapes), and the words are the ones
 the GPTQ format describes, checked by hand-made examples and by a bit-stream reference written
 here from the format's description (not from the packer). pack_bits writes the same stream for
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from epmq.core.gptq import gptq, rtn
-from epmq.packing import (dequantize_layer, pack_bits, pack_cols, pack_layer, pack_rows, pack_zeros, packed_length,
+from epmq.io.packing import (dequantize_layer, pack_bits, pack_cols, pack_layer, pack_rows, pack_zeros, packed_length,
                           unpack_bits, unpack_cols, unpack_layer, unpack_rows, unpack_zeros)
 from epmq.core.quant import QuantSpec
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from conftest import TASKS, tiny_model
 from epmq.adapters import CLIPVisionAdapter
 from epmq.core.merge import SimpleAverage, TaskArithmetic, TiesMerging, check_experts
-from epmq.pool import ExpertPool, _Checkpoint, match_prefix
+from epmq.io.pool import ExpertPool, _Checkpoint, match_prefix
 
 
 class NotATensor:

@@ -1,4 +1,4 @@
-"""epmq.quantized_layer: a solved layer kept as packed codes and grids rebuilds the solver's codes and
+"""epmq.io.quantized_layer: a solved layer kept as packed codes and grids rebuilds the solver's codes and
 float32 weight bit for bit (2..8 bits, grouped, per-row, odd groups, act-order, static groups, RTN),
 takes the bytes its format says (about bits/8 + 5/group_size a weight), and damaged input is refused."""
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from epmq.core.gptq import gptq, rtn
-from epmq.packing import pack_rows, packed_length
+from epmq.io.packing import pack_rows, packed_length
 from epmq.core.quant import QuantSpec
-from epmq.quantized_layer import QuantizedLayer
+from epmq.io.quantized_layer import QuantizedLayer
 
 SPECS = {
     "grouped": dict(group_size=16),
@@ -49,7 +49,7 @@ def test_gptq_layers_come_back_bit_for_bit(name, bits):
     assert rec.shape == tuple(r.weight.shape) and rec.bits == bits
     assert rec.qweight.shape == (packed_length(rec.shape[1], bits), rec.shape[0])
     assert_same(rec, r)
-    if bits in (2, 3, 4, 8):  # the words are GPTQ's qweight, what epmq.export writes as it is
+    if bits in (2, 3, 4, 8):  # the words are GPTQ's qweight, what epmq.io.export writes as it is
         assert torch.equal(rec.qweight, pack_rows(r.qweight.t(), bits))
     # rebuilt from its own tensors (what a step file holds), it is the same layer
     assert_same(QuantizedLayer.from_tensors(rec.tensors(), bits, rec.loss, rec.damp), r)

@@ -1,6 +1,6 @@
 """A run killed with SIGKILL in the middle of calibration resumes where it stopped and ends with the
 weights of an uninterrupted run, bit for bit; a changed configuration is refused by name. The saved
-steps hold packed codes (epmq.quantized_layer), from which a resumed module rebuilds the weights and
+steps hold packed codes (epmq.io.quantized_layer), from which a resumed module rebuilds the weights and
 continues bit for bit; step files of the older unpacked format are refused by name."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, make_cfg, trainer_for
-from epmq.checkpoint import StepStore
+from epmq.io.step_store import StepStore
 from epmq.module import BlockwiseCalibration
 from epmq.run import run
 from epmq.core.solvers import GPTQ

@@ -18,7 +18,7 @@ from conftest import SPEC_ARGS, trainer_for
 from epmq.adapters import CLIPVisionAdapter
 from epmq.core.merge import task_arithmetic
 from epmq.module import BlockwiseCalibration
-from epmq.pool import ExpertPool
+from epmq.io.pool import ExpertPool
 from epmq.core.solvers import EPMQ, GPTQ
 from helpers.families import FAMILIES, TASKS, loader
 

@@ -32,7 +32,7 @@ method/simple_average.py, method/task_arithmetic, method/ties_merging/ties_mergi
 
 Lazy inputs: base and experts may be any Mapping name -> tensor. Every merge reads `sd[key]` only
 when it works on that key and drops it before the next key, so a lazy mapping that reads one
-tensor from disk per access (epmq.pool.LazyStateDict, from ExpertPool.lazy_expert / lazy_base;
+tensor from disk per access (epmq.io.pool.LazyStateDict, from ExpertPool.lazy_expert / lazy_base;
 ExpertPool.merge wires it) never has a whole expert in memory. A mapping that also offers
 `spec(key) -> (torch.Size, torch.dtype)` is checked from those headers: of its tensors the checks
 read only the non-floating ones (integer buffers, compared for equality). Simple average and task

@@ -3,7 +3,7 @@
 A suite is what a run's `suite:` config group instantiates (`_target_`). The jobs ask it:
 
     tasks                   the task names, in report order
-    base, experts, merged   model sources for epmq.pool.ExpertPool (folders, files or hub ids;
+    base, experts, merged   model sources for epmq.io.pool.ExpertPool (folders, files or hub ids;
                             merged: None unless the user brings a merged model)
     model(state_dict)       a model of the suite's family holding the given weights (what is calibrated)
     datamodule(**data)      the per-task data (calibration, selection, test loaders)

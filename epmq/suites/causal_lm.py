@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from epmq.perplexity import PerplexityEvaluator
-from epmq.pool import resolve_source
+from epmq.io.pool import resolve_source
 from epmq.text_chunks import TextWindowDataModule
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ evaluated zero-shot through the base's frozen text tower.
 
 Nothing is read or downloaded when the suite is made: the base is opened when the pool first asks
 for it (`suite.base`), so a config can be built and checked offline, and an unreachable hub id fails
-there within seconds (epmq.hub), naming the id.
+there within seconds (epmq.io.hub), naming the id.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from torch import nn
 
 from epmq.data import TaskDataModule
 from epmq.evaluate import TaskEvaluator
-from epmq.fingerprint import file_digest
+from epmq.io.fingerprint import file_digest
 from epmq.zeroshot import DEFAULT_TEMPLATES, PLACEHOLDER, HeadCache, ZeroShotClassifier, fingerprint, text_embeddings
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _is_hub_id(source: str) -> bool:
 
 
 def _folder_digest(folder: Path) -> str:
-    """sha256 over the names and digests (epmq.fingerprint.file_digest) of a model folder's files."""
+    """sha256 over the names and digests (epmq.io.fingerprint.file_digest) of a model folder's files."""
     h = hashlib.sha256()
     for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         h.update(f"{f.name}|{file_digest(f)}|".encode())
@@ -137,7 +137,7 @@ class DatasetSource:
     def _load(task: str, spec: dict):
         from datasets import Dataset, DatasetDict, load_from_disk
 
-        from epmq import hub
+        from epmq.io import hub
 
         path = str(spec["path"])
         what = f"suite.datasets ({task})"
@@ -269,7 +269,7 @@ class ClipSuite:
             return path
         if not _is_hub_id(self.base_source):
             raise ValueError(f"suite.base: '{self.base_source}' is neither a folder nor a hub id")
-        from epmq.hub import snapshot
+        from epmq.io.hub import snapshot
 
         folder = snapshot(self.base_source, allow_patterns=BASE_FILES, what="suite.base")
         if not any(folder.glob("*.safetensors")):  # an older repo with pickled torch weights only

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
 from epmq.glue import GLUE_TASKS, glue_task, templates_source
-from epmq.pool import resolve_source
+from epmq.io.pool import resolve_source
 from epmq.glue_data import DEFAULT_DATA, GlueDataModule
 from epmq.text_eval import TextToTextEvaluator
 

@@ -13,7 +13,7 @@ so n codes take packed_length(n, bits) words.
 
 pack_bits / unpack_bits write the same stream for every width in CODE_BITS (2..8): 5, 6 and 7 bits,
 which GPTQ loaders do not read, take `bits` words per 32 codes like 3 bits. epmq keeps its own
-quantized layers in this form (epmq.quantized_layer); pack_rows / unpack_rows are the GPTQ layout,
+quantized layers in this form (epmq.io.quantized_layer); pack_rows / unpack_rows are the GPTQ layout,
 2, 3, 4 and 8 bits only.
 
 One quantized linear layer (out x in, n_groups grids per row) in the GPTQ layout:
@@ -212,7 +212,7 @@ def pack_grids(scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, b
                checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
     """A layer's grids in the GPTQ layout: {"qzeros", "scales", "g_idx"} (CPU), from (out, n_groups)
     scales and integer zeros and the (in,) g_idx; pack_layer without the codes (for codes already in
-    qweight's layout, e.g. epmq.quantized_layer's). ValueError as pack_layer."""
+    qweight's layout, e.g. epmq.io.quantized_layer's). ValueError as pack_layer."""
     _check_bits(bits)
     if scales.shape != zeros.shape or scales.dim() != 2:
         raise ValueError(f"scales and zeros must both be (out, n_groups), "

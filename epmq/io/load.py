@@ -1,4 +1,4 @@
-"""Loading a GPTQ-layout checkpoint (epmq.export, or any GPTQ checkpoint of a family transformers
+"""Loading a GPTQ-layout checkpoint (epmq.io.export, or any GPTQ checkpoint of a family transformers
 builds) back into a model, in pure torch: no GPTQ kernel, no GPU.
 
     model = load_quantized("logs/.../quantized_model")   # a transformers model, in eval mode
@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from epmq.export import CONFIG_NAME, INDEX_NAME, QUANT_FIELDS, WEIGHTS_NAME
-from epmq.packing import BITS, CHECKPOINT_FORMATS, packed_length, unpack_rows, unpack_zeros
+from epmq.io.export import CONFIG_NAME, INDEX_NAME, QUANT_FIELDS, WEIGHTS_NAME
+from epmq.io.packing import BITS, CHECKPOINT_FORMATS, packed_length, unpack_rows, unpack_zeros
 
 
 class QuantLinear(nn.Module):
-    """A linear layer held in the GPTQ layout (epmq.packing); its weight is dequantized at each use.
+    """A linear layer held in the GPTQ layout (epmq.io.packing); its weight is dequantized at each use.
 
     Buffers: qweight int32 [packed_length(in), out], qzeros int32 [n_groups, packed_length(out)],
     scales [n_groups, out] (float16 in GPTQ checkpoints), g_idx int32 [in], bias [out] or None.
@@ -129,7 +129,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def checkpoint_folder(path: str | Path) -> Path:
     """The local folder of a checkpoint: `path` itself, or a hub id ("owner/name") fetched through
-    epmq.hub (the local cache when the hub does not answer). ValueError when it is neither."""
+    epmq.io.hub (the local cache when the hub does not answer). ValueError when it is neither."""
     folder = Path(path).expanduser()
     if folder.is_dir():
         return folder
@@ -137,7 +137,7 @@ def checkpoint_folder(path: str | Path) -> Path:
         raise ValueError(f"{folder} is a file; load_quantized reads a checkpoint folder (config.json, "
                          f"{WEIGHTS_NAME} or its shards)")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not str(path).startswith("."):  # looks like a hub id
-        from epmq.hub import snapshot
+        from epmq.io.hub import snapshot
 
         return snapshot(str(path), allow_patterns=["*.json", "*.safetensors"], what="load_quantized")
     raise ValueError(f"load_quantized: {folder} is no folder (nor a hub id 'owner/name')")

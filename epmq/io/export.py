@@ -10,10 +10,10 @@ The folder (written under a temporary name beside `out_dir`, then renamed, so it
     generation_config.json   when the model has one
     model.safetensors        or model-00001-of-0000N.safetensors ... + model.safetensors.index.json
 
-Every quantized linear L is stored as L.qweight, L.qzeros, L.scales, L.g_idx (epmq.packing) and
+Every quantized linear L is stored as L.qweight, L.qzeros, L.scales, L.g_idx (epmq.io.packing) and
 L.bias when it has one; every other tensor of the model's state dict as it is, in its float dtype.
 Tied tensors (one storage under several names) are stored once, under their first name.
-epmq.load.load_quantized rebuilds the model from the folder.
+epmq.io.load.load_quantized rebuilds the model from the folder.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from epmq import __version__
-from epmq.packing import BITS, check_format, pack_grids
-from epmq.quantized_layer import QuantizedLayer
+from epmq.io.packing import BITS, check_format, pack_grids
+from epmq.io.quantized_layer import QuantizedLayer
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def state_tensors(model: nn.Module, results: Mapping[str, QuantizedLayer], spec:
     desc_act = False
     packed: dict[str, dict[str, torch.Tensor]] = {}
     for name, r in results.items():
-        # the record's words are GPTQ's qweight already (epmq.packing.pack_bits = pack_rows for these bits)
+        # the record's words are GPTQ's qweight already (epmq.io.packing.pack_bits = pack_rows for these bits)
         layer = {"qweight": r.qweight, **pack_grids(r.scales, r.zeros, r.g_idx, bits, checkpoint_format)}
         if not torch.equal(layer["g_idx"], trivial_g_idx(r.shape[1], group_size)):
             desc_act = True

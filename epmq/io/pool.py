@@ -65,7 +65,7 @@ def resolve_source(source, what: str = "model source") -> Path:
     if path.exists():
         return path
     if isinstance(source, str) and _looks_like_hub_id(source):
-        from epmq.hub import snapshot  # fails within seconds, naming the id, when the hub does not answer
+        from epmq.io.hub import snapshot  # fails within seconds, naming the id, when the hub does not answer
 
         return snapshot(source, allow_patterns=["*.json", "*.safetensors", "*.bin"], what=what)
     raise ValueError(f"{what} '{source}' does not exist (not a file, folder or hub id)")

@@ -5,7 +5,7 @@ A StepStore is one folder per calibration (one anchor candidate, one comparison 
     progress.json             the run's fingerprint, the step format, and per finished step its index,
                               label, layers, per-layer metrics, bits, losses and damping, and the file
                               holding its codes
-    step_<index>.safetensors  per quantized layer L of the step, as epmq.quantized_layer keeps it:
+    step_<index>.safetensors  per quantized layer L of the step, as epmq.io.quantized_layer keeps it:
                               L.qweight (codes packed in int32 words), L.scales (float32), L.zeros
                               (uint8), L.g_idx (int32)
 
@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import load_file, save_file
 
 from epmq.module import FinishedStep
-from epmq.quantized_layer import FIELDS, OPTIONAL, QuantizedLayer
+from epmq.io.quantized_layer import FIELDS, OPTIONAL, QuantizedLayer
 from epmq.report import write_atomic, write_json_atomic
 
 PROGRESS = "progress.json"

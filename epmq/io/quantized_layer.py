@@ -4,7 +4,7 @@ The solver's QuantResult holds the dequantized weight in float32 beside the uint
 5 bytes a weight; calibration keeps every finished layer until the run ends (and saves it for
 resume), so a QuantizedLayer keeps only what the weight is made of:
 
-    qweight  int32   [packed_length(in, bits), out]  codes, packed along the input axis (epmq.packing
+    qweight  int32   [packed_length(in, bits), out]  codes, packed along the input axis (epmq.io.packing
                                                      pack_bits; for 2, 3, 4 and 8 bits this is GPTQ's qweight)
     scales   float32 [out, n_groups]                 grid steps, as the solver computed them
     zeros    uint8   [out, n_groups]                 zero points (integer codes of 0.0)
@@ -23,7 +23,7 @@ import dataclasses
 import torch
 
 from epmq.core.gptq import QuantResult
-from epmq.packing import CODE_BITS, check_code_bits, pack_bits, packed_length, unpack_bits
+from epmq.io.packing import CODE_BITS, check_code_bits, pack_bits, packed_length, unpack_bits
 from epmq.core.quant import dequantize
 
 FIELDS = ("qweight", "scales", "zeros", "g_idx")  # the tensors of every record, as files store them
