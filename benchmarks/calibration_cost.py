@@ -199,7 +199,7 @@ def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str, ca
     cache: an ExpertActivationCache to use instead (epmq-keep).
     """
     import lightning as L
-    from epmq.module import BlockwiseCalibration
+    from epmq.engine.calibration import BlockwiseCalibration
     from epmq.core.solvers import EPMQ, GPTQ, RTN
 
     tasks = [task_name(k) for k in range(T)]

@@ -11,7 +11,7 @@ batch. Per step of block i:
                     copy of the block (nothing is registered on the module); the copy is dropped
                     after the step's last batch holding task t. On the block's first step, X^e of
                     task t's samples from the stage's own forward
-                    (epmq.capture, earlier blocks replayed from their recorded outputs; at a stage's
+                    (epmq.engine.capture, earlier blocks replayed from their recorded outputs; at a stage's
                     block 0 and its end, with expert t's own stem weights); run expert t's block on
                     X^e: hooks on the step's layers give the targets; after the block's last step
                     its output is what the next block replays
@@ -41,7 +41,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from epmq.capture import BlockInputs, Trace, hookless_copy, run_block, walk_to
+from epmq.engine.capture import BlockInputs, Trace, hookless_copy, run_block, walk_to
 from epmq.io.fingerprint import loader_fingerprint
 from epmq.io.pool import ExpertPool, match_prefix
 

@@ -3,7 +3,7 @@
 After each fit epoch (one schedule step, solved in the epoch's last batch) rank 0 appends the step
 to an epmq.io.step_store.StepStore in the run folder: the step's codes and grids, then the progress
 file that lists it, each written atomically. `python train.py ... resume=<run folder>` reloads
-them and continues after the last finished step (epmq.module.BlockwiseCalibration(resume=...)).
+them and continues after the last finished step (epmq.engine.calibration.BlockwiseCalibration(resume=...)).
 """
 
 from __future__ import annotations

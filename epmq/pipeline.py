@@ -31,7 +31,7 @@ from callbacks.expert_cache import ExpertActivationCache
 from callbacks.resume import StepCheckpoint
 from epmq.io.step_store import StepStore, describe_changes
 from epmq.io.fingerprint import run_fingerprint
-from epmq.module import BlockwiseCalibration
+from epmq.engine.calibration import BlockwiseCalibration
 from epmq.io.pool import ExpertPool
 from epmq.report import write_json_atomic
 from epmq.core.solvers import parse_strength

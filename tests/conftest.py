@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from epmq.core.merge import task_arithmetic
-from epmq.module import BlockwiseCalibration
+from epmq.engine.calibration import BlockwiseCalibration
 from epmq.offline.zoo import build_zoo
 from epmq.io.pool import ExpertPool
 from epmq.core.quant import QuantSpec

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, make_cfg, tiny_model, trainer_for
-from epmq.adapters import adapter_for
-from epmq.capture import replaying_recorded
-from epmq.module import BlockwiseCalibration
+from epmq.engine.adapters import adapter_for
+from epmq.engine.capture import replaying_recorded
+from epmq.engine.calibration import BlockwiseCalibration
 from epmq.pipeline import evaluate, prepare, selection_loss, solvers
 from epmq.io.pool import ExpertPool
 from epmq.run import run

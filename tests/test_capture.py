@@ -18,7 +18,7 @@ import torch
 from conftest import trainer_for
 from epmq.core.gptq import QuantResult
 from epmq.core.merge import task_arithmetic
-from epmq.module import BlockwiseCalibration
+from epmq.engine.calibration import BlockwiseCalibration
 from epmq.io.pool import ExpertPool
 from epmq.core.quant import QuantSpec
 from epmq.core.solvers import GPTQ, Solution
@@ -129,7 +129,7 @@ def test_every_step_sees_the_models_own_layer_inputs_and_expert_outputs(name, tr
 def test_true_sequential_steps_see_earlier_steps_quantized_and_blocks_chain(monkeypatch):
     """Tiny Llama, GPTQ at 2 bits, true-sequential: step k's inputs are those of the block with the
     groups before k quantized, and the next block receives the quantized block's real output."""
-    import epmq.module
+    import epmq.engine.calibration
 
     family = FAMILIES["llama"]
     merged = family.base()
@@ -140,13 +140,13 @@ def test_true_sequential_steps_see_earlier_steps_quantized_and_blocks_chain(monk
     handles = record_layer_inputs(module.model, module.adapter, fed, lambda s, i, n: (i, n))
     blocks = list(module.adapter.blocks(module.model, module.stages[0]))
     block_inputs = {}  # block -> the hidden states of every call the engine makes of it
-    run_block = epmq.module.run_block
+    run_block = epmq.engine.calibration.run_block
 
     def recording_run_block(block, inputs):
         block_inputs.setdefault(blocks.index(block), []).append(inputs.hidden.clone())
         return run_block(block, inputs)
 
-    monkeypatch.setattr(epmq.module, "run_block", recording_run_block)
+    monkeypatch.setattr(epmq.engine.calibration, "run_block", recording_run_block)
     trainer_for(module, max_epochs=len(module.schedule)).fit(module, train_dataloaders=loader(batches))
     for h in handles:
         h.remove()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, trainer_for
-from epmq.module import BlockwiseCalibration
+from epmq.engine.calibration import BlockwiseCalibration
 from epmq.io.pool import ExpertPool
 from epmq.core.solvers import EPMQ
 

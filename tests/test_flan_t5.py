@@ -29,7 +29,7 @@ from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from conftest import ROOT, make_cfg, trainer_for
 from epmq.glue import GLUE_TASKS, glue_task
-from epmq.module import BlockwiseCalibration
+from epmq.engine.calibration import BlockwiseCalibration
 from epmq.pipeline import calibrate, prepare
 from epmq.core.quant import QuantSpec
 from epmq.run import run

@@ -19,7 +19,7 @@ from conftest import SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, ca
 from epmq.core.anchor import relaxed_target
 from epmq.io.step_store import StepStore
 from epmq.core.gptq import gptq
-from epmq.module import BlockwiseCalibration
+from epmq.engine.calibration import BlockwiseCalibration
 from epmq.io.pool import ExpertPool
 from epmq.core.solvers import EPMQ, LayerwiseEPMQ, RelaxedEPMQ
 from epmq.core.stats import LayerStatistics

@@ -15,7 +15,7 @@ from conftest import (SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, c
                       solver, trainer_for)
 from epmq.core.anchor import relaxed_target
 from epmq.core.gptq import gptq
-from epmq.module import BlockwiseCalibration
+from epmq.engine.calibration import BlockwiseCalibration
 from epmq.io.pool import ExpertPool
 from epmq.core.stats import LayerStatistics
 

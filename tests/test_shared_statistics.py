@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import SPEC_ARGS, trainer_for
-from epmq.adapters import CLIPVisionAdapter
+from epmq.engine.adapters import CLIPVisionAdapter
 from epmq.core.merge import task_arithmetic
-from epmq.module import BlockwiseCalibration
+from epmq.engine.calibration import BlockwiseCalibration
 from epmq.io.pool import ExpertPool
 from epmq.core.solvers import EPMQ, GPTQ
 from helpers.families import FAMILIES, TASKS, loader

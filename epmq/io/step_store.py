@@ -26,7 +26,7 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import load_file, save_file
 
-from epmq.module import FinishedStep
+from epmq.engine.calibration import FinishedStep
 from epmq.io.quantized_layer import FIELDS, OPTIONAL, QuantizedLayer
 from epmq.report import write_atomic, write_json_atomic
 

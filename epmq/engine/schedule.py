@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from epmq.adapters import ModelAdapter, Stage
+from epmq.engine.adapters import ModelAdapter, Stage
 
 
 @dataclass(frozen=True)

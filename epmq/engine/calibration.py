@@ -1,6 +1,6 @@
 """Step-wise calibration of a merged model as a LightningModule: one fit epoch = one schedule step.
 
-The schedule (epmq.schedule) lists stages, their blocks and each block's steps; a step is a group
+The schedule (epmq.engine.schedule) lists stages, their blocks and each block's steps; a step is a group
 of linear layers solved together. For step k of block i of stage s:
 
     setup("fit")        one pass over the calibration loader: each batch's task ids, the tokens n_t
@@ -8,7 +8,7 @@ of linear layers solved together. For step k of block i of stage s:
                         steps finished by an earlier run (resume) are written into the model
     epoch start         statistics for the step's layers (H, and C when the solver needs targets)
     training_step(b)    on a block's first step, capture block i's inputs X̂ for batch b from the
-                        stage's own forward (epmq.capture: earlier blocks replayed, never block 0's
+                        stage's own forward (epmq.engine.capture: earlier blocks replayed, never block 0's
                         arguments reused); run the block: hooks add H += w X̂ᵀX̂ and
                         C += w ỸᵀX̂ (Ỹ = Y_t − b_m, the experts' outputs from ExpertActivationCache),
                         w = w_t / n_t per real token, 0 on padding
@@ -42,14 +42,14 @@ import torch.distributed as dist
 from torch import nn
 
 from callbacks.expert_cache import ExpertActivationCache
-from epmq.adapters import ModelAdapter, adapter_for
-from epmq.capture import BlockInputs, Trace, replaying_recorded, run_block, walk_to
+from epmq.engine.adapters import ModelAdapter, adapter_for
+from epmq.engine.capture import BlockInputs, Trace, replaying_recorded, run_block, walk_to
 from epmq.io.fingerprint import loader_fingerprint
 from epmq.core.norm_affine import NormStatistics
 from epmq.io.pool import ExpertPool
 from epmq.core.precision import tf32
 from epmq.io.quantized_layer import QuantizedLayer
-from epmq.schedule import Step, build_schedule
+from epmq.engine.schedule import Step, build_schedule
 from epmq.core.stats import FoldedStatistics, LayerStatistics
 
 
@@ -359,7 +359,7 @@ class BlockwiseCalibration(L.LightningModule):
             last = ids[0]
 
     def _token_mask(self, stage, batch, source: str) -> torch.Tensor:
-        """(batch, tokens) float64 mask of the tokens that count (epmq.adapters)."""
+        """(batch, tokens) float64 mask of the tokens that count (epmq.engine.adapters)."""
         return self.adapter.token_mask(self.model, stage, batch, source).to("cpu", torch.float64)
 
     def check_loaders_across_ranks(self) -> None:
@@ -543,7 +543,7 @@ class BlockwiseCalibration(L.LightningModule):
         return None
 
     def walk(self, batch_idx: int, batch, step: Step) -> BlockInputs:
-        """Block inputs X̂ of `step`'s block for one batch (epmq.capture.walk_to over this model)."""
+        """Block inputs X̂ of `step`'s block for one batch (epmq.engine.capture.walk_to over this model)."""
         trace = self._traces.setdefault(batch_idx, Trace())
 
         def run(stage, i, inputs):  # only a resumed run walks through earlier (quantized) blocks
@@ -678,7 +678,7 @@ class BlockwiseCalibration(L.LightningModule):
     def score_candidate(self, step: Step) -> float:
         """`selection` on the model as it stands. The blocks before the step's block are fixed while its
         candidates are scored: the first scoring records what the last of them returns on every forward, the
-        others replay it (epmq.capture.replaying_recorded) with the stem skipped, so those blocks run once per
+        others replay it (epmq.engine.capture.replaying_recorded) with the stem skipped, so those blocks run once per
         step instead of once per candidate."""
         if step.block == 0:
             return float(self.selection(self.device_))

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from epmq.adapters import Context, ModelAdapter, Stage
+from epmq.engine.adapters import Context, ModelAdapter, Stage
 
 
 class _StopForward(Exception):

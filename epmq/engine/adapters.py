@@ -1,6 +1,6 @@
 """Model adapters: what the calibration engine needs to know about one model family.
 
-The engine (epmq.module.BlockwiseCalibration) sees a model as *stages* calibrated one after the
+The engine (epmq.engine.calibration.BlockwiseCalibration) sees a model as *stages* calibrated one after the
 other (a vision tower; an encoder, then a decoder), each a stack of *blocks* (an nn.ModuleList),
 each block a few nn.Linear layers in *groups* that GPTQ's true-sequential mode quantizes one after
 the other (q/k/v, then the attention output, then the MLP's input side, then its output side).
@@ -13,7 +13,7 @@ An adapter says, for its family:
 - `run_stage(model, stage, batch, context, device)`: the family's own forward of that stage's
   stack, from the batch to the stage's output hidden states. The engine never calls blocks with
   arguments it made up: it runs this forward and records what the stack passes to a block
-  (epmq.capture), so masks, rotary tables and T5's position bias (computed in block 0 and handed on
+  (epmq.engine.capture), so masks, rotary tables and T5's position bias (computed in block 0 and handed on
   by the stack) are whatever the family's code makes of them;
 - `token_mask(model, stage, batch, source)`: which tokens count in the statistics (padding does not).
 
@@ -81,7 +81,7 @@ class ModelAdapter:
 
     @contextmanager
     def stem_skipped(self, model: nn.Module, stage: Stage):
-        """Context for a forward whose first blocks are replayed (epmq.capture), which discards what the
+        """Context for a forward whose first blocks are replayed (epmq.engine.capture), which discards what the
         stem computes: a family with a costly stem (CLIP's patch convolution) swaps it for a stand-in
         of the same output shape. The default keeps the stem (an embedding lookup costs little)."""
         yield
