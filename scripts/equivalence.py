@@ -63,6 +63,7 @@ def llama(worlds: Path) -> list[str]:
 def cases(worlds: Path) -> dict[str, list[str]]:
     """Case name -> train.py overrides."""
     return {
+        "offline_default": ["suite.progress=false"],  # the quick start's main job on the default zoo (built once)
         "offline_gptq": [*MICRO, "quant=gptq"],
         "offline_epmq_fixed": [*MICRO, *FIXED],
         "offline_epmq_auto": [*MICRO],
