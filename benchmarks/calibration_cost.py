@@ -157,7 +157,7 @@ def reset_peak_rss() -> bool:
 
 def calibration_batches(args, T: int):
     """Random pixels, --samples in total split evenly over T tasks; single-task batches, task-major
-    (as epmq.data.TaskDataModule orders them). Returns a DataLoader of {"pixel_values", "task"}."""
+    (as epmq.families.images.TaskDataModule orders them). Returns a DataLoader of {"pixel_values", "task"}."""
     import torch
     from torch.utils.data import DataLoader, Dataset
 

@@ -17,7 +17,7 @@ batch. Per step of block i:
                     its output is what the next block replays
 
 Expert work is one extra block forward per sample and step (expert t only sees task t's samples).
-Batches that hold one task each, in task order (as epmq.task_data makes them), need one expert's
+Batches that hold one task each, in task order (as epmq.families.tasks makes them), need one expert's
 block at a time, so memory does not grow with the number of experts; a batch that mixes tasks
 holds the blocks of its tasks. A block calibrated in several steps (true-sequential) reads each
 expert's block once per step.

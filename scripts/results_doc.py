@@ -594,12 +594,12 @@ def held_out_section(runs: list[dict]) -> list[str]:
 
 
 def weights_sentence(suite: dict) -> str:
-    """Which weights the runs used: the zoo's weights hash (epmq.offline.zoo.weights_sha256)."""
+    """Which weights the runs used: the zoo's weights hash (epmq.families.offline.zoo.weights_sha256)."""
     sha = suite.get("weights_sha256")
     if not sha:
         return "built before zoos recorded a hash of their weights (the runs cannot say which weights they used)."
     return (f"weights sha256 `{sha}` (a zoo's `weights_sha256` in its zoo.json, checked by "
-            f"`epmq.offline.zoo.open_zoo(root).verify_weights()`; the build is deterministic, so "
+            f"`epmq.families.offline.zoo.open_zoo(root).verify_weights()`; the build is deterministic, so "
             f"`python train.py` on a fresh machine builds these same weights).")
 
 
@@ -612,7 +612,7 @@ def zoos_sentence(runs: list[dict]) -> str:
     listing = "; ".join(f"{label}: fingerprint `{fp or '?'}`, weights sha256 `{sha or 'not recorded'}`"
                         for (fp, sha), label in zoos.items())
     return (f"{len(zoos)} zoos ({listing}). A zoo's weights hash is its `weights_sha256` in its zoo.json, "
-            f"checked by `epmq.offline.zoo.open_zoo(root).verify_weights()`; the build is deterministic, so "
+            f"checked by `epmq.families.offline.zoo.open_zoo(root).verify_weights()`; the build is deterministic, so "
             f"`python train.py` with the same `suite.seed` on a fresh machine builds the same weights.")
 
 

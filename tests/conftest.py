@@ -23,7 +23,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from epmq.core.merge import task_arithmetic
 from epmq.engine.calibration import BlockwiseCalibration
-from epmq.offline.zoo import build_zoo
+from epmq.families.offline.zoo import build_zoo
 from epmq.io.pool import ExpertPool
 from epmq.core.quant import QuantSpec
 from epmq.core.solvers import EPMQ, GPTQ, RTN

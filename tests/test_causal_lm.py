@@ -106,7 +106,7 @@ def test_train_py_runs_the_causal_lm_suite(llm_zoo, tmp_path):
 def test_lm_eval_tasks_are_skipped_with_a_warning_without_lm_eval(llm_zoo, caplog):
     import importlib.util
 
-    from epmq.suites.causal_lm import CausalLMSuite
+    from epmq.families.causal_lm.suite import CausalLMSuite
 
     if importlib.util.find_spec("lm_eval") is not None:
         pytest.skip("lm-eval is installed here")

@@ -27,8 +27,8 @@ from conftest import ROOT, make_cfg
 from epmq.io.pool import ExpertPool
 from epmq.run import run
 from epmq.core.stats import LayerStatistics
-from epmq.suites import clip as clip_suite
-from epmq.suites.clip import ClipSuite, resolve_tasks
+from epmq.families.clip import suite as clip_suite
+from epmq.families.clip.suite import ClipSuite, resolve_tasks
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +261,7 @@ def test_open_clip_expert_is_converted_once_and_computes_its_tower(zoo, tmp_path
     converted = Path(suite.experts["shapes"])
     assert converted.parent == tmp_path / "cache" / "openclip"
     with monkeypatch.context() as patched:  # a second run finds the converted folder in the cache
-        patched.setattr("epmq.openclip.save_pretrained", lambda *a, **k: pytest.fail("converted twice"))
+        patched.setattr("epmq.families.clip.openclip.save_pretrained", lambda *a, **k: pytest.fail("converted twice"))
         again = ClipSuite(base=str(zoo["root"] / "base"), experts=str(tmp_path / "{task}.pt"), tasks=["shapes"],
                           datasets=str(zoo["root"] / "data" / "{task}"), cache_dir=str(tmp_path / "cache"))
         assert again.experts == suite.experts

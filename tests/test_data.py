@@ -5,8 +5,8 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from PIL import Image as PILImage
 
-from epmq.data import TaskDataModule, hub_id, load_task_dataset
-from epmq.offline.zoo import build_zoo
+from epmq.families.images import TaskDataModule, hub_id, load_task_dataset
+from epmq.families.offline.zoo import build_zoo
 
 TASKS = ["mnist", "textures", "digits"]
 

@@ -28,15 +28,15 @@ from scipy.stats import spearmanr
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from conftest import ROOT, make_cfg, trainer_for
-from epmq.glue import GLUE_TASKS, glue_task
+from epmq.families.flan_t5.glue import GLUE_TASKS, glue_task
 from epmq.engine.calibration import BlockwiseCalibration
 from epmq.pipeline import calibrate, prepare
 from epmq.core.quant import QuantSpec
 from epmq.run import run
 from epmq.core.solvers import EPMQ, GPTQ, Solution
 from epmq.core.stats import LayerStatistics
-from epmq.suites.flan_t5 import FlanT5Suite
-from epmq.text_eval import parse_number
+from epmq.families.flan_t5.suite import FlanT5Suite
+from epmq.families.flan_t5.evaluate import parse_number
 from helpers.t5_glue_zoo import build_zoo
 
 TASKS = ["sst2", "rte"]

@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from epmq.offline import sources
-from epmq.offline.sources import IMAGE_SIZE, SPLITS, TASKS, MissingSourceError, load_task
+from epmq.families.offline import sources
+from epmq.families.offline.sources import IMAGE_SIZE, SPLITS, TASKS, MissingSourceError, load_task
 
 COUNTS = {"train": 40, "calibration": 20, "test": 30}
 NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "digits": 10, "textures": 3}

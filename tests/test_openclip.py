@@ -1,4 +1,4 @@
-"""open_clip ViT towers in the HF CLIPVisionModel layout (epmq.openclip), checked against an independent
+"""open_clip ViT towers in the HF CLIPVisionModel layout (epmq.families.clip.openclip), checked against an independent
 reference forward of open_clip's architecture (tests/helpers/openclip_reference.py), without open_clip."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 from transformers import CLIPVisionModel
 
 from helpers import openclip_reference as ref
-from epmq import openclip
+from epmq.families.clip import openclip
 from epmq.io.pool import ExpertPool
-from epmq.suites.clip import no_init_weights
+from epmq.families.clip.suite import no_init_weights
 
 
 def hf_tower(state: dict, **config_options) -> tuple[CLIPVisionModel, torch.Tensor | None]:

@@ -157,7 +157,7 @@ def test_wandb_offline_run_records_config_test_and_step_metrics(tmp_path, zoo_ca
 
 def test_a_merged_model_brought_by_the_user_runs_end_to_end(tmp_path, zoo_cache):
     """merge=none with suite.merged=<folder>: no merging, the folder's weights are quantized."""
-    from epmq.suites.offline import OfflineSuite
+    from epmq.families.offline.suite import OfflineSuite
 
     suite = OfflineSuite("micro", cache_dir=str(zoo_cache), progress=False)
     merged = suite.model()  # the base as "merged model": other weights than task arithmetic's

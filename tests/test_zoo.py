@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionModel
 
-from epmq.offline import zoo as zoo_mod
-from epmq.offline.classifier import CLIPClassifier, accuracy, load_head, tower_state_dict
-from epmq.offline.heads import fit_head
-from epmq.offline.pretrain import rotate_batch
-from epmq.offline.sources import TASKS
-from epmq.offline.zoo import SIZES, build_zoo, default_cache_dir, open_zoo, weights_sha256
-from epmq.suites.offline import OfflineSuite
+from epmq.families.offline import zoo as zoo_mod
+from epmq.families.offline.classifier import CLIPClassifier, accuracy, load_head, tower_state_dict
+from epmq.families.offline.heads import fit_head
+from epmq.families.offline.pretrain import rotate_batch
+from epmq.families.offline.sources import TASKS
+from epmq.families.offline.zoo import SIZES, build_zoo, default_cache_dir, open_zoo, weights_sha256
+from epmq.families.offline.suite import OfflineSuite
 
 MICRO = SIZES["micro"]
 
@@ -102,7 +102,7 @@ _BUILD_WITH_THREADS = """
 import json, sys, torch
 threads, cache = int(sys.argv[1]), sys.argv[2]
 torch.set_num_threads(threads)
-from epmq.offline.zoo import build_zoo, open_zoo, weights_sha256
+from epmq.families.offline.zoo import build_zoo, open_zoo, weights_sha256
 root = build_zoo("micro", cache_dir=cache, seed=0, progress=False)
 print(json.dumps({"manifest": open_zoo(root).weights_sha256, "files": weights_sha256(root),
                   "threads_after": torch.get_num_threads()}))
@@ -162,7 +162,7 @@ def test_suite_report_names_the_weights(built):
 def test_second_build_is_a_cache_hit(built, caplog):
     cache, root = built
     stamp = (root / "zoo.json").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="epmq.offline.zoo"):
+    with caplog.at_level(logging.INFO, logger="epmq.families.offline.zoo"):
         assert build_zoo("micro", cache_dir=cache, seed=0, progress=False) == root
     assert "cache hit" in caplog.text
     assert (root / "zoo.json").stat().st_mtime_ns == stamp

@@ -342,7 +342,7 @@ class BlockwiseCalibration(L.LightningModule):
 
     def check_task_order(self) -> None:
         """normalize folds each task's statistics when its batches end: every batch must hold one
-        task and each task's batches must come together (as epmq.task_data makes them)."""
+        task and each task's batches must come together (as epmq.families.tasks makes them)."""
         if not self.shard_batches and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise ValueError("normalize=true needs shard_batches=True under DDP (every rank folds each task at "
                              "the same batch)")

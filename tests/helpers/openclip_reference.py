@@ -5,7 +5,7 @@ The reference follows the published architecture of OpenAI's CLIP ViT, which ope
 positional embedding, ln_pre, pre-LN residual blocks (x + attn(ln_1(x)), x + mlp(ln_2(x))) whose
 attention is torch's own multi-head attention on the stacked in_proj weights (what open_clip's
 nn.MultiheadAttention runs) and whose MLP is c_proj(QuickGELU(c_fc(x))), then ln_post on the class
-token and the projection x @ proj. It shares no code with transformers or epmq.openclip.
+token and the projection x @ proj. It shares no code with transformers or epmq.families.clip.openclip.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Synthetic tasks with the GLUE columns, learnable by a 2-layer T5 in seconds:
     sst2  sentence: fillers around one sentiment word; label 1 (positive) for a positive word
     rte   sentence1: four nouns, sentence2: two nouns; label 0 (entailment) when both occur in sentence1
     stsb  sentence1, sentence2: four nouns each; label 5 x (shared nouns / 4), a float
-Prompts and targets are FusionBench's (epmq.glue), so the experts learn the real label words.
+Prompts and targets are FusionBench's (epmq.families.flan_t5.glue), so the experts learn the real label words.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
-from epmq.glue import glue_task
+from epmq.families.flan_t5.glue import glue_task
 
 POSITIVE = ["good", "great", "nice", "fine"]
 NEGATIVE = ["bad", "awful", "poor", "dull"]

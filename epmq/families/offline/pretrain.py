@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionModel
 
-from epmq.offline.train import train
+from epmq.families.offline.train import train
 
 
 def rotate_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

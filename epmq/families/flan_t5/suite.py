@@ -3,8 +3,8 @@
 The model calibrated is the whole T5ForConditionalGeneration: the engine's T5Adapter calibrates the
 encoder's blocks, then the decoder's (they see the calibrated encoder's output and the targets
 shifted right, teacher forcing; padded prompt and target positions never enter H or C). Examples are
-rendered as FusionBench renders them (epmq.glue), scored by greedy generation and exact match, STS-B
-by Spearman correlation (epmq.text_eval).
+rendered as FusionBench renders them (epmq.families.flan_t5.glue), scored by greedy generation and exact match, STS-B
+by Spearman correlation (epmq.families.flan_t5.evaluate).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-from epmq.glue import GLUE_TASKS, glue_task, templates_source
+from epmq.families.flan_t5.glue import GLUE_TASKS, glue_task, templates_source
 from epmq.io.pool import resolve_source
-from epmq.glue_data import DEFAULT_DATA, GlueDataModule
-from epmq.text_eval import TextToTextEvaluator
+from epmq.families.flan_t5.data import DEFAULT_DATA, GlueDataModule
+from epmq.families.flan_t5.evaluate import TextToTextEvaluator
 
 
 class FlanT5Suite:
@@ -145,7 +145,7 @@ class FlanT5Suite:
         return model.eval()
 
     def evaluator(self, models: Mapping[str, nn.Module | Callable[[], nn.Module]], prefix: str) -> TextToTextEvaluator:
-        """Exact match (STS-B: Spearman) of each task's model on its task (epmq.text_eval)."""
+        """Exact match (STS-B: Spearman) of each task's model on its task (epmq.families.flan_t5.evaluate)."""
         return TextToTextEvaluator({t: models[t] for t in self.tasks}, self.tokenizer, self.metrics, prefix,
                                    self.max_new_tokens)
 

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from epmq.data import TaskDataModule
-from epmq.evaluate import TaskEvaluator
-from epmq.offline.classifier import CLIPClassifier
-from epmq.offline.zoo import build_zoo, open_zoo
+from epmq.families.images import TaskDataModule
+from epmq.families.evaluate import TaskEvaluator
+from epmq.families.offline.classifier import CLIPClassifier
+from epmq.families.offline.zoo import build_zoo, open_zoo
 
 
 class OfflineSuite:
@@ -62,7 +62,7 @@ class OfflineSuite:
         return CLIPClassifier(tower, self._heads[task]).eval()
 
     def evaluator(self, models: Mapping[str, nn.Module | Callable[[], nn.Module]], prefix: str) -> TaskEvaluator:
-        """Per-task accuracy of each task's model under its frozen head (epmq.evaluate.TaskEvaluator)."""
+        """Per-task accuracy of each task's model under its frozen head (epmq.families.evaluate.TaskEvaluator)."""
         def classifier(task, model):
             if isinstance(model, nn.Module):
                 return self.classifier(model, task)

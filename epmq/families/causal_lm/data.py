@@ -24,7 +24,7 @@ import torch
 from datasets import DatasetDict, load_from_disk
 from torch.utils.data import Dataset
 
-from epmq.task_data import PerTaskDataModule, check_integers, task_generator
+from epmq.families.tasks import PerTaskDataModule, check_integers, task_generator
 
 
 def load_text_dataset(source: str, split_names: Sequence[str]) -> DatasetDict:

@@ -42,11 +42,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from epmq.offline.classifier import CLIPClassifier, accuracy, load_head, save_head
-from epmq.offline.heads import fit_head
-from epmq.offline.pretrain import pretrain_rotation
-from epmq.offline.sources import SPLITS, TASKS, TaskData, load_task
-from epmq.offline.train import train
+from epmq.families.offline.classifier import CLIPClassifier, accuracy, load_head, save_head
+from epmq.families.offline.heads import fit_head
+from epmq.families.offline.pretrain import pretrain_rotation
+from epmq.families.offline.sources import SPLITS, TASKS, TaskData, load_task
+from epmq.families.offline.train import train
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ZooConfig:
     expert_epochs: int = 5
     expert_lr: float = 5e-4  # 1e-3 breaks the merges (TA 0.3 at 50%), 3e-4 leaves too small a merge gap
     expert_batch: int = 32
-    lr_schedule: str = "cosine"  # for pretraining and experts; see epmq.offline.train.train
+    lr_schedule: str = "cosine"  # for pretraining and experts; see epmq.families.offline.train.train
     # Torch threads during the build, whatever the caller set. Matmuls and reductions split their
     # sums by thread, so the count changes the rounding and with it the weights: it is part of the recipe.
     threads: int = 2
@@ -326,7 +326,7 @@ def open_zoo(root: str | Path) -> Zoo:
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
-        raise ValueError(f"{root} is not a zoo: {MANIFEST} is missing (build one with epmq.offline.zoo.build_zoo)")
+        raise ValueError(f"{root} is not a zoo: {MANIFEST} is missing (build one with epmq.families.offline.zoo.build_zoo)")
     manifest = json.loads(path.read_text())
     missing = {"tasks", "num_classes", "config", "fingerprint", "metrics"} - manifest.keys()
     if missing:

@@ -13,7 +13,7 @@ the task-vectors release's ImageEncoder); keys outside it (the text side) are ig
 finetuned.pt / zeroshot.pt files are pickled whole modules: they load only with open_clip (and the
 classes the pickle names) importable and an explicit allow_pickle=True.
 
-    python -m epmq.openclip finetuned.pt out_dir --allow-pickle   # out_dir: a CLIPVisionModel folder
+    python -m epmq.families.clip.openclip finetuned.pt out_dir --allow-pickle   # out_dir: a CLIPVisionModel folder
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def convert(state: Mapping[str, torch.Tensor], source: str = "state dict") -> tu
                 out[f"encoder.layers.{m.group(1)}.{hf_name}"] = part.contiguous()
         else:
             raise ValueError(f"{source}: open_clip key '{key}' has no counterpart in the HF CLIPVisionModel "
-                             f"layout (an open_clip variant epmq.openclip does not convert)")
+                             f"layout (an open_clip variant epmq.families.clip.openclip does not convert)")
     layers = 1 + max((int(k.split(".")[2]) for k in out if k.startswith("encoder.layers.")), default=-1)
     expected = list(STEM.values()) + [f"encoder.layers.{i}.{n}" for i in range(layers)
                                       for n in [*BLOCK.values(), *(x for v in BLOCK_SPLIT.values() for x in v)]]
@@ -213,7 +213,7 @@ def save_pretrained(state: Mapping[str, torch.Tensor], out_dir: str | Path, sour
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m epmq.openclip", description=(
+    parser = argparse.ArgumentParser(prog="python -m epmq.families.clip.openclip", description=(
         "Convert an open_clip ViT visual tower (state dict, or with --allow-pickle a pickled module of the "
         "task-vectors release) into a transformers CLIPVisionModel folder."))
     parser.add_argument("source", help=".pt/.pth/.bin/.safetensors file")

@@ -3,18 +3,18 @@ evaluated zero-shot through the base's frozen text tower.
 
 - base: a full CLIPModel (both towers) with its tokenizer and image processor: hub id or folder.
   Its vision tower is the pool's base (what is merged and calibrated); its text tower, visual
-  projection and logit_scale make the zero-shot heads (epmq.zeroshot).
+  projection and logit_scale make the zero-shot heads (epmq.families.clip.evaluate).
 - experts: a pattern with {task}: hub ids or folders of CLIPVisionModel checkpoints (FusionBench's,
   saved by transformers 4 with a `vision_model.` prefix, load as they are), or of full CLIPModels
   whose vision tower is taken; or open_clip ViT tower files (the task-vectors release), converted
-  once into the cache (epmq.openclip; pickled whole modules only with allow_pickle=true).
+  once into the cache (epmq.families.clip.openclip; pickled whole modules only with allow_pickle=true).
 - datasets: a pattern with {task}: a hub id or a folder written by DatasetDict.save_to_disk. Under
   the default `tanganke/{task}` the tasks FusionBench loads from elsewhere use its sources (the
-  "datasets" map of clip_tasks.json: e.g. stanford-cars -> tanganke/stanford_cars, svhn ->
+  "datasets" map of tasks.json: e.g. stanford-cars -> tanganke/stanford_cars, svhn ->
   ufldl-stanford/svhn, config cropped_digits); `dataset_overrides.<task>` replaces any of them.
   Calibration and selection samples come from the train split, evaluation from the test split.
 - tasks: a list, or TA8 / TALL14 / TALL20 (FusionBench's names and order).
-- heads: for FusionBench's tasks its class names and templates (clip_tasks.json), otherwise the
+- heads: for FusionBench's tasks its class names and templates (tasks.json), otherwise the
   dataset's ClassLabel names with "a photo of a {}."; `classnames.<task>` / `templates.<task>`
   override either. Cached under cache_dir/heads, named by a fingerprint of the base and prompts.
 
@@ -37,14 +37,14 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from epmq.data import TaskDataModule
-from epmq.evaluate import TaskEvaluator
+from epmq.families.images import TaskDataModule
+from epmq.families.evaluate import TaskEvaluator
 from epmq.io.fingerprint import file_digest
-from epmq.zeroshot import DEFAULT_TEMPLATES, PLACEHOLDER, HeadCache, ZeroShotClassifier, fingerprint, text_embeddings
+from epmq.families.clip.evaluate import DEFAULT_TEMPLATES, PLACEHOLDER, HeadCache, ZeroShotClassifier, fingerprint, text_embeddings
 
 log = logging.getLogger(__name__)
 
-TASK_DATA = json.loads(resources.files("epmq.suites").joinpath("clip_tasks.json").read_text(encoding="utf-8"))
+TASK_DATA = json.loads(resources.files("epmq.families.clip").joinpath("tasks.json").read_text(encoding="utf-8"))
 TASK_SETS: dict[str, list[str]] = TASK_DATA["task_sets"]
 HUB_NAMESPACE: str = TASK_DATA["hub_namespace"]  # the default dataset pattern, tanganke/{task}
 DATASET_KEYS = ("path", "name", "train_split", "test_split", "image_column", "label_column")
@@ -327,7 +327,7 @@ class ClipSuite:
             raise ValueError(f"suite.experts ({task}): '{source}' is not a file, a folder or a hub id")
         if not path.is_file() or not path.name.endswith((".safetensors",) + PICKLE_SUFFIXES):
             return source  # folders and hub ids: the pool reads them
-        from epmq import openclip
+        from epmq.families.clip import openclip
 
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -349,7 +349,7 @@ class ClipSuite:
         return str(self._convert_openclip(task, path, state))
 
     def _convert_openclip(self, task: str, path: Path, state: dict) -> Path:
-        from epmq import openclip
+        from epmq.families.clip import openclip
 
         out = self._cache() / "openclip" / file_digest(path)
         if not (out / "model.safetensors").is_file():
@@ -445,7 +445,7 @@ class ClipSuite:
                                   base["logit_scale"]).eval()
 
     def evaluator(self, models: Mapping[str, nn.Module | Callable[[], nn.Module]], prefix: str) -> TaskEvaluator:
-        """Per-task zero-shot accuracy of each task's model (epmq.evaluate.TaskEvaluator)."""
+        """Per-task zero-shot accuracy of each task's model (epmq.families.evaluate.TaskEvaluator)."""
         heads = self.heads()
         projection = copy.deepcopy(self._open_base()["projection"])  # one copy per evaluator: trainers may cast it
 

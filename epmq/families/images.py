@@ -2,7 +2,7 @@
 
 One class serves both kinds of task data:
 
-- the offline zoo's datasets, `<zoo>/data/<task>` written by `epmq.offline.zoo.build_zoo`: splits
+- the offline zoo's datasets, `<zoo>/data/<task>` written by `epmq.families.offline.zoo.build_zoo`: splits
   train/calibration/test with a ready "pixel_values" column (float32, C x H x W, normalised);
 - hub-format datasets, `datasets.load_dataset("tanganke/<task>")` or a DatasetDict saved with
   `save_to_disk` under `<root>/<task>`: splits train/test with "image" (PIL) and "label" columns,
@@ -28,7 +28,7 @@ import torch
 from datasets import DatasetDict, load_dataset, load_from_disk
 from torch.utils.data import Dataset
 
-from epmq.task_data import PerTaskDataModule
+from epmq.families.tasks import PerTaskDataModule
 
 # Hub names that differ from the task name (DESIGN §4).
 HUB_NAMES = {"stanford-cars": "stanford_cars"}

@@ -3,7 +3,7 @@
 Sources, as the `datasets` library lays GLUE out: `load_dataset("nyu-mll/glue", task)` (a hub id
 with config = task, or a "{task}" pattern naming one dataset per task), or DatasetDicts saved with
 `save_to_disk` under `<root>/<task>` (or `<root>/data/<task>`). Every example is rendered as
-FusionBench renders it (epmq.glue) and tokenized with the model's tokenizer (truncated to
+FusionBench renders it (epmq.families.flan_t5.glue) and tokenized with the model's tokenizer (truncated to
 max_source_length / max_target_length tokens; the tokenizer appends </s>).
 
 From the train split of each task a seeded torch.Generator draws `calib_samples` rows for calibration
@@ -34,9 +34,9 @@ import torch
 from datasets import DatasetDict, load_from_disk
 from torch.utils.data import Dataset
 
-from epmq.data import saved_tasks
-from epmq.glue import glue_task
-from epmq.task_data import PerTaskDataModule, check_integers
+from epmq.families.images import saved_tasks
+from epmq.families.flan_t5.glue import glue_task
+from epmq.families.tasks import PerTaskDataModule, check_integers
 
 DEFAULT_DATA = "nyu-mll/glue"
 IGNORE = -100  # label id T5's loss (and the calibration's token mask) ignores

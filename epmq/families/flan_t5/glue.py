@@ -1,6 +1,6 @@
 """GLUE as text to text: each example becomes a prompt, each label a target word.
 
-The prompts, label words and evaluation splits are data (epmq/glue_templates.json), taken from
+The prompts, label words and evaluation splits are data (epmq/families/flan_t5/glue_templates.json), taken from
 FusionBench's FLAN-T5 GLUE task pool, whose experts (tanganke/flan-t5-base_glue-<task>) were
 fine-tuned on exactly these strings; rendering them the same way is what makes our scores comparable
 with FusionBench's and the E-PMQ paper's. A prompt is the template's `str.format` over the example's

@@ -19,9 +19,9 @@ choice by the metric then takes the lowest), metric_scale [100] (how tables prin
 percentages, 1 for perplexity), extra_evaluation(model) [none] (more scores of the quantized model for
 report.json's "extra_metrics", e.g. lm-eval tasks).
 
-Families: `offline` (epmq.suites.offline.OfflineSuite, the embedded default); `flan_t5`
-(epmq.suites.flan_t5.FlanT5Suite: FLAN-T5 on GLUE as text to text, exact match and STS-B's Spearman);
-`clip` (epmq.suites.clip.ClipSuite: CLIP ViT experts from the hub or disk, TA8/TALL14/TALL20, zero-shot accuracy);
-`causal_lm` (epmq.suites.causal_lm.CausalLMSuite: Llama-layout experts, each task's perplexity on its own text).
+Families: `offline` (epmq.families.offline.suite.OfflineSuite, the embedded default); `flan_t5`
+(epmq.families.flan_t5.suite.FlanT5Suite: FLAN-T5 on GLUE as text to text, exact match and STS-B's Spearman);
+`clip` (epmq.families.clip.suite.ClipSuite: CLIP ViT experts from the hub or disk, TA8/TALL14/TALL20, zero-shot accuracy);
+`causal_lm` (epmq.families.causal_lm.suite.CausalLMSuite: Llama-layout experts, each task's perplexity on its own text).
 A new suite is a class with these members and a conf/suite/<name>.yaml whose `_target_` names it.
 """

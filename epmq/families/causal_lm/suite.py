@@ -9,7 +9,7 @@ safetensors folders (model.safetensors.index.json) load one tensor at a time. Ea
 own text (a hub dataset id or a `save_to_disk` folder with train and test splits and a text column),
 or one shared source for every task. The engine calibrates the decoder layers true-sequentially
 (q/k/v, o, gate/up, down) unless `calibration.true_sequential=false`. Evaluation is each task's
-perplexity on its own held-out text (epmq.perplexity; lower is better).
+perplexity on its own held-out text (epmq.families.causal_lm.evaluate; lower is better).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from epmq.perplexity import PerplexityEvaluator
+from epmq.families.causal_lm.evaluate import PerplexityEvaluator
 from epmq.io.pool import resolve_source
-from epmq.text_chunks import TextWindowDataModule
+from epmq.families.causal_lm.data import TextWindowDataModule
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class CausalLMSuite:
 
     def datamodule(self, calib_samples: int = 64, select_samples: int = 16, batch_size: int = 8, seed: int = 0,
                    test_samples: int | None = 64, num_workers: int = 0) -> TextWindowDataModule:
-        """Windows of seq_len tokens per task (epmq.text_chunks)."""
+        """Windows of seq_len tokens per task (epmq.families.causal_lm.data)."""
         return TextWindowDataModule(self.tasks, self.sources, self.text_columns, self.tokenizer, self.seq_len,
                                     calib_samples, select_samples, test_samples, batch_size, seed, num_workers,
                                     self.splits)
