@@ -8,8 +8,8 @@ import epmq  # noqa: F401  (registers the config resolvers that conf/hydra uses)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from epmq.errors import user_errors  # imported here so that `--help` and `--cfg job` stay fast
-    from epmq.run import run
+    from epmq.jobs.errors import user_errors  # imported here so that `--help` and `--cfg job` stay fast
+    from epmq.jobs.run import run
 
     with user_errors():
         return run(cfg)["objective"]

@@ -25,7 +25,7 @@ time is that of the first fit). --methods picks some.
 
 What it measures: every (T, method) pair runs `trainer.fit` of BlockwiseCalibration in a fresh
 Python process (a process's peak RSS only ever grows, so one process per measurement), wired as
-epmq.run.calibrate wires a run. The process loads the merged model, the pool (E-PMQ only) and the
+epmq.jobs.run.calibrate wires a run. The process loads the merged model, the pool (E-PMQ only) and the
 calibration data, then records its resident memory (the baseline) and resets the kernel's peak
 counter (/proc/self/clear_refs), so that the peak it reports afterwards is that of calibration alone.
 On CUDA the memory figures are torch.cuda's allocated bytes instead (baseline: the model on the
@@ -193,7 +193,7 @@ def expert_pool(experts_dir: Path, T: int):
 
 
 def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str, cache=None):
-    """(trainer, module) wired as epmq.pipeline.calibrate wires a run: merged model, solver, pool.
+    """(trainer, module) wired as epmq.jobs.steps.calibrate wires a run: merged model, solver, pool.
 
     The pool reads base/ next to experts_dir and experts_dir/task_<k> for the first T tasks;
     cache: an ExpertActivationCache to use instead (epmq-keep).
@@ -245,7 +245,7 @@ def measure(args) -> dict:
     del trainer, module
 
     cache = None
-    if method == "epmq-keep":  # as epmq.pipeline.target_cache builds it for the anchor candidates
+    if method == "epmq-keep":  # as epmq.jobs.steps.target_cache builds it for the anchor candidates
         from callbacks.expert_cache import ExpertActivationCache
 
         cache = ExpertActivationCache(expert_pool(root / "experts", T), keep=True, keep_budget_gb=args.keep_gb,

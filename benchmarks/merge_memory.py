@@ -13,7 +13,7 @@ What it measures: for every merge in --merges, two ways of merging the same file
 Python process (a process's peak resident set only ever grows):
 
     loaded  merger(pool.base_state_dict(), {t: pool.expert_state_dict(t) for t in pool.tasks})
-            -- what epmq.run.merge does today: every expert's full state dict at once;
+            -- what epmq.jobs.run.merge does today: every expert's full state dict at once;
     lazy    pool.merge(merger) -- base and experts through lazy views, one tensor at a time.
 
 Each worker opens the ExpertPool (which validates the files), records its resident memory (the

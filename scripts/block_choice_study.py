@@ -57,7 +57,7 @@ def _config(overrides: list[str]):
 
 
 def study(overrides: list[str], out: Path) -> None:
-    from epmq import pipeline
+    from epmq.jobs import steps as pipeline
     from epmq.engine.adapters import adapter_for
     from epmq.core.solvers import EPMQ
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from epmq.compare_report import (DISPLAY, METHODS, REFERENCES, ablation_curves, draw_ablation,
+from epmq.jobs.compare_report import (DISPLAY, METHODS, REFERENCES, ablation_curves, draw_ablation,
                                  draw_avg_vs_bits, format_strength, markdown_header, markdown_row,
                                  method_entry, panels, save_figure, strength_value, validate,
                                  write_text_atomic)

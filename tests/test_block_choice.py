@@ -17,9 +17,9 @@ from conftest import SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_st
 from epmq.engine.adapters import adapter_for
 from epmq.engine.capture import replaying_recorded
 from epmq.engine.calibration import BlockwiseCalibration
-from epmq.pipeline import evaluate, prepare, selection_loss, solvers
+from epmq.jobs.steps import evaluate, prepare, selection_loss, solvers
 from epmq.io.pool import ExpertPool
-from epmq.run import run
+from epmq.jobs.run import run
 from epmq.core.solvers import EPMQ, BlockChoiceEPMQ
 
 CANDIDATES = [math.inf, 3.0, 0.3, 0.0]

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from conftest import ROOT, make_cfg
-from epmq.pipeline import prepare
-from epmq.run import run
+from epmq.jobs.steps import prepare
+from epmq.jobs.run import run
 from helpers import llm_world
 from helpers.llm_world import SEQ_LEN, TEXTS, tiny_tokenizer
 
@@ -117,7 +117,7 @@ def test_lm_eval_tasks_are_skipped_with_a_warning_without_lm_eval(llm_zoo, caplo
 
 
 def test_choosing_by_the_metric_takes_the_lowest_perplexity():
-    from epmq.pipeline import selection_key
+    from epmq.jobs.steps import selection_key
 
     candidates = [{"select_avg_acc": ppl, "select_avg_nll": math.log(ppl)} for ppl in (9.0, 7.5, 8.2)]
     by_metric = max(candidates, key=lambda s: selection_key(s, "acc", higher_is_better=False))

@@ -25,7 +25,7 @@ from helpers import openclip_reference as ref
 from helpers.clip_zoo import CLASSES, TASKS
 from conftest import ROOT, make_cfg
 from epmq.io.pool import ExpertPool
-from epmq.run import run
+from epmq.jobs.run import run
 from epmq.core.stats import LayerStatistics
 from epmq.families.clip import suite as clip_suite
 from epmq.families.clip.suite import ClipSuite, resolve_tasks
@@ -355,7 +355,7 @@ def test_paper_overlays_resolve_to_hub_ids():
                     if ties:
                         assert (cfg.merge.threshold, cfg.merge.merge_func) == (20, "sum")
         both = compose("train", overrides=["experiment=[clip_vit_b32_ta8,compare]"])  # the comparison job on it
-        assert both.job._target_ == "epmq.compare.compare" and both.suite.base == "openai/clip-vit-base-patch32"
+        assert both.job._target_ == "epmq.jobs.compare.compare" and both.suite.base == "openai/clip-vit-base-patch32"
 
 
 @pytest.mark.slow

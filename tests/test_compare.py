@@ -8,8 +8,8 @@ import math
 import pytest
 
 from conftest import make_cfg, wandb_finished, wandb_history
-from epmq.compare import compare_plan
-from epmq.run import run
+from epmq.jobs.compare import compare_plan
+from epmq.jobs.run import run
 
 
 OPTIONS = ("experiment=compare", "compare.bits=[2,4]", "compare.methods=[rtn,gptq,regmean_gptq,epmq,epmq_layer,epmq_block]",
@@ -119,10 +119,10 @@ def test_compare_rejects_bad_options_before_work(tmp_path, zoo_cache):
 
 def test_a_resumed_comparison_redoes_no_finished_unit(compared, zoo_cache, monkeypatch):
     """resume=<run folder> of a finished comparison: every unit comes from units/, none is calibrated."""
-    import epmq.compare
+    import epmq.jobs.compare
 
     out, results = compared
-    monkeypatch.setattr(epmq.compare, "calibrate", lambda *a, **k: pytest.fail("a finished unit was redone"))
+    monkeypatch.setattr(epmq.jobs.compare, "calibrate", lambda *a, **k: pytest.fail("a finished unit was redone"))
     again = run(make_cfg(out, zoo_cache, *OPTIONS, "logger=none", f"resume={out}"))
     assert [(e["method"], e["bits"], e["test"]) for e in again["methods"]] == \
         [(e["method"], e["bits"], e["test"]) for e in results["methods"]]

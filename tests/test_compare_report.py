@@ -1,5 +1,5 @@
 """Tables, plots and the results document built from synthetic results.json dicts (schema in
-epmq/compare_report.py) with known accuracies per seed."""
+epmq/jobs/compare_report.py) with known accuracies per seed."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from conftest import load_results_doc
 
-from epmq.compare_report import (ablation_curves, lambda_positions, markdown_table, plot_ablation,
+from epmq.jobs.compare_report import (ablation_curves, lambda_positions, markdown_table, plot_ablation,
                                  strength_value, write_report)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -268,8 +268,8 @@ def test_import_epmq_stays_light_and_exposes_load_quantized():
                                      pytest.param(("quant=gptq", "quant.bits=2", "quant.act_order=true"),
                                                   marks=pytest.mark.slow)])
 def test_the_saved_model_scores_the_reports_accuracy(tmp_path, zoo_cache, options):
-    from epmq.pipeline import evaluate, prepare
-    from epmq.run import run
+    from epmq.jobs.steps import evaluate, prepare
+    from epmq.jobs.run import run
 
     cfg = make_cfg(tmp_path, zoo_cache, *options, "evaluate_references=false")
     report = run(cfg)
@@ -282,7 +282,7 @@ def test_the_saved_model_scores_the_reports_accuracy(tmp_path, zoo_cache, option
 
 
 def test_the_main_job_refuses_what_it_could_not_save_before_calibrating(tmp_path, zoo_cache):
-    from epmq.run import run
+    from epmq.jobs.run import run
 
     refused = {("checkpoint_format=gptq_v3",): "checkpoint_format must be one of",
                ("quant=rtn", "quant.bits=5"): "quant.bits=5: the GPTQ checkpoint layout stores 2, 3, 4, 8"}

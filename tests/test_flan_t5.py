@@ -30,9 +30,9 @@ from transformers import AutoTokenizer, T5ForConditionalGeneration
 from conftest import ROOT, make_cfg, trainer_for
 from epmq.families.flan_t5.glue import GLUE_TASKS, glue_task
 from epmq.engine.calibration import BlockwiseCalibration
-from epmq.pipeline import calibrate, prepare
+from epmq.jobs.steps import calibrate, prepare
 from epmq.core.quant import QuantSpec
-from epmq.run import run
+from epmq.jobs.run import run
 from epmq.core.solvers import EPMQ, GPTQ, Solution
 from epmq.core.stats import LayerStatistics
 from epmq.families.flan_t5.suite import FlanT5Suite

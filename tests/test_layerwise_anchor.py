@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import make_cfg
-from epmq.pipeline import solvers
-from epmq.run import run
+from epmq.jobs.steps import solvers
+from epmq.jobs.run import run
 from epmq.core.solvers import LayerwiseEPMQ
 from epmq.core.stats import FoldedStatistics, LayerStatistics
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, make_cfg, trainer_for
 from epmq.io.step_store import StepStore
 from epmq.engine.calibration import BlockwiseCalibration
-from epmq.run import run
+from epmq.jobs.run import run
 from epmq.core.solvers import GPTQ
 from helpers.families import FAMILIES, TASKS, loader
 

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import ROOT, make_cfg, wandb_config, wandb_finished, wandb_history
-from epmq.run import run
+from epmq.jobs.run import run
 
 GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name != "hydra")
 
@@ -33,7 +33,7 @@ def test_every_config_file_composes_and_instantiates(tmp_path, zoo_cache, group)
             with pytest.raises(Exception, match="GPU|gpu|CUDA|cuda"):  # a clear refusal without a GPU
                 instantiate(cfg.trainer)
         elif group == "quant":
-            from epmq.pipeline import solvers
+            from epmq.jobs.steps import solvers
 
             assert all(hasattr(s, "solve") for s in solvers(cfg.quant))
         elif group in ("logger", "callbacks"):

@@ -365,7 +365,7 @@ class BlockChoiceEPMQ(ChosenEPMQ):
     same statistics (H, C), writes each candidate in turn into the model (the steps before it at their
     chosen λ, the layers after it still the FP merge) and keeps the one whose model has the least mean
     cross-entropy on the selection samples; ties keep the stronger anchor. The engine asks for that loss
-    through the `selection` function a run gives it (epmq.pipeline.calibrate).
+    through the `selection` function a run gives it (epmq.jobs.steps.calibrate).
 
     Compared with the run-level choice (one whole calibration per candidate) it calibrates once, but scores
     every candidate of every step: K·S full forwards of the selection samples for K candidates and S steps.

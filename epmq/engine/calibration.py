@@ -643,7 +643,7 @@ class BlockwiseCalibration(L.LightningModule):
         listed first). Each layer's metrics gain anchor_strength and select_nll (the chosen model's loss)."""
         if self.selection is None:
             raise ValueError(f"{self.solver!r} chooses each step's anchor on the selection samples: give "
-                             f"BlockwiseCalibration a `selection` function (epmq.pipeline.calibrate does)")
+                             f"BlockwiseCalibration a `selection` function (epmq.jobs.steps.calibrate does)")
         merged = {name: block.get_submodule(name).weight.detach().clone() for name in step.layers}
         best = None
         for k, strength in enumerate(self.solver.candidates):

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from epmq.engine.calibration import FinishedStep
 from epmq.io.quantized_layer import FIELDS, OPTIONAL, QuantizedLayer
-from epmq.report import write_atomic, write_json_atomic
+from epmq.jobs.report import write_atomic, write_json_atomic
 
 PROGRESS = "progress.json"
 STEP_FORMAT = 2  # 1: uint8 codes unpacked (out x in), float32 zeros; 2: QuantizedLayer's packed tensors

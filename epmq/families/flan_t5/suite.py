@@ -45,8 +45,8 @@ class FlanT5Suite:
     """
 
     name = "flan_t5"
-    #: why compare's RegMean → GPTQ is not offered (epmq.compare reads it)
-    regmean_unsupported = ("RegMean's Gram pass (epmq.compare.regmean_merge) feeds vision batches "
+    #: why compare's RegMean → GPTQ is not offered (epmq.jobs.compare reads it)
+    regmean_unsupported = ("RegMean's Gram pass (epmq.jobs.compare.regmean_merge) feeds vision batches "
                            "(pixel_values) and would count padded tokens")
 
     def __init__(self, base: str = "google/flan-t5-base",

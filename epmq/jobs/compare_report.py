@@ -1,6 +1,6 @@
 """Tables and plots of one comparison run (the results.json written by `train.py experiment=compare`).
 
-    from epmq.compare_report import write_report
+    from epmq.jobs.compare_report import write_report
     write_report(json.loads(Path("results.json").read_text()), Path("run_dir"))
 
 writes results.md and plots/{per_task_acc,avg_acc_vs_bits,ablation}.png. Accuracies in results.json are
@@ -39,7 +39,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from epmq.report import write_atomic
+from epmq.jobs.report import write_atomic
 
 METHODS = ("rtn", "gptq", "regmean_gptq", "epmq", "epmq_layer", "epmq_block")
 DISPLAY = {"rtn": "RTN", "gptq": "GPTQ", "regmean_gptq": "RegMean → GPTQ", "epmq": "E-PMQ",

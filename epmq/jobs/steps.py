@@ -1,6 +1,6 @@
 """The steps every job shares: prepare the suite and data, merge, calibrate, evaluate, select.
 
-A job (epmq.quantize.quantize, epmq.compare.compare; chosen by `job._target_`) is a sequence of
+A job (epmq.jobs.quantize.quantize, epmq.jobs.compare.compare; chosen by `job._target_`) is a sequence of
 these steps. Everything a step logs goes through the Lightning loggers the job made once
 (`make_loggers`): every Trainer of the job gets them, and `close_loggers` ends them.
 """
@@ -33,9 +33,9 @@ from epmq.io.step_store import StepStore, describe_changes
 from epmq.io.fingerprint import run_fingerprint
 from epmq.engine.calibration import BlockwiseCalibration
 from epmq.io.pool import ExpertPool
-from epmq.report import write_json_atomic
+from epmq.jobs.report import write_json_atomic
 from epmq.core.solvers import parse_strength
-from epmq.tracking import close_logger
+from epmq.jobs.tracking import close_logger
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ Shared instead of redone: the merged model, the experts' per-layer targets (one
 ExpertActivationCache(keep=True) for every E-PMQ calibration at every bit width), the data. Every
 finished unit (one method at one bit width, one ablation setting) is saved in the run folder
 (units/), so that `resume=<run folder>` skips what a killed run already finished. Written to the run folder: results.json (schema in
-epmq/compare_report.py), results.md and plots/*.png; logged to W&B as a table and images when the
+epmq/jobs/compare_report.py), results.md and plots/*.png; logged to W&B as a table and images when the
 wandb logger is on.
 """
 
@@ -39,14 +39,14 @@ from hydra.utils import get_class
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from epmq import compare_report
+from epmq.jobs import compare_report
 from epmq.engine.adapters import adapter_for
 from epmq.io.step_store import describe_changes
-from epmq.pipeline import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, prepare,
+from epmq.jobs.steps import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, prepare,
                            quiet_lightning, resolved_config, select_half_scores, select_scores, selection_key, solvers,
                            target_cache)
 from epmq.core.regmean import gram_matrices, regmean
-from epmq.report import write_json_atomic
+from epmq.jobs.report import write_json_atomic
 from epmq.core.solvers import EPMQ, GPTQ, INGREDIENTS, RTN, BlockChoiceEPMQ, LayerwiseEPMQ, RelaxedEPMQ
 
 log = logging.getLogger(__name__)

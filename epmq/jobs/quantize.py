@@ -1,4 +1,4 @@
-"""quantize(cfg): the main job behind `python train.py` (`job._target_: epmq.quantize.quantize`).
+"""quantize(cfg): the main job behind `python train.py` (`job._target_: epmq.jobs.quantize.quantize`).
 
     1. check the quantization options (before any long work)
     2. the suite: base, experts, tasks, data; the pool validates every expert file; merge
@@ -24,10 +24,10 @@ from omegaconf import DictConfig
 
 from callbacks.block_metrics import peak_memory_mb
 from epmq.io.export import check_exportable, checkpoint_size, save_quantized
-from epmq.pipeline import (calibrate, calibration_record, candidate_label, claim_run_folder, evaluate,
+from epmq.jobs.steps import (calibrate, calibration_record, candidate_label, claim_run_folder, evaluate,
                            evaluate_experts, logging_to, prepare, quiet_lightning, resolved_config, run_folder_store,
                            select_scores, selection_key, solvers, target_cache)
-from epmq.report import accuracy_table, write_json_atomic
+from epmq.jobs.report import accuracy_table, write_json_atomic
 
 log = logging.getLogger(__name__)
 
