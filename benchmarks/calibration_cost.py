@@ -200,6 +200,7 @@ def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str, ca
     """
     import lightning as L
     from epmq.engine.calibration import BlockwiseCalibration
+    from epmq.families.base import adapter_for
     from epmq.core.solvers import EPMQ, GPTQ, RTN
 
     tasks = [task_name(k) for k in range(T)]
@@ -211,7 +212,7 @@ def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str, ca
     epmq = method.startswith("epmq")
     solver = EPMQ(args.strength, "output", **spec) if epmq else (RTN if method == "rtn" else GPTQ)(**spec)
     experts = None if not epmq else cache if cache is not None else expert_pool(experts_dir, T)
-    module = BlockwiseCalibration(model, solver, tasks, experts=experts, share_statistics=method != "gptq-unshared",
+    module = BlockwiseCalibration(model, adapter_for(model), solver, tasks, experts=experts, share_statistics=method != "gptq-unshared",
                                   tf32=args.tf32)
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=len(module.schedule),
                         logger=False, enable_checkpointing=False,

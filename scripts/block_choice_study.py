@@ -58,7 +58,7 @@ def _config(overrides: list[str]):
 
 def study(overrides: list[str], out: Path) -> None:
     from epmq.jobs import steps as pipeline
-    from epmq.engine.adapters import adapter_for
+    from epmq.families.base import adapter_for
     from epmq.core.solvers import EPMQ
 
     cfg = _config(overrides)

@@ -23,6 +23,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from epmq.core.merge import task_arithmetic
 from epmq.engine.calibration import BlockwiseCalibration
+from epmq.families.clip.adapter import CLIPVisionAdapter
 from epmq.families.offline.zoo import build_zoo
 from epmq.io.pool import ExpertPool
 from epmq.core.quant import QuantSpec
@@ -32,6 +33,7 @@ from helpers import families
 
 TASKS = ["mnist", "svhn"]
 SPEC = QuantSpec(bits=3, group_size=16, blocksize=16)
+ADAPTER = CLIPVisionAdapter()  # the tiny towers below are CLIPVisionModels
 
 
 def tiny_model(seed: int = 0) -> CLIPVisionModel:
@@ -114,7 +116,7 @@ def calibrate(merged_state: dict, method: str, data: CalibrationSet, pool: Exper
 
     kwargs go to the module when it takes them (true_sequential, ...), else to the Trainer."""
     module_keys = {"true_sequential", "offload_blocks", "cache_device", "shard_batches", "task_weights", "resume"}
-    module = BlockwiseCalibration(load_state(merged_state), solver(method, strength), TASKS, experts=pool,
+    module = BlockwiseCalibration(load_state(merged_state), ADAPTER, solver(method, strength), TASKS, experts=pool,
                                   **{k: v for k, v in kwargs.items() if k in module_keys})
     trainer_for(module, callbacks, **{k: v for k, v in kwargs.items() if k not in module_keys}).fit(
         module, datamodule=CalibrationData(data))

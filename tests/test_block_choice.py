@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from conftest import SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, make_cfg, tiny_model, trainer_for
-from epmq.engine.adapters import adapter_for
+from conftest import ADAPTER, SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, make_cfg, tiny_model, trainer_for
+from epmq.families.base import adapter_for
 from epmq.engine.capture import replaying_recorded
 from epmq.engine.calibration import BlockwiseCalibration
 from epmq.jobs.steps import evaluate, prepare, selection_loss, solvers
@@ -58,7 +58,7 @@ def held_out_loss(zoo):
 
 
 def fit(zoo, solver, selection=None) -> BlockwiseCalibration:
-    module = BlockwiseCalibration(load_state(zoo["merged"]), solver, TASKS,
+    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver, TASKS,
                                   experts=ExpertPool(zoo["root"] / "base", zoo["paths"]), selection=selection)
     trainer_for(module).fit(module, datamodule=CalibrationData(calibration_set()))
     return module
@@ -72,7 +72,7 @@ def test_each_blocks_choice_is_the_oracles_and_the_weights_match_bit_for_bit(zoo
         return loss(model_of["model"])
 
     solver = BlockChoiceEPMQ(CANDIDATES, **SPEC_ARGS)
-    module = BlockwiseCalibration(load_state(zoo["merged"]), solver, TASKS,
+    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver, TASKS,
                                   experts=ExpertPool(zoo["root"] / "base", zoo["paths"]), selection=selection)
     model_of["model"] = module.model
     trainer_for(module).fit(module, datamodule=CalibrationData(calibration_set()))

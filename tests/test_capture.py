@@ -81,7 +81,7 @@ def test_every_step_sees_the_models_own_layer_inputs_and_expert_outputs(name, tr
     batches = family.batches(torch.Generator().manual_seed(1))
     pool = ExpertPool(tmp_path / "base", paths)
 
-    module = BlockwiseCalibration(copy.deepcopy(merged), Unchanged(needs_targets=True), TASKS, experts=pool,
+    module = BlockwiseCalibration(copy.deepcopy(merged), family.adapter, Unchanged(needs_targets=True), TASKS, experts=pool,
                                   true_sequential=true_sequential)
     fed, targets = {}, {}
     handles = record_layer_inputs(module.model, module.adapter, fed, lambda s, i, n: (s, i, n))
@@ -134,7 +134,7 @@ def test_true_sequential_steps_see_earlier_steps_quantized_and_blocks_chain(monk
     family = FAMILIES["llama"]
     merged = family.base()
     batches = family.batches(torch.Generator().manual_seed(2))
-    module = BlockwiseCalibration(copy.deepcopy(merged), GPTQ(bits=2, group_size=16, blocksize=16), TASKS,
+    module = BlockwiseCalibration(copy.deepcopy(merged), family.adapter, GPTQ(bits=2, group_size=16, blocksize=16), TASKS,
                                   true_sequential=True)
     fed = {}
     handles = record_layer_inputs(module.model, module.adapter, fed, lambda s, i, n: (i, n))
@@ -236,7 +236,7 @@ def test_t5_labels_padded_further_change_no_decoder_statistics():
     runs = []
     for data in (batches, padded):
         solver = Keeping()
-        module = BlockwiseCalibration(family.base(), solver, TASKS)
+        module = BlockwiseCalibration(family.base(), family.adapter, solver, TASKS)
         trainer_for(module, max_epochs=len(module.schedule)).fit(module, train_dataloaders=loader(data))
         runs.append(solver.stats)
     assert len(runs[0]) == len(runs[1]) == 2 * 7 + 2 * 11  # every linear of the two stages

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, trainer_for
+from conftest import ADAPTER, SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, trainer_for
 from epmq.engine.calibration import BlockwiseCalibration
 from epmq.io.pool import ExpertPool
 from epmq.core.solvers import EPMQ
@@ -47,7 +47,7 @@ class Recorder(L.Callback):
 def _run(zoo, out_dir, devices, shard_by_rank=False):
     out_dir.mkdir()
     pool = ExpertPool(zoo["root"] / "base", zoo["paths"])
-    module = BlockwiseCalibration(load_state(zoo["merged"]), RecordingEPMQ(strength=1.0, **SPEC_ARGS), TASKS,
+    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, RecordingEPMQ(strength=1.0, **SPEC_ARGS), TASKS,
                                   experts=pool, shard_batches=not shard_by_rank)
     callbacks = [Recorder(out_dir)]
     strategy = "ddp_spawn" if devices > 1 else "auto"
@@ -97,7 +97,7 @@ def test_two_processes_match_one(zoo, tmp_path):
 def test_uneven_rank_loaders_are_refused_before_calibration(zoo, tmp_path):
     """9 samples sharded by rank in batches of 2: 3 batches on rank 0, 2 on rank 1. Lightning
     broadcasts every step, so this would hang; the module refuses it in setup on every rank."""
-    module = BlockwiseCalibration(load_state(zoo["merged"]), EPMQ(strength=float("inf"), **SPEC_ARGS), TASKS,
+    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, EPMQ(strength=float("inf"), **SPEC_ARGS), TASKS,
                                   shard_batches=False)
     data = CalibrationData(calibration_set((5, 4)), batch_size=2, shard_by_rank=True)
     with pytest.raises(Exception, match="different numbers of calibration batches"):

@@ -30,6 +30,7 @@ from transformers import AutoTokenizer, T5ForConditionalGeneration
 from conftest import ROOT, make_cfg, trainer_for
 from epmq.families.flan_t5.glue import GLUE_TASKS, glue_task
 from epmq.engine.calibration import BlockwiseCalibration
+from epmq.families.base import adapter_for
 from epmq.jobs.steps import calibrate, prepare
 from epmq.core.quant import QuantSpec
 from epmq.jobs.run import run
@@ -234,7 +235,8 @@ def test_extra_padding_changes_neither_H_nor_C(zoo, tmp_path):
     runs = {}
     for name, bs in (("tight", batches), ("padded", [padded_more(b, 6, 3, pad_id) for b in batches])):
         recorder = Recording()
-        module = BlockwiseCalibration(prepared.suite.model(prepared.merged_state), recorder, prepared.suite.tasks,
+        model = prepared.suite.model(prepared.merged_state)
+        module = BlockwiseCalibration(model, adapter_for(model), recorder, prepared.suite.tasks,
                                       experts=prepared.pool)
         trainer_for(module).fit(module, train_dataloaders=torch.utils.data.DataLoader(bs, batch_size=None))
         runs[name] = recorder.by_layer(module)

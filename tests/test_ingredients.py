@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from conftest import SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibration_set, load_state, trainer_for
+from conftest import ADAPTER, SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibration_set, load_state, trainer_for
 from epmq.core.anchor import relaxed_target
 from epmq.io.step_store import StepStore
 from epmq.core.gptq import gptq
@@ -273,7 +273,7 @@ def sorted_data():
 
 
 def fit(state: dict, solver, data: CalibrationSet, pool=None, task_names=TASKS, **kwargs) -> BlockwiseCalibration:
-    module = BlockwiseCalibration(load_state(state), solver, task_names, experts=pool, **kwargs)
+    module = BlockwiseCalibration(load_state(state), ADAPTER, solver, task_names, experts=pool, **kwargs)
     trainer_for(module, max_epochs=module.remaining_steps).fit(module, datamodule=CalibrationData(data))
     return module
 
@@ -449,7 +449,7 @@ def test_calibrated_biases_are_kept_in_the_step_files_and_resumed(zoo, pool, dat
         assert again.bias is not None and torch.equal(again.bias, record.bias), key
 
     # a fresh merged model takes the saved weights and biases ...
-    applied = BlockwiseCalibration(load_state(zoo["merged"]), solver(), TASKS, experts=pool)
+    applied = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver(), TASKS, experts=pool)
     applied.apply_finished(loaded)
     # ... and a run resumed after block 0 calibrates block 1 through the calibrated block 0 as the whole run did
     resumed = fit(zoo["merged"], solver(), data, pool, resume=loaded[:1])
@@ -554,7 +554,7 @@ def test_calibrated_norms_are_recorded_kept_in_the_step_files_and_resumed(zoo, p
                 assert torch.equal(again.norms[key][p], params[p]), (key, p)
 
     # a fresh merged model takes the saved norms (and weights) ...
-    applied = BlockwiseCalibration(load_state(zoo["merged"]), solver(), TASKS, experts=pool)
+    applied = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver(), TASKS, experts=pool)
     applied.apply_finished(loaded)
     # ... and a run resumed after block 0 calibrates block 1 through the calibrated block 0 as the whole run did
     resumed = fit(zoo["merged"], solver(), data, pool, resume=loaded[:1])
@@ -595,8 +595,7 @@ def test_kept_expert_targets_are_recorded_again_when_the_norms_join_them(zoo, da
     from callbacks.expert_cache import ExpertActivationCache
 
     def norms_fit(cache, calibrate_norms=True):
-        module = BlockwiseCalibration(load_state(zoo["merged"]),
-                                      EPMQ(strength=1.0, calibrate_norms=calibrate_norms, **SPEC_ARGS), TASKS,
+        module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, EPMQ(strength=1.0, calibrate_norms=calibrate_norms, **SPEC_ARGS), TASKS,
                                       experts=cache)
         trainer_for(module).fit(module, datamodule=CalibrationData(data))
         return module

@@ -11,11 +11,12 @@ import torch
 
 from callbacks.block_metrics import BlockMetrics, BlockProgressBar
 from callbacks.expert_cache import ExpertActivationCache
-from conftest import (SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibrate, calibration_set, load_state,
+from conftest import (ADAPTER, SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibrate, calibration_set, load_state,
                       solver, trainer_for)
 from epmq.core.anchor import relaxed_target
 from epmq.core.gptq import gptq
 from epmq.engine.calibration import BlockwiseCalibration
+from epmq.families.causal_lm.adapter import LlamaAdapter
 from epmq.io.pool import ExpertPool
 from epmq.core.stats import LayerStatistics
 
@@ -133,7 +134,7 @@ def test_expert_cache_follows_each_experts_own_path(zoo, data, pool):
         def on_train_epoch_end(self, trainer, pl_module):
             seen[pl_module.finished[-1].index] = {key: trace.replay.clone() for key, trace in cache._traces.items()}
 
-    module = BlockwiseCalibration(load_state(zoo["merged"]), solver("epmq", 1.0), TASKS, experts=cache)
+    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver("epmq", 1.0), TASKS, experts=cache)
     keys_before = set(module.state_dict())
     trainer_for(module, [Probe()]).fit(module, datamodule=CalibrationData(data))
     assert set(module.state_dict()) == keys_before  # no expert weights were registered on the module
@@ -155,7 +156,7 @@ def test_expert_cache_follows_each_experts_own_path(zoo, data, pool):
 
 
 def test_progress_and_metrics_read_as_blocks_and_tasks(zoo, data):
-    module = BlockwiseCalibration(load_state(zoo["merged"]), solver("gptq"), TASKS)
+    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver("gptq"), TASKS)
     metrics = BlockMetrics()
     descriptions = []
 
@@ -192,15 +193,15 @@ def test_rtn_needs_no_data_and_rounds_each_layer(zoo, data):
 
 def test_bad_configurations_fail_before_calibration(zoo, data):
     with pytest.raises(ValueError, match="solver"):
-        BlockwiseCalibration(load_state(zoo["merged"]), "awq", TASKS)
+        BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, "awq", TASKS)
     with pytest.raises(ValueError, match="task_weights"):
-        BlockwiseCalibration(load_state(zoo["merged"]), solver("gptq"), TASKS, task_weights={"cifar": 1.0})
-    module = BlockwiseCalibration(load_state(zoo["merged"]), solver("gptq"), TASKS)
+        BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver("gptq"), TASKS, task_weights={"cifar": 1.0})
+    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver("gptq"), TASKS)
     with pytest.raises(ValueError, match="max_epochs"):
         trainer_for(module, max_epochs=1).fit(module, datamodule=CalibrationData(data))
     with pytest.raises(ValueError, match="needs expert targets"):
-        BlockwiseCalibration(load_state(zoo["merged"]), solver("epmq", 1.0), TASKS)
-    module = BlockwiseCalibration(load_state(zoo["merged"]), solver("gptq"), ["mnist"])
+        BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver("epmq", 1.0), TASKS)
+    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver("gptq"), ["mnist"])
     with pytest.raises(ValueError, match="out of range"):
         trainer_for(module).fit(module, datamodule=CalibrationData(data))
 
@@ -212,7 +213,7 @@ def test_shuffled_loader_is_refused(zoo, data):
             self.calls.append(1)
             return torch.utils.data.DataLoader(self.dataset, batch_size=3, shuffle=True, generator=g)
 
-    module = BlockwiseCalibration(load_state(zoo["merged"]), solver("gptq"), TASKS)
+    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver("gptq"), TASKS)
     with pytest.raises(ValueError, match="deterministic"):
         trainer_for(module).fit(module, datamodule=Shuffled(data))
 
@@ -241,7 +242,7 @@ def test_llama_adapter_block_kwargs_reproduce_the_models_own_layer_inputs():
     tasks = torch.tensor([0, 1, 0, 0, 1, 1, 0])
     data = TokenSet(torch.randint(0, 64, (7, 8), generator=gen), tasks)
     loader = torch.utils.data.DataLoader(data, batch_size=3, shuffle=False)
-    module = BlockwiseCalibration(copy.deepcopy(merged), solver("gptq"), TASKS, true_sequential=False)
+    module = BlockwiseCalibration(copy.deepcopy(merged), LlamaAdapter(), solver("gptq"), TASKS, true_sequential=False)
     trainer_for(module).fit(module, train_dataloaders=loader)  # no datamodule: fit's own loader
 
     reference = copy.deepcopy(merged)
@@ -266,7 +267,7 @@ def test_llama_adapter_block_kwargs_reproduce_the_models_own_layer_inputs():
 
 
 def _epmq(merged_state, data, cache, strength=1.0):
-    module = BlockwiseCalibration(load_state(merged_state), solver("epmq", strength), TASKS, experts=cache)
+    module = BlockwiseCalibration(load_state(merged_state), ADAPTER, solver("epmq", strength), TASKS, experts=cache)
     trainer_for(module).fit(module, datamodule=CalibrationData(data))
     return module
 
@@ -353,7 +354,7 @@ def test_a_recording_that_would_outgrow_its_budget_stops_after_the_first_step(zo
     budget = 1.5 * sizes[0]  # one step fits, all of them do not
     held = []
     cache = ExpertActivationCache(pool, keep=True, keep_budget_gb=budget / 2**30)
-    module = BlockwiseCalibration(load_state(zoo["merged"]), solver("epmq", 0.5), TASKS, experts=cache)
+    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver("epmq", 0.5), TASKS, experts=cache)
 
     class Watch(L.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
@@ -378,7 +379,7 @@ def test_the_fp_calibrated_merge_writes_the_unrounded_targets(zoo, data, pool):
                                       solution.result.weight.clone()))
             return solution
 
-    module = BlockwiseCalibration(load_state(zoo["merged"]), Keeping(strength=1.0, **SPEC_ARGS), TASKS,
+    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, Keeping(strength=1.0, **SPEC_ARGS), TASKS,
                                   experts=ExpertActivationCache(pool))
     trainer_for(module).fit(module, datamodule=CalibrationData(data))
     W_m, W_star, written = seen["block"]

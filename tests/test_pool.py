@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import TASKS, tiny_model
-from epmq.engine.adapters import CLIPVisionAdapter
+from epmq.families.clip.adapter import CLIPVisionAdapter
 from epmq.core.merge import SimpleAverage, TaskArithmetic, TiesMerging, check_experts
 from epmq.io.pool import ExpertPool, _Checkpoint, match_prefix
 

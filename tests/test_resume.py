@@ -93,7 +93,7 @@ def test_saved_steps_are_packed_and_a_resumed_module_continues_bit_for_bit(tmp_p
     solver = GPTQ(bits=3, group_size=16, act_order=True, blocksize=16)
 
     def module(resume=()):
-        return BlockwiseCalibration(family.base(), solver, TASKS, true_sequential=True, resume=resume)
+        return BlockwiseCalibration(family.base(), family.adapter, solver, TASKS, true_sequential=True, resume=resume)
 
     whole = module()
     trainer_for(whole).fit(whole, train_dataloaders=loader(batches))

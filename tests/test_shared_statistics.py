@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import SPEC_ARGS, trainer_for
-from epmq.engine.adapters import CLIPVisionAdapter
+from epmq.families.clip.adapter import CLIPVisionAdapter
 from epmq.core.merge import task_arithmetic
 from epmq.engine.calibration import BlockwiseCalibration
 from epmq.io.pool import ExpertPool
@@ -46,7 +46,7 @@ def calibrate(name, tmp_path, solver, share: bool, true_sequential: bool):
     merged.load_state_dict(task_arithmetic(base.state_dict(), {t: e.state_dict() for t, e in experts.items()}, 0.5))
     pool = ExpertPool(tmp_path / "base", {t: tmp_path / t for t in TASKS})
     watching = Watching(solver)
-    module = BlockwiseCalibration(merged, watching, TASKS, experts=pool, true_sequential=true_sequential,
+    module = BlockwiseCalibration(merged, family.adapter, watching, TASKS, experts=pool, true_sequential=true_sequential,
                                   share_statistics=share)
     trainer_for(module).fit(module, train_dataloaders=loader(family.batches(torch.Generator().manual_seed(1))))
     return module, watching.seen
@@ -94,6 +94,6 @@ def test_a_wrong_declaration_is_refused_naming_the_layers(tmp_path):
 
     family = FAMILIES["clip"]
     model = family.base()
-    module = BlockwiseCalibration(copy.deepcopy(model), GPTQ(**SPEC_ARGS), TASKS, adapter=Wrong())
+    module = BlockwiseCalibration(copy.deepcopy(model), Wrong(), GPTQ(**SPEC_ARGS), TASKS)
     with pytest.raises(ValueError, match=r"'self_attn.q_proj' and 'mlp.fc1' are declared to read the same input"):
         trainer_for(module).fit(module, train_dataloaders=loader(family.batches(torch.Generator().manual_seed(1))))

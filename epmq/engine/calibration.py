@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from callbacks.expert_cache import ExpertActivationCache
-from epmq.engine.adapters import ModelAdapter, adapter_for
+from epmq.engine.adapters import ModelAdapter
 from epmq.engine.capture import BlockInputs, Trace, replaying_recorded, run_block, walk_to
 from epmq.io.fingerprint import loader_fingerprint
 from epmq.core.norm_affine import NormStatistics
@@ -75,11 +75,11 @@ class BlockwiseCalibration(L.LightningModule):
 
     Args:
         model: the merged model (e.g. a transformers CLIPVisionModel); quantized in place.
+        adapter: the family's ModelAdapter (epmq.families.base.adapter_for(model) finds it by class).
         solver: an epmq.core.solvers object (chosen by `_target_` in conf/quant).
         task_names: the tasks; a batch's "task" entry indexes into this list.
         experts: an epmq.io.pool.ExpertPool, or an ExpertActivationCache to share between fits
             (keep=True); needed when the solver needs expert targets.
-        adapter: the family's ModelAdapter; None picks one from the model class.
         task_weights: w_t per task (mapping name -> w, or a sequence in task order); default 1 each.
             Each real token of task t weighs w_t / n_t, so a task counts by w_t whatever its size.
         true_sequential: one step per layer group (GPTQ's true-sequential); None: the family's default.
@@ -104,8 +104,7 @@ class BlockwiseCalibration(L.LightningModule):
     (FinishedStep per step), `quant_results` (full layer name -> QuantizedLayer) and `layer_metrics`.
     """
 
-    def __init__(self, model: nn.Module, solver, task_names: Sequence[str], experts=None,
-                 adapter: ModelAdapter | None = None,
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, solver, task_names: Sequence[str], experts=None,
                  task_weights: Mapping[str, float] | Sequence[float] | None = None,
                  true_sequential: bool | None = None, offload_blocks: bool | str = False,
                  cache_device: str | torch.device | None = None, shard_batches: bool = True,
@@ -124,7 +123,10 @@ class BlockwiseCalibration(L.LightningModule):
         self.__dict__["model"] = model
         self._ddp_placeholder = nn.Parameter(torch.zeros(1))
         self.solver = solver
-        self.adapter = adapter if adapter is not None else adapter_for(model)
+        if not isinstance(adapter, ModelAdapter):
+            raise ValueError(f"adapter must be an epmq.engine.adapters.ModelAdapter (the family's: "
+                             f"epmq.families.base.adapter_for(model)), got {type(adapter).__name__}")
+        self.adapter = adapter
         self.task_names = task_names
         self.task_weights = _task_weights(task_weights, task_names)  # (T,) float64
         self.true_sequential = self.adapter.true_sequential if true_sequential is None else bool(true_sequential)

@@ -40,7 +40,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from epmq.jobs import compare_report
-from epmq.engine.adapters import adapter_for
+from epmq.families.base import adapter_for
 from epmq.io.step_store import describe_changes
 from epmq.jobs.steps import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, prepare,
                            quiet_lightning, resolved_config, select_half_scores, select_scores, selection_key, solvers,

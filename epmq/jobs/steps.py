@@ -32,6 +32,7 @@ from callbacks.resume import StepCheckpoint
 from epmq.io.step_store import StepStore, describe_changes
 from epmq.io.fingerprint import run_fingerprint
 from epmq.engine.calibration import BlockwiseCalibration
+from epmq.families.base import adapter_for
 from epmq.io.pool import ExpertPool
 from epmq.jobs.report import write_json_atomic
 from epmq.core.solvers import parse_strength
@@ -232,7 +233,7 @@ def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = 
     model = suite.model(prepared.merged_state if state is None else state)
     done = store.load() if store is not None else []
     opts = cfg.get("calibration") or {}
-    module = BlockwiseCalibration(model, solver, suite.tasks, experts=experts or prepared.pool,
+    module = BlockwiseCalibration(model, adapter_for(model), solver, suite.tasks, experts=experts or prepared.pool,
                                   true_sequential=opts.get("true_sequential"),
                                   offload_blocks=opts.get("offload_blocks", "auto"),
                                   cache_device=opts.get("cache_device"),

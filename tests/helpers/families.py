@@ -16,6 +16,11 @@ from torch import nn
 from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, T5Config,
                           T5ForConditionalGeneration)
 
+from epmq.engine.adapters import ModelAdapter
+from epmq.families.causal_lm.adapter import LlamaAdapter
+from epmq.families.clip.adapter import CLIPVisionAdapter
+from epmq.families.flan_t5.adapter import T5Adapter
+
 TASKS = ["alpha", "beta"]
 
 
@@ -89,6 +94,7 @@ class Family:
     name: str
     make: Callable[[], nn.Module]
     batches: Callable[[torch.Generator], list[dict]]
+    adapter: ModelAdapter
 
     def base(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -109,8 +115,9 @@ class Family:
         return base, experts, paths
 
 
-FAMILIES = {"clip": Family("clip", clip_model, clip_batches), "t5": Family("t5", t5_model, t5_batches),
-            "llama": Family("llama", llama_model, llama_batches)}
+FAMILIES = {"clip": Family("clip", clip_model, clip_batches, CLIPVisionAdapter()),
+            "t5": Family("t5", t5_model, t5_batches, T5Adapter()),
+            "llama": Family("llama", llama_model, llama_batches, LlamaAdapter())}
 
 
 class BatchList(torch.utils.data.Dataset):

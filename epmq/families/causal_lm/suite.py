@@ -28,7 +28,7 @@ from epmq.families.causal_lm.data import TextWindowDataModule
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LLAMA_LAYOUT = ("llama", "mistral", "qwen2")  # the model types epmq.engine.adapters.LlamaAdapter serves
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2")  # the model types epmq.families.causal_lm.adapter.LlamaAdapter serves
 
 
 def _per_task(value, tasks: Sequence[str], what: str) -> dict[str, str]:
