@@ -164,7 +164,7 @@ class ExpertActivationCache(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self._targets = {}
         if (pl_module.step_index >= len(pl_module.schedule) or not pl_module.owns(batch_idx)
-                or not pl_module.solver.needs_targets):  # the pool may serve only base layers (solve's anchor)
+                or not pl_module.requirements.targets):  # the pool may serve only base layers (solve's anchor)
             return
         step = pl_module.current_step
         device = pl_module.device_

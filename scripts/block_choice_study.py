@@ -5,7 +5,7 @@
     python scripts/block_choice_study.py --summarize docs/results/block_choice --runs docs/results
 
 The greedy per-block choice, emulated with the engine. For block l = 0 .. L-1 and every candidate λ of
-quant.candidates.strength (strongest first): calibrate the whole model with the blocks before l at the λ
+anchor.candidates.strength (strongest first): calibrate the whole model with the blocks before l at the λ
 already chosen for them and block l at the candidate, put the blocks after l back to the FP merged weights,
 and score the model on half A of the selection samples. Block l keeps the candidate with the least half-A NLL
 (ties: the stronger anchor, as the run-level choice). The model with every block at its chosen λ is then
@@ -59,7 +59,7 @@ def _config(overrides: list[str]):
 def study(overrides: list[str], out: Path) -> None:
     from epmq.jobs import steps as pipeline
     from epmq.families.base import adapter_for
-    from epmq.core.solvers import EPMQ
+    from epmq.core.solvers import EPMQ, Requirements
 
     cfg = _config(overrides)
     pipeline.quiet_lightning()
@@ -82,8 +82,8 @@ def study(overrides: list[str], out: Path) -> None:
             self.strengths, self.calls = list(strengths), 0
 
         @property
-        def needs_targets(self) -> bool:  # a finite λ may follow a block at λ = ∞
-            return True
+        def requirements(self) -> Requirements:  # a finite λ may follow a block at λ = ∞
+            return Requirements(targets=True)
 
         def solve(self, W_m, stats=None, **context):
             self.strength = self.strengths[self.calls // per_block]
@@ -99,7 +99,7 @@ def study(overrides: list[str], out: Path) -> None:
             raise SystemExit(f"expected {per_block} layers in each of {len(blocks)} blocks, solved {solver.calls}")
         return model
 
-    candidates = sorted({float(c) for c in cfg.quant.candidates.strength}, reverse=True)
+    candidates = sorted({float(c) for c in cfg.anchor.candidates.strength}, reverse=True)
     chosen, t0 = [], time.perf_counter()
     partial = out.with_name(out.name + ".partial")  # renamed when finished: no half-written study file
     with partial.open("w") as f:

@@ -87,7 +87,10 @@ def cases(worlds: Path) -> dict[str, list[str]]:
 
 
 # old override key -> new one, applied when the checkout's conf/ has the new node (RENAMED_WHEN)
-RENAMED: dict[str, str] = {}
+# (the anchor choice's options left the quant node for their own, conf/anchor, so that quant instantiates as written)
+RENAMED: dict[str, str] = {"quant.select": "anchor.select", "quant.select_by": "anchor.select_by",
+                           "quant.candidates.strength": "anchor.candidates.strength",
+                           "quant.candidates.form": "anchor.candidates.form", "quant.folds": "anchor.folds"}
 RENAMED_WHEN = "conf/anchor"
 
 

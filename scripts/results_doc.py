@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from epmq.core.anchor import parse_strength
 from epmq.jobs.compare_report import (DISPLAY, METHODS, REFERENCES, ablation_curves, draw_ablation,
-                                 draw_avg_vs_bits, format_strength, markdown_header, markdown_row,
-                                 method_entry, panels, save_figure, strength_value, validate,
-                                 write_text_atomic)
+                                      draw_avg_vs_bits, format_strength, markdown_header, markdown_row,
+                                      method_entry, panels, save_figure, validate, write_text_atomic)
 
 BITS_COLORS = ("tab:red", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:brown", "tab:pink")
 FORM_STYLES = {"output": "-", "weight": "--"}
@@ -238,8 +238,8 @@ def anchor_row(ablation: list[dict], bits: int, anchor: dict) -> dict | None:
     form and are listed once, so there any form's entry serves. None when not found."""
     if "strength" not in anchor or "form" not in anchor:
         return None
-    strength = strength_value(anchor["strength"])
-    rows = [e for e in ablation if e["bits"] == bits and strength_value(e["strength"]) == strength]
+    strength = parse_strength(anchor["strength"])
+    rows = [e for e in ablation if e["bits"] == bits and parse_strength(e["strength"]) == strength]
     same_form = [e for e in rows if e["form"] == anchor["form"]]
     if same_form:
         return same_form[0]
@@ -432,7 +432,7 @@ def ingredients_summary(merges: dict[str, MergeRuns]) -> str | None:
 
 HALVES = ("select_a_avg_acc", "select_a_avg_nll", "select_b_avg_acc", "select_b_avg_nll")
 DEFAULT_RULE = "default: candidates grid, by NLL"
-# (label, grid, criterion): grid "candidates" = the run's quant.candidates (strength × form), "ablation" = every
+# (label, grid, criterion): grid "candidates" = the run's anchor.candidates (strength × form), "ablation" = every
 # ablation row, else strengths tried with the output form; criterion None = a fixed λ (nothing to choose)
 RULES = ((DEFAULT_RULE, "candidates", "nll"),
          ("candidates grid, by accuracy", "candidates", "acc"),
@@ -455,12 +455,12 @@ def has_halves(entry: dict) -> bool:
 
 def anchor_grid(strengths, forms: list[str]) -> list[tuple[float, str]]:
     """(λ, form) pairs of a grid, strongest first; λ = 0 and ∞ once (first form), as pipeline.solvers tries them."""
-    values = sorted({strength_value(s) for s in strengths}, reverse=True)
+    values = sorted({parse_strength(s) for s in strengths}, reverse=True)
     return [(s, f) for s in values for f in forms if f == forms[0] or 0 < s < math.inf]
 
 
 def candidate_grid(results: dict) -> list[tuple[float, str]] | None:
-    """The main job's anchor candidates (the run's quant.candidates; form output when not listed), None when
+    """The main job's anchor candidates (the run's anchor.candidates; form output when not listed), None when
     the run's config does not say or says something unreadable."""
     candidates = ((results.get("config") or {}).get("quant") or {}).get("candidates") or {}
     if not candidates.get("strength"):
@@ -486,7 +486,7 @@ def choose_on_a(pool: list[dict], by: str | None) -> dict:
     """The row a rule picks on half A: lowest A-NLL ("nll"), or highest A-accuracy with ties to the lower
     A-NLL ("acc"); remaining ties keep the stronger anchor (larger λ, then the form's name: the main job's
     order). A fixed λ (by None) has one row."""
-    order = sorted(pool, key=lambda r: (-strength_value(r["strength"]), r["form"]))
+    order = sorted(pool, key=lambda r: (-parse_strength(r["strength"]), r["form"]))
     if by is None:
         return order[0]
     if by == "nll":

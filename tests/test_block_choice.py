@@ -1,4 +1,4 @@
-"""The anchor strength chosen per block in one calibration by a held-out loss (BlockChoiceEPMQ, `quant.select=block`).
+"""The anchor strength chosen per block in one calibration by a held-out loss (BlockChoiceEPMQ, `anchor.select=block`).
 
 The engine's choice is checked against an oracle built from plain calibrations: for block b and every
 candidate λ, a fresh calibration with the blocks before b at the λ the oracle already chose, block b at λ,
@@ -20,7 +20,8 @@ from epmq.engine.calibration import BlockwiseCalibration
 from epmq.jobs.steps import evaluate, prepare, selection_loss, solvers
 from epmq.io.pool import ExpertPool
 from epmq.jobs.run import run
-from epmq.core.solvers import EPMQ, BlockChoiceEPMQ
+from epmq.core.anchor_choice import BlockChoiceEPMQ
+from epmq.core.solvers import EPMQ, Requirements
 
 CANDIDATES = [math.inf, 3.0, 0.3, 0.0]
 LAYERS_PER_BLOCK = 6  # q, k, v, out, fc1, fc2 of a CLIP block
@@ -34,8 +35,8 @@ class PerBlockEPMQ(EPMQ):
         self.strengths, self.calls = list(strengths), 0
 
     @property
-    def needs_targets(self) -> bool:
-        return True
+    def requirements(self) -> Requirements:
+        return Requirements(targets=True)
 
     def solve(self, W_m, stats=None, **context):
         self.strength = self.strengths[self.calls // LAYERS_PER_BLOCK]
@@ -114,8 +115,9 @@ def test_a_block_choice_without_a_selection_is_refused(zoo):
         fit(zoo, BlockChoiceEPMQ(CANDIDATES, **SPEC_ARGS))
     with pytest.raises(ValueError, match="takes none of E-PMQ's calibration ingredients"):
         BlockChoiceEPMQ(CANDIDATES, calibrate_bias=True, **SPEC_ARGS)
-    with pytest.raises(RuntimeError, match="solved through its candidates"):
-        BlockChoiceEPMQ(CANDIDATES, **SPEC_ARGS).solve(torch.zeros(2, 2))
+    chooser = BlockChoiceEPMQ(CANDIDATES, **SPEC_ARGS)  # not a solver: the engine solves its candidates
+    assert chooser.requirements.per_step_choice and not hasattr(chooser, "solve")
+    assert chooser.at(3.0).strength == 3.0 and chooser.at(3.0).spec == chooser.spec
 
 
 def test_the_selection_loss_is_the_evaluators_nll_on_the_selection_samples(tmp_path, zoo_cache):
@@ -130,9 +132,9 @@ def test_the_selection_loss_is_the_evaluators_nll_on_the_selection_samples(tmp_p
 
 
 def test_select_block_runs_one_calibration_and_reports_each_blocks_strength(tmp_path, zoo_cache, capsys):
-    cfg = make_cfg(tmp_path, zoo_cache, "quant.select=block", "quant.form=output",
-                   "quant.candidates.strength=[0.0,1.0,.inf]", "evaluate_references=false", "save_model=false")
-    assert [type(s).__name__ for s in solvers(cfg.quant)] == ["BlockChoiceEPMQ"]
+    cfg = make_cfg(tmp_path, zoo_cache, "anchor.select=block", "quant.form=output",
+                   "anchor.candidates.strength=[0.0,1.0,.inf]", "evaluate_references=false", "save_model=false")
+    assert [type(s).__name__ for s in solvers(cfg.quant, cfg.anchor)] == ["BlockChoiceEPMQ"]
     report = run(cfg)
     assert report["selection"] == [] and report["quant"]["select"] == "block"
     strengths = report["quant"]["layer_strengths"]
@@ -142,8 +144,9 @@ def test_select_block_runs_one_calibration_and_reports_each_blocks_strength(tmp_
         blocks.setdefault(name.split(".mlp.")[0].split(".self_attn.")[0], set()).add(lam)
     assert all(len(v) == 1 for v in blocks.values())
     assert "strength chosen per block on held-out calibration samples" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="quant.select=block chooses the strength only"):
-        solvers(make_cfg(tmp_path / "bad", zoo_cache, "quant.select=block").quant)
+    with pytest.raises(ValueError, match="anchor.select=block chooses the strength only"):
+        bad = make_cfg(tmp_path / "bad", zoo_cache, "anchor.select=block")
+        solvers(bad.quant, bad.anchor)
 
 
 def test_replayed_blocks_refuse_forwards_other_than_the_recorded_ones():

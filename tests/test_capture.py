@@ -21,7 +21,7 @@ from epmq.core.merge import task_arithmetic
 from epmq.engine.calibration import BlockwiseCalibration
 from epmq.io.pool import ExpertPool
 from epmq.core.quant import QuantSpec
-from epmq.core.solvers import GPTQ, Solution
+from epmq.core.solvers import GPTQ, Requirements, Solution
 from helpers.families import FAMILIES, TASKS, loader, model_inputs
 
 
@@ -29,11 +29,10 @@ class Unchanged:
     """A solver that keeps W: the engine walks the model, nothing is quantized."""
 
     name = "unchanged"
-    needs_statistics = True
     spec = QuantSpec(bits=8)  # the width the engine stores the (all-zero) codes with
 
     def __init__(self, needs_targets: bool):
-        self.needs_targets = needs_targets
+        self.requirements = Requirements(targets=needs_targets)
 
     def solve(self, W, stats):
         z = torch.zeros(W.shape[0], 1)

@@ -68,8 +68,8 @@ def test_true_sequential_epmq_and_perplexity_of_every_model(llm_zoo, zoo_cache, 
 
 
 def test_block_choice_scores_each_true_sequential_step_by_the_selection_perplexity(llm_zoo, zoo_cache, tmp_path):
-    cfg = make_cfg(tmp_path, zoo_cache, *options(llm_zoo, "quant.select=block", "quant.form=output",
-                                                 "quant.candidates.strength=[0.0,.inf]", "evaluate_references=false"))
+    cfg = make_cfg(tmp_path, zoo_cache, *options(llm_zoo, "anchor.select=block", "quant.form=output",
+                                                 "anchor.candidates.strength=[0.0,.inf]", "evaluate_references=false"))
     prepared = prepare(cfg)
     experts = {t: LlamaForCausalLM.from_pretrained(llm_zoo / t).eval() for t in ("alpha", "beta")}
     evaluator = prepared.suite.evaluator(experts, "check")  # each task's own expert
@@ -117,7 +117,7 @@ def test_lm_eval_tasks_are_skipped_with_a_warning_without_lm_eval(llm_zoo, caplo
 
 
 def test_choosing_by_the_metric_takes_the_lowest_perplexity():
-    from epmq.jobs.steps import selection_key
+    from epmq.core.anchor_choice import selection_key
 
     candidates = [{"select_avg_acc": ppl, "select_avg_nll": math.log(ppl)} for ppl in (9.0, 7.5, 8.2)]
     by_metric = max(candidates, key=lambda s: selection_key(s, "acc", higher_is_better=False))

@@ -14,7 +14,7 @@ from epmq.jobs.run import run
 
 OPTIONS = ("experiment=compare", "compare.bits=[2,4]", "compare.methods=[rtn,gptq,regmean_gptq,epmq,epmq_layer,epmq_block]",
            "data.test_samples=null", "data.calib_samples=16", "compare.ablation.strength=[0,1,10000,inf]",
-           "quant.candidates.strength=[0,1,inf]", "seed=1", "~compare.ingredients",
+           "anchor.candidates.strength=[0,1,inf]", "seed=1", "~compare.ingredients",
            "+compare.ingredients={bias:{calibrate_bias:true}}")
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import load_results_doc
 
-from epmq.jobs.compare_report import (ablation_curves, lambda_positions, markdown_table, plot_ablation,
-                                 strength_value, write_report)
+from epmq.core.anchor import parse_strength
+from epmq.jobs.compare_report import ablation_curves, lambda_positions, markdown_table, plot_ablation, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["mnist", "digits"]
@@ -93,9 +93,9 @@ def assert_png(path: Path) -> None:
 # ----------------------------------------------------------------------------- one run
 
 def test_strengths_and_positions():
-    assert strength_value("inf") == math.inf and strength_value(0) == 0.0
+    assert parse_strength("inf") == math.inf and parse_strength(0) == 0.0
     with pytest.raises(ValueError, match="strength"):
-        strength_value("big")
+        parse_strength("big")
     x = lambda_positions([math.inf, 1e4, 0.0, 0.1, 1.0])
     order = sorted(x, key=x.get)
     assert order == [0.0, 0.1, 1.0, 1e4, math.inf]

@@ -44,7 +44,7 @@ def test_two_processes_give_the_one_process_model_and_accuracy(tmp_path):
 @pytest.mark.slow  # 40 s: two train.py runs
 def test_two_processes_choose_each_blocks_anchor_as_one_process_does(tmp_path):
     cache = tmp_path / "cache"
-    block = ("quant.strength=auto", "quant.select=block", "quant.candidates.strength=[0.0,1.0,10.0,.inf]", "save_model=false")
+    block = ("quant.strength=auto", "anchor.select=block", "anchor.candidates.strength=[0.0,1.0,10.0,.inf]", "save_model=false")
     one = train(tmp_path / "one", cache, *block)
     two = train(tmp_path / "two", cache, *block, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
     assert one["quant"]["select"] == two["quant"]["select"] == "block"

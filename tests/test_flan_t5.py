@@ -34,7 +34,7 @@ from epmq.families.base import adapter_for
 from epmq.jobs.steps import calibrate, prepare
 from epmq.core.quant import QuantSpec
 from epmq.jobs.run import run
-from epmq.core.solvers import EPMQ, GPTQ, Solution
+from epmq.core.solvers import EPMQ, GPTQ, Requirements, Solution
 from epmq.core.stats import LayerStatistics
 from epmq.families.flan_t5.suite import FlanT5Suite
 from epmq.families.flan_t5.evaluate import parse_number
@@ -178,7 +178,7 @@ def test_stsb_spearman_and_teacher_forced_nll_equal_independent_computations(zoo
     rho = spearmanr(parsed, truths)[0]  # reported as it is, whatever its sign
     assert evaluator.results["stsb"] == pytest.approx(rho, abs=1e-5)
     assert evaluator.nll["stsb"] == pytest.approx(nll_sum / tokens, rel=1e-4)
-    # the same token NLL without a Trainer (what quant.select=block scores candidates by)
+    # the same token NLL without a Trainer (what anchor.select=block scores candidates by)
     assert evaluator.mean_loss(data.test_dataloader(), torch.device("cpu")) == pytest.approx(nll_sum / tokens, rel=1e-4)
     assert parse_number("yes") == 0.0 and parse_number("nan") == 0.0 and parse_number("2.5") == 2.5
 
@@ -189,8 +189,7 @@ class Recording:
     `merged`, the weight W_m each layer had before it was solved)."""
 
     name = "recording"
-    needs_statistics = True
-    needs_targets = True
+    requirements = Requirements(targets=True)
 
     def __init__(self, inner=None):
         self.inner, self.solved, self.merged = inner, [], []
@@ -326,7 +325,7 @@ def test_compare_runs_without_regmean_and_refuses_it_clearly(zoo, tmp_path):
     assert not (tmp_path / "refused" / "fingerprint.json").exists()
     results = run(t5_cfg(tmp_path / "ok", zoo, "experiment=compare", "compare.methods=[rtn,gptq,epmq]",
                          "compare.bits=[4]", "compare.ablation.strength=[0.0,.inf]", "compare.ablation.form=[output]",
-                         "quant.candidates.strength=[0.0,.inf]"))
+                         "anchor.candidates.strength=[0.0,.inf]"))
     assert {e["method"] for e in results["methods"]} == {"rtn", "gptq", "epmq"}
     assert all(set(e["test"]) == {*TASKS, "avg"} for e in results["methods"])
     assert (tmp_path / "ok" / "results.json").is_file() and "regmean" not in results["references"]
@@ -373,7 +372,7 @@ def test_command_line_run_writes_the_report(zoo, tmp_path):
     done = subprocess.run(
         [sys.executable, "train.py", "suite=flan_t5", f"suite.base={zoo['base']}", f"suite.experts='{zoo['experts']}'",
          f"suite.data={zoo['data']}", "suite.tasks=[sst2,rte]", "data.calib_samples=8", "data.select_samples=8",
-         "data.batch_size=8", "quant.group_size=16", "quant.candidates.strength=[0.0,1.0,.inf]",
+         "data.batch_size=8", "quant.group_size=16", "anchor.candidates.strength=[0.0,1.0,.inf]",
          "trainer.enable_progress_bar=false", f"hydra.run.dir={out}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1", "EPMQ_CACHE": str(tmp_path / "cache")})

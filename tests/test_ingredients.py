@@ -21,7 +21,8 @@ from epmq.io.step_store import StepStore
 from epmq.core.gptq import gptq
 from epmq.engine.calibration import BlockwiseCalibration
 from epmq.io.pool import ExpertPool
-from epmq.core.solvers import EPMQ, LayerwiseEPMQ, RelaxedEPMQ
+from epmq.core.anchor_choice import LayerwiseEPMQ
+from epmq.core.solvers import EPMQ, RelaxedEPMQ
 from epmq.core.stats import LayerStatistics
 
 LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
@@ -218,7 +219,7 @@ def test_extrapolated_anchor_target_is_the_minimiser_anchored_at_the_extrapolate
 def test_extrapolate_needs_the_base_layer_and_residual_statistics():
     X, Y, w, (W_m, b_m), (W_0, b_0) = rows(6)
     solver = EPMQ(strength=1.0, extrapolate=2.0, **SPEC_ARGS)
-    assert solver.needs_base and not EPMQ(strength=1.0, extrapolate=1.0, **SPEC_ARGS).needs_base
+    assert solver.requirements.base and not EPMQ(strength=1.0, extrapolate=1.0, **SPEC_ARGS).requirements.base
     with pytest.raises(ValueError, match="extrapolate"):
         solver.solve(W_m, engine_statistics(X, Y, w, W_m, b_m))
     not_residual = LayerStatistics(32, 8)

@@ -1,4 +1,4 @@
-"""The anchor strength chosen per layer in one pass (LayerwiseEPMQ, `quant.select=layer`).
+"""The anchor strength chosen per layer in one pass (LayerwiseEPMQ, `anchor.select=layer`).
 
 On synthetic layers whose expert targets differ systematically from the merged layer's outputs,
 with independent test tokens as the oracle: plentiful, clean data makes the choice beat GPTQ of the
@@ -16,7 +16,7 @@ import torch
 from conftest import make_cfg
 from epmq.jobs.steps import solvers
 from epmq.jobs.run import run
-from epmq.core.solvers import LayerwiseEPMQ
+from epmq.core.anchor_choice import LayerwiseEPMQ
 from epmq.core.stats import FoldedStatistics, LayerStatistics
 
 IN, OUT = 24, 8
@@ -98,13 +98,14 @@ def _plain():
 
 
 def test_select_layer_runs_one_calibration_and_reports_each_layers_strength(tmp_path, zoo_cache, capsys):
-    cfg = make_cfg(tmp_path, zoo_cache, "quant.select=layer", "quant.form=output",
-                   "quant.candidates.strength=[0.0,1.0,.inf]", "evaluate_references=false", "save_model=false")
-    assert [type(s).__name__ for s in solvers(cfg.quant)] == ["LayerwiseEPMQ"]
+    cfg = make_cfg(tmp_path, zoo_cache, "anchor.select=layer", "quant.form=output",
+                   "anchor.candidates.strength=[0.0,1.0,.inf]", "evaluate_references=false", "save_model=false")
+    assert [type(s).__name__ for s in solvers(cfg.quant, cfg.anchor)] == ["LayerwiseEPMQ"]
     report = run(cfg)
     assert report["selection"] == [] and report["quant"]["select"] == "layer"
     strengths = report["quant"]["layer_strengths"]
     assert len(strengths) >= 12 and set(strengths.values()) <= {0.0, 1.0, math.inf}
     assert "strength chosen per layer by 2-fold cross-validation" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="quant.select=layer chooses the strength only"):
-        solvers(make_cfg(tmp_path / "bad", zoo_cache, "quant.select=layer").quant)
+    with pytest.raises(ValueError, match="anchor.select=layer chooses the strength only"):
+        bad = make_cfg(tmp_path / "bad", zoo_cache, "anchor.select=layer")
+        solvers(bad.quant, bad.anchor)

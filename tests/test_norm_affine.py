@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from epmq.core.norm_affine import NormStatistics, solve_norm_affine
-from epmq.core.solvers import EPMQ, LayerwiseEPMQ
+from epmq.core.anchor_choice import LayerwiseEPMQ
+from epmq.core.solvers import EPMQ
 
 FEATURES = 12
 EPS = 1e-5

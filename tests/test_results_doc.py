@@ -208,7 +208,7 @@ def test_refusals(tmp_path):
 # ----------------------------------------------------------------------------- design rules on held-out halves
 
 HALVES_HEADING = "## Design choices, judged on held-out selection samples"
-CANDIDATES = [0.0, 1.0, 3.0, 10.0, "inf"]  # the runs' quant.candidates.strength (form: output)
+CANDIDATES = [0.0, 1.0, 3.0, 10.0, "inf"]  # the runs' anchor.candidates.strength (form: output)
 # half-A scores per ablation row (λ, form): (A-NLL, A-acc). λ = 0 and ∞ are listed once (form output).
 A_SCORES = {(0.0, "output"): (0.60, 0.50), (0.3, "output"): (0.55, 0.50), (1.0, "output"): (0.66, 0.80),
             (3.0, "output"): (0.60, 0.70), (10.0, "output"): (0.70, 0.80), (100.0, "output"): (0.95, 0.50),

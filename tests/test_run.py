@@ -35,7 +35,7 @@ def test_every_config_file_composes_and_instantiates(tmp_path, zoo_cache, group)
         elif group == "quant":
             from epmq.jobs.steps import solvers
 
-            assert all(hasattr(s, "solve") for s in solvers(cfg.quant))
+            assert all(hasattr(s, "solve") for s in solvers(cfg.quant, cfg.anchor))
         elif group in ("logger", "callbacks"):
             for sub in (node or {}).values():
                 assert instantiate(sub) is not None
@@ -92,9 +92,9 @@ def test_epmq_run_writes_report_model_table_and_csv_metrics(tmp_path, zoo_cache,
 
 @pytest.mark.parametrize("select_by,key,best", [("nll", "select_avg_nll", min), ("acc", "select_avg_acc", max)])
 def test_auto_strength_picks_the_best_selection_score(tmp_path, zoo_cache, select_by, key, best):
-    cfg = make_cfg(tmp_path, zoo_cache, "quant.candidates.strength=[0.0,1.0,.inf]",
-                   "quant.candidates.form=[output]", "evaluate_references=false", "save_model=false",
-                   f"quant.select_by={select_by}")
+    cfg = make_cfg(tmp_path, zoo_cache, "anchor.candidates.strength=[0.0,1.0,.inf]",
+                   "anchor.candidates.form=[output]", "evaluate_references=false", "save_model=false",
+                   f"anchor.select_by={select_by}")
     report = run(cfg)
     scores = {s["strength"]: s[key] for s in report["selection"]}
     assert set(scores) == {0.0, 1.0, math.inf}
@@ -107,7 +107,7 @@ def test_auto_strength_picks_the_best_selection_score(tmp_path, zoo_cache, selec
     ("quant.bits=9", "quant.bits|bits"), ("quant.strength=-1", "strength"), ("quant.form=sideways", "form"),
     ("job._target_=epmq.nothing.here", "job._target_"), ("quant.group_size=0", "group_size"),
     ("data.calib_samples=0", "calib_samples"), ("suite.tasks=[mnist,imagenet]", "imagenet"),
-    ("quant.select_by=loss", "select_by"), ("merge=none", "suite.merged"),
+    ("anchor.select_by=loss", "select_by"), ("merge=none", "suite.merged"),
     ("merge.scaling_factor=-1", "scaling_factor"),
 ])
 def test_bad_options_fail_fast_naming_the_option(tmp_path, zoo_cache, override, match):

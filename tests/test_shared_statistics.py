@@ -29,7 +29,7 @@ class Watching:
     def __init__(self, inner):
         self.inner, self.seen = inner, []
         self.name, self.spec = inner.name, inner.spec
-        self.needs_statistics, self.needs_targets = inner.needs_statistics, inner.needs_targets
+        self.requirements = inner.requirements
 
     def solve(self, W, stats):
         self.seen.append((stats.H.data_ptr(), stats.owns_H, len(stats.buffers())))

@@ -164,3 +164,18 @@ def _check_number(name: str, value, allow_inf: bool) -> float:
         allowed = ">= 0 (float('inf') allowed)" if allow_inf else "finite and >= 0"
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return value
+
+
+def parse_strength(value) -> float:
+    """An anchor strength: a number >= 0, or inf (YAML's .inf, the command line's and JSON files' "inf").
+
+    The one parser of strengths: configs, command lines and results.json files all go through it."""
+    if isinstance(value, str) and value.strip().lower() in (".inf", "inf", "+inf", "infinity"):
+        return math.inf
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"strength must be a number >= 0 or inf, got {value!r}") from None
+    if math.isnan(s) or s < 0:
+        raise ValueError(f"strength must be >= 0 (inf allowed), got {value!r}")
+    return s

@@ -1,7 +1,9 @@
 """Solvers: how one linear layer becomes its quantized version, chosen by `_target_` (conf/quant).
 
 The calibration engine gathers a layer's statistics (H from the merged model's inputs, C from the
-experts' targets when the solver asks for them) and hands them to `solver.solve(W_m, stats)`:
+experts' targets when the solver asks for them) and hands them to `solver.solve(W_m, stats)`. What the
+engine gathers is what the solver declares in one value, `solver.requirements` (a Requirements): the
+engine reads that, never the solver's type or its options.
 
     RTN    round W_m to the nearest point of its grids; needs no data
     GPTQ   GPTQ of W_m under H (the merged model's own outputs are the targets)
@@ -29,12 +31,13 @@ E-PMQ's calibration ingredients beyond the paper (FeatCal-style, DESIGN §1; eac
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 
-from epmq.core.anchor import FORMS, relaxed_target, rounding_hessian
+from epmq.core.anchor import FORMS, parse_strength, relaxed_target, rounding_hessian
 from epmq.core.gptq import QuantResult, gptq, rtn
 from epmq.core.norm_affine import NormStatistics, solve_norm_affine
 from epmq.core.quant import QuantSpec
@@ -53,6 +56,35 @@ class Solution:
     bias: torch.Tensor | None = None  # (out,) float32: the layer's new bias (calibrate_bias), else None
 
 
+@dataclass(frozen=True)
+class Requirements:
+    """What a solver needs the engine to gather and pass for each layer.
+
+    statistics: H = Σ w X̂ᵀX̂ of the merged model's inputs (RTN needs none)
+    targets:    C = Σ w ỸᵀX̂ from the experts' outputs, streamed block by block (E-PMQ below λ = ∞)
+    base:       the base model's layers, passed to solve as `base` (an extrapolated anchor)
+    folds:      K > 0: the statistics gathered in K folds of samples (cross-validation); 0: one sum
+    normalize:  each task's (H_t, C_t) folded into the sums scaled by w_t / ‖H_t‖_F as its batches end
+    interp:     α: the targets taken at inputs α X^e + (1−α) X̂ (1: the experts' own path)
+    bias:       the layer's bias passed to solve as `bias`, and input means gathered (calibrate_bias)
+    norms:      the block's LayerNorms calibrated (statistics of their outputs; norm_affine solves them)
+    codes:      the solution is a quantized layer whose codes the engine keeps (False: an FP target)
+    per_step_choice: no single solve: the engine solves `candidates` through `at(λ)` at every step and
+                keeps the one the selection samples score best (epmq.engine.block_choice)
+    """
+
+    statistics: bool = True
+    targets: bool = False
+    base: bool = False
+    folds: int = 0
+    normalize: bool = False
+    interp: float = 1.0
+    bias: bool = False
+    norms: bool = False
+    codes: bool = True
+    per_step_choice: bool = False
+
+
 class RTN:
     """Round-to-nearest on min-max grids (epmq.core.quant); no calibration data.
 
@@ -61,8 +93,7 @@ class RTN:
     """
 
     name = "rtn"
-    needs_statistics = False
-    needs_targets = False
+    requirements = Requirements(statistics=False)
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, act_order: bool = False,
                  static_groups: bool = False, percdamp: float = 0.01, blocksize: int = 128):
@@ -85,7 +116,7 @@ class GPTQ(RTN):
     """GPTQ of the merged weights under H = Σ_t w_t X̂_tᵀX̂_t / n_t (epmq.core.gptq)."""
 
     name = "gptq"
-    needs_statistics = True
+    requirements = Requirements()
 
     def target(self, W_m: torch.Tensor, stats: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(W to round (out, in), H to round it with (in, in), extra metrics)."""
@@ -140,8 +171,9 @@ class EPMQ(GPTQ):
         self.calibrate_norms = calibrate_norms
 
     @property
-    def needs_targets(self) -> bool:
-        return not math.isinf(self.strength)
+    def requirements(self) -> Requirements:
+        return Requirements(targets=not math.isinf(self.strength), base=self.needs_base, normalize=self.normalize,
+                            interp=self.interp, bias=self.calibrate_bias, norms=self.calibrate_norms)
 
     @property
     def needs_base(self) -> bool:
@@ -249,148 +281,19 @@ class RelaxedEPMQ(EPMQ):
 
     The same calibration as EPMQ at the same strength and form (the experts' targets, the merged
     weights as anchor); beside the quantized E-PMQ it shows apart what the calibration repairs in the
-    merge and what rounding costs. Nothing is quantized (`quantizes` is False): the engine keeps no
-    codes for it, so it is neither exported nor resumed.
+    merge and what rounding costs. Nothing is quantized: the engine keeps no
+    codes for it (its requirements say codes=False), so it is neither exported nor resumed.
     """
 
     name = "epmq_fp"
-    quantizes = False
+
+    @property
+    def requirements(self) -> Requirements:
+        return dataclasses.replace(super().requirements, codes=False)
 
     def finish(self, W_star: torch.Tensor, H: torch.Tensor, metrics: dict) -> Solution:
         none = W_star.new_empty(0)
         return Solution(QuantResult(W_star.float(), none.to(torch.uint8), none, none, none.long(), 0.0), metrics)
-
-
-class ChosenEPMQ(EPMQ):
-    """E-PMQ whose anchor strength is chosen among `candidates` as the calibration goes (no single value:
-    `strength` is nan). The shared part of LayerwiseEPMQ and BlockChoiceEPMQ: the candidates, strongest first
-    so that ties keep the stronger anchor, and the refusal of the calibration ingredients.
-
-    Class attributes: select (the quant.select value naming the choice), unit (what one choice covers).
-    """
-
-    name = "epmq"
-    select = unit = ""
-
-    def __init__(self, candidates, form: str = "output", **spec):
-        ingredients = {k: spec.pop(k) for k in INGREDIENTS if k in spec}
-        super().__init__(strength=0.0, form=form, **spec)
-        if any(v != getattr(self, k) for k, v in ingredients.items()):
-            raise ValueError(f"the {self.unit} anchor choice (quant.select={self.select}) takes none of E-PMQ's "
-                             f"calibration ingredients; got {ingredients}")
-        values = sorted({parse_strength(c) for c in candidates}, reverse=True)  # strongest first
-        if not values:
-            raise ValueError("candidates must list at least one anchor strength")
-        self.candidates = values
-        self.strength = math.nan
-
-    @property
-    def needs_targets(self) -> bool:
-        return any(not math.isinf(c) for c in self.candidates)
-
-    def describe(self) -> dict:
-        return {**super().describe(), "strength": None, "candidates": self.candidates, "select": self.select}
-
-
-class LayerwiseEPMQ(ChosenEPMQ):
-    """E-PMQ whose anchor strength is chosen per layer, in the same pass, by K-fold cross-validation.
-
-    The engine gathers the layer's statistics in K folds of samples (epmq.core.stats.FoldedStatistics).
-    For every candidate λ and fold k, W*(λ) is fitted on the other folds and rounded by GPTQ under
-    their H; its error on fold k against the experts' targets,
-
-        E_k(Q) = Σ_{fold k} w ‖X̂Qᵀ − Ỹ‖² = tr(D H_k Dᵀ) − 2 tr(D R_kᵀ) + const,   D = Q − W_m,
-
-    is summed over the folds. The λ with the least error (ties: the stronger anchor) is then fitted
-    on all folds. λ = inf (GPTQ of the merged weights) is a candidate like the others.
-
-    Measured on the offline suite (4 bits, seed 0): it picks λ ≈ 0-0.3 and scores below GPTQ
-    (TA 0.3: 76.15 vs 76.44; TIES: 75.92 vs 80.24; TA 0.1: 78.12 vs 82.10), while the run-level
-    choice scores 78.77 / 81.09 / 82.01: a layer's own held-out error does not see what its error
-    does to the blocks after it. Kept as an experimental option and a baseline for better criteria.
-
-    Args:
-        candidates: the anchor strengths to choose from (numbers >= 0 or inf).
-        folds: K >= 2.
-        form, spec: as EPMQ.
-    """
-
-    select, unit = "layer", "per-layer"
-
-    def __init__(self, candidates=(0.0, 0.3, 1.0, 3.0, 10.0, "inf"), folds: int = 2, form: str = "output", **spec):
-        super().__init__(candidates, form, **spec)
-        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
-            raise ValueError(f"folds must be an int >= 2, got {folds!r}")
-        self.folds = folds
-
-    def solve(self, W_m: torch.Tensor, stats) -> Solution:
-        if stats is None or stats.tokens == 0:
-            raise ValueError(f"{self.name}: no calibration tokens reached this layer")
-        if not getattr(stats, "residual", False) or not hasattr(stats, "fold"):
-            raise ValueError("LayerwiseEPMQ needs FoldedStatistics of residual targets (the engine gathers them "
-                             "when the solver has `folds`)")
-        H, R = stats.H, stats.C
-        W64 = W_m.double()
-        errors = {}
-        for lam in self.candidates:
-            error = 0.0
-            for k in range(self.folds):
-                part = stats.fold(k)
-                if part.tokens == 0:
-                    continue
-                H_rest, R_rest = H - part.H, R - part.C
-                if not H_rest.diagonal().mean() > 0:
-                    continue  # every token of this layer is in fold k: nothing to fit on
-                Q = gptq(*self.anchored(W_m, H_rest, R_rest, True, lam), self.spec).weight
-                D = Q.double() - W64
-                error += float(((D @ part.H) * D).sum() - 2 * (D * part.C).sum())
-            errors[lam] = error
-        best = min(self.candidates, key=lambda lam: errors[lam])  # candidates strongest first: ties keep it
-        W_star, H_round = self.anchored(W_m, H, R, True, best)
-        return self.quantize_target(W_star, H_round, {"anchor_shift": anchor_shift(W_star, W_m),
-                                                      "anchor_strength": best})
-
-    def describe(self) -> dict:
-        return {**super().describe(), "folds": self.folds}
-
-    def __repr__(self) -> str:
-        return f"LayerwiseEPMQ(candidates={self.candidates}, folds={self.folds}, form={self.form!r}, {self.spec})"
-
-
-class BlockChoiceEPMQ(ChosenEPMQ):
-    """E-PMQ whose anchor strength is chosen per calibration step (a block; a layer group when calibrating
-    true-sequentially) by the task heads' loss on the held-out selection samples, in one calibration.
-
-    At the end of each step the engine solves and rounds the step's layers at every candidate λ from the
-    same statistics (H, C), writes each candidate in turn into the model (the steps before it at their
-    chosen λ, the layers after it still the FP merge) and keeps the one whose model has the least mean
-    cross-entropy on the selection samples; ties keep the stronger anchor. The engine asks for that loss
-    through the `selection` function a run gives it (epmq.jobs.steps.calibrate).
-
-    Compared with the run-level choice (one whole calibration per candidate) it calibrates once, but scores
-    every candidate of every step: K·S full forwards of the selection samples for K candidates and S steps.
-
-    Args:
-        candidates: the anchor strengths to choose from (numbers >= 0 or inf).
-        form, spec: as EPMQ. The calibration ingredients are not taken (each would need its own study here).
-    """
-
-    select, unit = "block", "per-block"
-    chooses_by_selection = True
-
-    def __init__(self, candidates=(math.inf, 10.0, 3.0, 1.0, 0.3, 0.0), form: str = "output", **spec):
-        super().__init__(candidates, form, **spec)
-
-    def at(self, strength: float) -> EPMQ:
-        """The plain E-PMQ solver of one candidate."""
-        return EPMQ(strength, self.form, **self.spec.__dict__)
-
-    def solve(self, W_m: torch.Tensor, stats=None, **context) -> Solution:
-        raise RuntimeError("BlockChoiceEPMQ is solved through its candidates (`at`) by the calibration engine, "
-                           "which scores each on the selection samples; give BlockwiseCalibration a `selection`")
-
-    def __repr__(self) -> str:
-        return f"BlockChoiceEPMQ(candidates={self.candidates}, form={self.form!r}, {self.spec})"
 
 
 def anchor_shift(W_star: torch.Tensor, W_m: torch.Tensor) -> float:
@@ -399,16 +302,3 @@ def anchor_shift(W_star: torch.Tensor, W_m: torch.Tensor) -> float:
         return 0.0
     W64 = W_m.double()
     return ((W_star.double() - W64).norm() / W64.norm().clamp_min(1e-30)).item()
-
-
-def parse_strength(value) -> float:
-    """An anchor strength: a number >= 0, or inf (YAML's .inf, the command line's inf)."""
-    if isinstance(value, str) and value.strip().lower() in (".inf", "inf", "infinity"):
-        return math.inf
-    try:
-        s = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"strength must be a number >= 0 or inf, got {value!r}") from None
-    if math.isnan(s) or s < 0:
-        raise ValueError(f"strength must be >= 0 (inf allowed), got {value!r}")
-    return s

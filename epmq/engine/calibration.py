@@ -50,6 +50,7 @@ from epmq.io.pool import ExpertPool
 from epmq.core.precision import tf32
 from epmq.io.quantized_layer import QuantizedLayer
 from epmq.engine.schedule import Step, build_schedule
+from epmq.core.solvers import Requirements
 from epmq.core.stats import FoldedStatistics, LayerStatistics
 
 
@@ -111,9 +112,8 @@ class BlockwiseCalibration(L.LightningModule):
                  share_statistics: bool = True, tf32: bool = False,
                  resume: Sequence[FinishedStep] = (), selection: Callable[[torch.device], float] | None = None):
         super().__init__()
-        for attr in ("needs_statistics", "needs_targets", "solve"):
-            if not hasattr(solver, attr):
-                raise ValueError(f"solver must be an epmq.core.solvers object (RTN, GPTQ, EPMQ), got {type(solver).__name__}")
+        if not isinstance(solver.requirements if hasattr(solver, "requirements") else None, Requirements):
+            raise ValueError(f"solver must be an epmq.core.solvers object (RTN, GPTQ, EPMQ), got {type(solver).__name__}")
         task_names = list(task_names)
         if not task_names or len(set(task_names)) != len(task_names):
             raise ValueError(f"task_names must be a non-empty list of distinct names, got {task_names}")
@@ -123,6 +123,7 @@ class BlockwiseCalibration(L.LightningModule):
         self.__dict__["model"] = model
         self._ddp_placeholder = nn.Parameter(torch.zeros(1))
         self.solver = solver
+        self.requirements: Requirements = solver.requirements  # what the engine gathers and passes for it
         if not isinstance(adapter, ModelAdapter):
             raise ValueError(f"adapter must be an epmq.engine.adapters.ModelAdapter (the family's: "
                              f"epmq.families.base.adapter_for(model)), got {type(adapter).__name__}")
@@ -141,7 +142,7 @@ class BlockwiseCalibration(L.LightningModule):
         self.label = ""  # shown before the step in the progress bar, e.g. which anchor candidate
         self.stages = self.adapter.stages(model)
         self.schedule: list[Step] = build_schedule(self.adapter, model, self.true_sequential)
-        needs_pool = solver.needs_targets or getattr(solver, "needs_base", False)
+        needs_pool = self.requirements.targets or self.requirements.base
         self.experts = _expert_cache(experts) if needs_pool else None
         if needs_pool and self.experts is None:
             raise ValueError(f"{solver!r} needs expert targets (or the base model's layers): pass "
@@ -274,9 +275,9 @@ class BlockwiseCalibration(L.LightningModule):
         device = self.device_
         if self.offload_blocks == "auto":
             self.offload_blocks = device.type == "cuda" and 2 * _bytes(self.model) > torch.cuda.mem_get_info(device)[0]
-        if self.offload_blocks and getattr(self.solver, "chooses_by_selection", False):
-            raise ValueError("quant.select=block scores the whole model for every candidate, so the model must stay "
-                             "on the device: set calibration.offload_blocks=false (or use quant.select=run)")
+        if self.offload_blocks and self.requirements.per_step_choice:
+            raise ValueError("anchor.select=block scores the whole model for every candidate, so the model must stay "
+                             "on the device: set calibration.offload_blocks=false (or use anchor.select=run)")
         if not self.offload_blocks:
             self.model.to(device)
             return
@@ -335,7 +336,7 @@ class BlockwiseCalibration(L.LightningModule):
         for key in sorted(counts):
             self.all_reduce_(counts[key])
         self.task_tokens = counts
-        if self.solver.needs_statistics:
+        if self.requirements.statistics:
             empty = [t for t, n, w in zip(self.task_names, counts[(0, "self")], self.task_weights) if n == 0 and w > 0]
             if empty:
                 raise ValueError(f"task(s) {empty} have no calibration samples (task_names={self.task_names})")
@@ -401,12 +402,12 @@ class BlockwiseCalibration(L.LightningModule):
         block = self.block(step)
         if self.offload_blocks and step.first:
             block.to(self.device_)
-        if not self.solver.needs_statistics:
+        if not self.requirements.statistics:
             return
-        with_C = self.solver.needs_targets
+        with_C = self.requirements.targets
         self.statistics, self._input_group, self._task_statistics = {}, {}, {}
         shared = step.stage.shared_inputs if self.share_statistics else ()
-        means = {"means": True} if getattr(self.solver, "calibrate_bias", False) else {}
+        means = {"means": True} if self.requirements.bias else {}
         for name in step.layers:
             lin = block.get_submodule(name)
             group = next((g for g in shared if name in g), (name,))
@@ -418,7 +419,7 @@ class BlockwiseCalibration(L.LightningModule):
                                               share_H_with=sums.get(owner), **means)
             self._hooks.append(lin.register_forward_hook(self._statistics_hook(name, step.stage.source(name))))
         self.norm_statistics = {}
-        norms = step.stage.norms if getattr(self.solver, "calibrate_norms", False) and step.first else ()
+        norms = step.stage.norms if self.requirements.norms and step.first else ()
         for name in norms:  # the block's LayerNorms; at λ = inf no targets: they go to the anchor
             norm = block.get_submodule(name)
             if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
@@ -431,7 +432,7 @@ class BlockwiseCalibration(L.LightningModule):
     def target_names(self, step: Step) -> tuple[str, ...]:
         """What the experts' targets are needed for in `step`: its linear layers, and on a block's first step
         the block's LayerNorms when the solver calibrates them (with expert targets)."""
-        norms = (getattr(self.solver, "calibrate_norms", False) and self.solver.needs_targets and step.first)
+        norms = self.requirements.norms and self.requirements.targets and step.first
         return step.layers + (step.stage.norms if norms else ())
 
     def _norm_hook(self, name: str):
@@ -442,18 +443,18 @@ class BlockwiseCalibration(L.LightningModule):
     @property
     def normalize(self) -> bool:
         """Whether each task's statistics join the total divided by the norm of its Gram (EPMQ.normalize)."""
-        return bool(getattr(self.solver, "normalize", False)) and self.solver.needs_statistics
+        return self.requirements.normalize and self.requirements.statistics
 
     def _statistics(self, *args, **kwargs):
         """LayerStatistics, or FoldedStatistics when the solver chooses by cross-validation (`folds`)."""
-        folds = getattr(self.solver, "folds", None)
+        folds = self.requirements.folds
         return FoldedStatistics(*args, folds=folds, **kwargs) if folds else LayerStatistics(*args, **kwargs)
 
     def _statistics_hook(self, name: str, source: str):
         def hook(linear: nn.Linear, args, output):
             X = args[0]  # (batch, tokens, in): the merged layer's inputs X̂
             Y = None
-            if self.solver.needs_targets:
+            if self.requirements.targets:
                 # Y_t = W_t X^e + b_t (batch, tokens, out); the merged layer keeps b_m, so the target
                 # is Ỹ = Y_t − b_m and its residual against the layer's own output Ỹ − X̂W_mᵀ = Y_t − output
                 Y = self._targets[name]
@@ -475,7 +476,7 @@ class BlockwiseCalibration(L.LightningModule):
     def mixed_targets(self, name: str, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """The targets at inputs α X^e + (1−α) X̂ (EPMQ.interp = α): expert t's layer is linear, so they
         are α Y_t + (1−α) (X̂ W_tᵀ + b_t), per task's rows. X: (batch, tokens, in), Y: (batch, tokens, out)."""
-        alpha = getattr(self.solver, "interp", 1.0)
+        alpha = self.requirements.interp
         if alpha == 1.0:
             return Y
         tasks = self.batch_tasks[self._batch_idx].to(Y.device)
@@ -509,7 +510,7 @@ class BlockwiseCalibration(L.LightningModule):
     @torch.no_grad()
     def training_step(self, batch, batch_idx: int):
         step = self.current_step
-        if self.solver.needs_statistics and self.owns(batch_idx) and self.step_index < len(self.schedule):
+        if self.requirements.statistics and self.owns(batch_idx) and self.step_index < len(self.schedule):
             if batch_idx >= len(self.batch_tasks) or not torch.equal(self.check_tasks(batch, batch_idx),
                                                                      self.batch_tasks[batch_idx]):
                 raise ValueError(f"calibration batch {batch_idx} differs from the one seen in setup: the "
@@ -526,9 +527,9 @@ class BlockwiseCalibration(L.LightningModule):
                     per_sample = (self.task_weights / n_t.clamp_min(1))[tasks]  # w_t / n_t, (batch,)
                     mask = self._token_mask(step.stage, batch, source)
                     self._weights[source] = (per_sample[:, None] * mask).to(device)
-            if self.solver.needs_targets:
+            if self.requirements.targets:
                 self._targets = self.experts.targets(batch_idx)
-            folds = getattr(self.solver, "folds", None)
+            folds = self.requirements.folds
             if folds:  # consecutive samples alternate between folds: each task's samples split evenly
                 n = len(self.batch_tasks[batch_idx])
                 self._fold_ids = (batch_idx + torch.arange(n)) % folds
@@ -590,7 +591,7 @@ class BlockwiseCalibration(L.LightningModule):
         if buffers:
             self.all_reduce_(*buffers)
         block = self.block(step)
-        if getattr(self.solver, "chooses_by_selection", False):
+        if self.requirements.per_step_choice:
             results, metrics = self.choose_step(step, block)
         else:
             results, metrics = self.solve_layers(step, block, self.solver)
@@ -602,7 +603,7 @@ class BlockwiseCalibration(L.LightningModule):
         for name, stats in self.norm_statistics.items():  # the LayerNorms feeding this block's layers
             norm = block.get_submodule(name)
             base = None
-            if getattr(self.solver, "needs_base", False):
+            if self.requirements.base:
                 base = self.experts.layer("base", step.prefix + name, norm.weight.device)
             gamma, beta = self.solver.norm_affine(stats, norm.weight.detach(), norm.bias.detach(), base)
             norm.weight.copy_(gamma.to(norm.weight))
@@ -633,7 +634,7 @@ class BlockwiseCalibration(L.LightningModule):
             linear.weight.copy_(solution.result.weight.to(linear.weight.dtype))
             if solution.bias is not None:
                 linear.bias.copy_(solution.bias.to(linear.bias))
-            if getattr(solver, "quantizes", True):  # an FP solver (RelaxedEPMQ) leaves no codes
+            if solver.requirements.codes:  # an FP solver (RelaxedEPMQ) leaves no codes
                 results[step.prefix + name] = QuantizedLayer.from_result(solution.result, solver.spec.bits,
                                                                          bias=solution.bias)
             metrics[step.prefix + name] = solution.metrics
@@ -671,9 +672,9 @@ class BlockwiseCalibration(L.LightningModule):
         """What the solver needs of a layer besides W_m and its statistics: its bias (calibrate_bias)
         and the base model's layer (an extrapolated anchor), as keyword arguments of solve."""
         context = {}
-        if getattr(self.solver, "calibrate_bias", False) and linear.bias is not None:
+        if self.requirements.bias and linear.bias is not None:
             context["bias"] = linear.bias.detach()
-        if getattr(self.solver, "needs_base", False):  # the constructor made sure there is a pool
+        if self.requirements.base:  # the constructor made sure there is a pool
             context["base"] = self.experts.layer("base", step.prefix + name, linear.weight.device)
         return context
 

@@ -54,11 +54,11 @@ PLACEMENT = ("offload_blocks", "cache_device", "keep_targets_gb", "keep_targets_
 def run_fingerprint(config: dict, prepared) -> dict:
     """What a calibration's result depends on, for resuming: the epmq version, the models (the merged
     weights' content, each expert file's digest), the calibration data and the options that change
-    results (suite, merge, quant, data, calibration, the trainer's precision, seed). config: the run's
+    results (suite, merge, quant, anchor, data, calibration, the trainer's precision, seed). config: the run's
     resolved config."""
     import epmq
 
-    options = {k: config.get(k) for k in ("suite", "merge", "quant", "data", "calibration", "seed")}
+    options = {k: config.get(k) for k in ("suite", "merge", "quant", "anchor", "data", "calibration", "seed")}
     if isinstance(options["suite"], dict):
         options["suite"] = {k: v for k, v in options["suite"].items() if k != "progress"}  # display only
     options["precision"] = str((config.get("trainer") or {}).get("precision", "32-true"))  # bf16-mixed rounds

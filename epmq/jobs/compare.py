@@ -8,12 +8,12 @@
       gptq          GPTQ of the merged model
       regmean_gptq  GPTQ of the RegMean merge: the data-aware merge a careful user would try instead
       epmq          every anchor setting of the ablation grid (both forms) is calibrated, scored on the
-                    selection samples and tested; E-PMQ's result is the best of `quant.candidates` on
+                    selection samples and tested; E-PMQ's result is the best of `anchor.candidates` on
                     the selection samples, exactly as `run` chooses (never on test data)
-      epmq_layer    one calibration, the strength chosen per layer among `quant.candidates` by K-fold
-                    cross-validation on the calibration samples (quant.select=layer, output form)
-      epmq_block    one calibration, the strength chosen per block among `quant.candidates` by the heads' loss
-                    on the selection samples (quant.select=block, output form)
+      epmq_layer    one calibration, the strength chosen per layer among `anchor.candidates` by K-fold
+                    cross-validation on the calibration samples (anchor.select=layer, output form)
+      epmq_block    one calibration, the strength chosen per block among `anchor.candidates` by the heads' loss
+                    on the selection samples (anchor.select=block, output form)
       ingredients   E-PMQ at the anchor it chose, once per entry of `compare.ingredients` with that
                     entry's calibration options over the configured ones (quant.normalize, interp,
                     extrapolate, calibrate_bias, calibrate_norms): the ablation of each ingredient, one row each
@@ -43,26 +43,27 @@ from epmq.jobs import compare_report
 from epmq.families.base import adapter_for
 from epmq.io.step_store import describe_changes
 from epmq.jobs.steps import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, prepare,
-                           quiet_lightning, resolved_config, select_half_scores, select_scores, selection_key, solvers,
+                           quiet_lightning, resolved_config, select_half_scores, select_scores, solvers,
                            target_cache)
 from epmq.core.regmean import gram_matrices, regmean
 from epmq.jobs.report import write_json_atomic
-from epmq.core.solvers import EPMQ, GPTQ, INGREDIENTS, RTN, BlockChoiceEPMQ, LayerwiseEPMQ, RelaxedEPMQ
+from epmq.core.anchor import parse_strength
+from epmq.core.anchor_choice import BlockChoiceEPMQ, LayerwiseEPMQ, selection_key
+from epmq.core.solvers import EPMQ, GPTQ, INGREDIENTS, RTN, RelaxedEPMQ
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn", "gptq", "regmean_gptq", "epmq", "epmq_layer", "epmq_block")
 
 
 def compare_plan(cfg: DictConfig):
-    """Validate `cfg.compare` and `cfg.quant` before any work: (methods, spec options by bits,
+    """Validate `cfg.compare`, `cfg.quant` and `cfg.anchor` before any work: (methods, spec options by bits,
     selection candidates as (strength, form), ablation grid). The grid holds every selection
     candidate, strongest anchor first."""
     opts = cfg.compare
     methods = list(opts.methods)
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in compare_report.METHODS]
     if bad or not methods:
-        raise ValueError(f"compare.methods must be a non-empty subset of {METHODS}, got {methods}")
+        raise ValueError(f"compare.methods must be a non-empty subset of {compare_report.METHODS}, got {methods}")
     # a suite whose batches RegMean's Gram pass cannot read says why (its `regmean_unsupported`)
     why = getattr(get_class(cfg.suite._target_), "regmean_unsupported", None) if "regmean_gptq" in methods else None
     if why:
@@ -70,17 +71,19 @@ def compare_plan(cfg: DictConfig):
         raise ValueError(f"compare.methods: regmean_gptq is not available for suite {cfg.suite._target_}: {why}; "
                          f"leave it out: compare.methods=[{rest}]")
     quant = OmegaConf.merge(cfg.quant, {"_target_": "epmq.core.solvers.EPMQ"})
-    selection = [(s.strength, s.form) for s in solvers(quant)]
+    run_level = OmegaConf.merge(cfg.anchor, {"select": "run"})  # the epmq rows: one calibration per setting
+    selection = [(s.strength, s.form) for s in solvers(quant, run_level)]
     bits = list(opts.bits)
     if not bits or len(set(bits)) != len(bits):
         raise ValueError(f"compare.bits must be a non-empty list of distinct bit widths, got {bits}")
-    spec = solvers(OmegaConf.merge(quant, {"strength": float("inf"), "form": "output"}))[0].spec
+    spec = solvers(OmegaConf.merge(quant, {"strength": float("inf"), "form": "output"}), run_level)[0].spec
     specs = {int(b): dataclasses.replace(spec, bits=b).__dict__ for b in bits}  # QuantSpec checks 2..8
     for options in specs.values():
         EPMQ(**options)
-    ablation = OmegaConf.merge(quant, {"strength": "auto", "form": "auto", "candidates": {
-        "strength": list(opts.ablation.strength), "form": list(opts.ablation.form)}})
-    grid = {(s.strength, s.form) for s in solvers(ablation)} | set(selection)
+    ablation = OmegaConf.merge(run_level, {"candidates": {"strength": list(opts.ablation.strength),
+                                                          "form": list(opts.ablation.form)}})
+    grid = {(s.strength, s.form) for s in solvers(OmegaConf.merge(quant, {"strength": "auto", "form": "auto"}),
+                                                  ablation)} | set(selection)
     return methods, specs, selection, sorted(grid, key=lambda c: (-c[0], c[1])), ingredient_plan(cfg)
 
 
@@ -175,12 +178,12 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
                                          expert_cache))
                         for k, (strength, form) in enumerate(grid)]
                 ablation += rows
-                entries.append(epmq_entry(rows, selection, cfg.quant.select_by, bits,
+                entries.append(epmq_entry(rows, selection, cfg.anchor.select_by, bits,
                                           getattr(prepared.suite, "higher_is_better", True)))
                 anchor = entries[-1]["anchor"]
                 for name, change in ingredient_rows.items():
                     key = f"ingredients/{name}/bits_{bits}"
-                    solver = EPMQ(_strength(anchor["strength"]), anchor["form"], **spec, **{**configured, **change})
+                    solver = EPMQ(parse_strength(anchor["strength"]), anchor["form"], **spec, **{**configured, **change})
                     row = units.get(key) or units.put(key, ablation_row(cfg, prepared, solver, 0, 1, expert_cache, name))
                     ingredients.append({"name": name, "options": change, **row})
                 continue
@@ -189,9 +192,9 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
             if entry is None:
                 state = "regmean" if method == "regmean_gptq" else "merged"
                 if method == "epmq_layer":
-                    solver = LayerwiseEPMQ(list(cfg.quant.candidates.strength), cfg.quant.get("folds", 2), **spec)
+                    solver = LayerwiseEPMQ(list(cfg.anchor.candidates.strength), cfg.anchor.folds, **spec)
                 elif method == "epmq_block":
-                    solver = BlockChoiceEPMQ(list(cfg.quant.candidates.strength), "output", **spec)
+                    solver = BlockChoiceEPMQ(list(cfg.anchor.candidates.strength), "output", **spec)
                 else:
                     solver = RTN(**spec) if method == "rtn" else GPTQ(**spec)
                 experts = expert_cache if method.startswith("epmq_") else None
@@ -281,7 +284,7 @@ def epmq_entry(rows: list[dict], selection: list[tuple[float, str]], select_by: 
     """E-PMQ's result: the selection candidates' best on the selection samples (strongest first,
     ties keep the stronger anchor, as in the main job); its time is the whole selection's."""
     wanted = set(selection)
-    pool = [r for r in rows if (_strength(r["strength"]), r["form"]) in wanted]  # rows come strongest first
+    pool = [r for r in rows if (parse_strength(r["strength"]), r["form"]) in wanted]  # rows come strongest first
     best = max(pool, key=lambda r: selection_key(r, select_by, higher_is_better))
     return {"method": "epmq", "bits": bits, "test": best["test"], "anchor": {"strength": best["strength"],
             "form": best["form"]}, "seconds": sum(r["seconds"] + r["select_seconds"] for r in pool),
@@ -291,17 +294,13 @@ def epmq_entry(rows: list[dict], selection: list[tuple[float, str]], select_by: 
 def fp_calibrated(cfg, prepared, anchor: dict, specs: dict, expert_cache, options: dict) -> dict:
     """The FP calibrated merge: E-PMQ's calibration (with its configured ingredients `options`) at the
     anchor it chose at the widest bit width (on the selection samples), W* written without rounding; tested."""
-    strength, form = _strength(anchor["strength"]), anchor["form"]
+    strength, form = parse_strength(anchor["strength"]), anchor["form"]
     spec = next(iter(specs.values()))  # only percdamp (the damping δ) matters without rounding
     calib = calibrate(cfg, prepared, RelaxedEPMQ(strength, form, **spec, **options), label="FP calibrated merge",
                       experts=expert_cache)
     test = evaluate(cfg, prepared, calib.model, prepared.data.test_dataloader(), "calibrated/test").results
     log.info("FP calibrated merge (λ=%g, %s): test accuracy %.2f", strength, form, 100 * test["avg"])
     return {"test": test, "strength": strength, "form": form, "seconds": calib.seconds}
-
-
-def _strength(value) -> float:
-    return compare_report.strength_value(value)
 
 
 def merge_description(cfg: DictConfig) -> dict:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from epmq.core.anchor import parse_strength
 from epmq.jobs.report import write_atomic
 
 METHODS = ("rtn", "gptq", "regmean_gptq", "epmq", "epmq_layer", "epmq_block")
@@ -77,24 +78,12 @@ def validate(results: dict) -> None:
         for key in ("bits", "form", "strength", "test"):
             if key not in entry:
                 raise ValueError(f"results.json: ablation[{i}] has no {key!r}")
-        strength_value(entry["strength"])
-
-
-def strength_value(strength) -> float:
-    """An anchor strength as a float: numbers as they are, the JSON string "inf" as math.inf."""
-    if isinstance(strength, str):
-        if strength.strip().lower() in ("inf", "infinity", "+inf"):
-            return math.inf
-        raise ValueError(f"anchor strength {strength!r}: expected a number or 'inf'")
-    value = float(strength)
-    if value < 0 or math.isnan(value):
-        raise ValueError(f"anchor strength {strength!r}: expected >= 0")
-    return value
+        parse_strength(entry["strength"])
 
 
 def format_strength(strength) -> str:
     """λ for a label: 0, 1, 0.01, 1e+04, ∞."""
-    value = strength_value(strength)
+    value = parse_strength(strength)
     return "∞" if math.isinf(value) else f"{value:g}"
 
 
@@ -121,7 +110,7 @@ def ablation_curves(entries: Sequence[dict]) -> dict[str, list[tuple[float, floa
     """
     curves: dict[str, dict[float, float]] = {}
     for entry in entries:
-        curves.setdefault(entry["form"], {})[strength_value(entry["strength"])] = entry["test"]["avg"]
+        curves.setdefault(entry["form"], {})[parse_strength(entry["strength"])] = entry["test"]["avg"]
     shared = {s: a for points in curves.values() for s, a in points.items() if math.isinf(s) or s == 0}
     for points in curves.values():
         for s, a in shared.items():
@@ -379,7 +368,7 @@ def plot_ablation(results: dict, path: str | Path) -> Path | None:
         if epmq and epmq.get("anchor"):
             anchor = epmq["anchor"]
             marks = [(f"E-PMQ chose {anchor['form']}, λ={format_strength(anchor['strength'])}",
-                      strength_value(anchor["strength"]), 100 * epmq["test"]["avg"],
+                      parse_strength(anchor["strength"]), 100 * epmq["test"]["avg"],
                       dict(color=FORM_COLORS.get(anchor["form"], "gold")))]
         draw_ablation(ax, curves, hlines, marks)
         ax.set_title(f"{bits} bits")

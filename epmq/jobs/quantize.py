@@ -26,7 +26,8 @@ from callbacks.block_metrics import peak_memory_mb
 from epmq.io.export import check_exportable, checkpoint_size, save_quantized
 from epmq.jobs.steps import (calibrate, calibration_record, candidate_label, claim_run_folder, evaluate,
                            evaluate_experts, logging_to, prepare, quiet_lightning, resolved_config, run_folder_store,
-                           select_scores, selection_key, solvers, target_cache)
+                           select_scores, solvers, target_cache)
+from epmq.core.anchor_choice import selection_key
 from epmq.jobs.report import accuracy_table, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ def quantize(cfg: DictConfig) -> dict:
     """
     start = time.perf_counter()
     quiet_lightning()
-    candidates = solvers(cfg.quant)
-    if not all(getattr(s, "quantizes", True) for s in candidates):
+    candidates = solvers(cfg.quant, cfg.anchor)
+    if not all(s.requirements.codes for s in candidates):
         raise ValueError(f"quant._target_={cfg.quant._target_} does not quantize (the FP calibrated merge): it is a "
                          f"row of experiment=compare, not a job of its own")
     if cfg.save_model:  # refused now, not after the calibration
@@ -81,7 +82,7 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
         selection.append({"strength": solver.strength, "form": solver.form, **scores, "seconds": calib.seconds})
         log.info("candidate %s: select %s %.4g, nll %.4f", label, suite.metric, scores["select_avg_acc"],
                  scores["select_avg_nll"])
-        key = selection_key(scores, cfg.quant.select_by, getattr(suite, "higher_is_better", True))
+        key = selection_key(scores, cfg.anchor.select_by, getattr(suite, "higher_is_better", True))
         if best is None or key > best[0]:  # candidates come strongest first: ties keep the stronger
             best = (key, solver, calib)
     del expert_cache

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import warnings
 from contextlib import contextmanager
@@ -35,18 +34,10 @@ from epmq.engine.calibration import BlockwiseCalibration
 from epmq.families.base import adapter_for
 from epmq.io.pool import ExpertPool
 from epmq.jobs.report import write_json_atomic
-from epmq.core.solvers import parse_strength
+from epmq.core.anchor_choice import SELECT, SELECT_BY, ChosenEPMQ, candidate_grid
 from epmq.jobs.tracking import close_logger
 
 log = logging.getLogger(__name__)
-
-SELECT_BY = ("nll", "acc")
-# run-level keys of the quant node: how `auto` anchors are chosen, not arguments of the solver
-SELECTION_KEYS = ("select_by", "candidates", "select", "folds")
-# how `auto` chooses: whole calibrations scored by the heads (run); in one calibration, per step by the heads (block)
-# or per layer by cross-validated layer error (layer)
-SELECT = ("run", "block", "layer")
-
 
 @dataclass
 class Prepared:
@@ -92,43 +83,37 @@ def resolved_config(cfg: DictConfig) -> dict:
 
 
 # -- solvers and anchor candidates -----------------------------------------------------------------
-def solvers(quant: DictConfig) -> list:
-    """The solver objects `cfg.quant` asks for: one, or one per anchor candidate when E-PMQ's
-    strength or form is `auto` (strongest anchor first, so that ties keep the setting closest to
-    GPTQ). ValueError on bad options, before any work."""
-    node = OmegaConf.masked_copy(quant, [k for k in quant if k not in SELECTION_KEYS])
-    if quant.get("select_by", "nll") not in SELECT_BY:
-        raise ValueError(f"quant.select_by must be one of {SELECT_BY}, got {quant.select_by!r}")
-    if "strength" not in node:
-        return [build(node, "quant")]
-    select = quant.get("select", "run")
-    if select not in SELECT:
-        raise ValueError(f"quant.select must be one of {SELECT}, got {select!r}")
-    if select in ("layer", "block") and node.strength == "auto":  # one calibration, the anchor chosen as it goes
-        if node.form == "auto":
-            raise ValueError(f"quant.select={select} chooses the strength only: set quant.form=output or weight")
-        node = OmegaConf.masked_copy(node, [k for k in node if k != "strength"])
-        if select == "block":
-            return [build(node, "quant", _target_="epmq.core.solvers.BlockChoiceEPMQ",
-                          candidates=list(quant.candidates.strength))]
-        return [build(node, "quant", _target_="epmq.core.solvers.LayerwiseEPMQ",
-                      candidates=list(quant.candidates.strength), folds=quant.get("folds", 2))]
-    strengths = quant.candidates.strength if node.strength == "auto" else [node.strength]
-    forms = list(quant.candidates.form if node.form == "auto" else [node.form])
-    if not strengths or not forms:
-        raise ValueError("quant.candidates: the strength and form lists must not be empty")
+def solvers(quant: DictConfig, anchor: DictConfig) -> list:
+    """The solver objects `cfg.quant` asks for: one, or, when E-PMQ's strength or form is `auto`, one per anchor
+    candidate of `cfg.anchor` (select=run; strongest anchor first, so that ties keep the setting closest to GPTQ)
+    or one that chooses as the calibration goes (select=block, layer). ValueError on bad options, before any work."""
+    if anchor.select not in SELECT:
+        raise ValueError(f"anchor.select must be one of {SELECT}, got {anchor.select!r}")
+    if anchor.select_by not in SELECT_BY:
+        raise ValueError(f"anchor.select_by must be one of {SELECT_BY}, got {anchor.select_by!r}")
+    if "strength" not in quant:
+        return [build(quant, "quant")]
+    if anchor.select != "run" and quant.strength == "auto":  # one calibration, the anchor chosen as it goes
+        if quant.form == "auto":
+            raise ValueError(f"anchor.select={anchor.select} chooses the strength only: set quant.form=output or weight")
+        node = OmegaConf.masked_copy(quant, [k for k in quant if k != "strength"])
+        if anchor.select == "block":
+            return [build(node, "quant", _target_="epmq.core.anchor_choice.BlockChoiceEPMQ",
+                          candidates=list(anchor.candidates.strength))]
+        return [build(node, "quant", _target_="epmq.core.anchor_choice.LayerwiseEPMQ",
+                      candidates=list(anchor.candidates.strength), folds=anchor.folds)]
+    strengths = anchor.candidates.strength if quant.strength == "auto" else [quant.strength]
+    forms = anchor.candidates.form if quant.form == "auto" else [quant.form]
     try:
-        strengths = sorted({parse_strength(s) for s in strengths}, reverse=True)
+        grid = candidate_grid(strengths, forms)
     except ValueError as e:
-        raise ValueError(f"quant.strength: {e}") from None
-    # inf (W* = W_m) and 0 are the same model whatever the form: tried once
-    pairs = [(s, f) for s in strengths for f in forms if f == forms[0] or 0 < s < math.inf]
-    return [build(node, "quant", strength=s, form=f) for s, f in pairs]
+        raise ValueError(f"quant.strength / anchor.candidates: {e}") from None
+    return [build(quant, "quant", strength=s, form=f) for s, f in grid]
 
 
 def candidate_label(solver) -> str:
     """'gptq', 'rtn', or 'epmq/<form>/strength_<λ>' (folder names and metric prefixes)."""
-    if hasattr(solver, "candidates"):  # a ChosenEPMQ: the strength is chosen per layer or per block as it goes
+    if isinstance(solver, ChosenEPMQ):  # the strength is chosen per layer or per block as it goes
         return f"{solver.name}/{solver.form}/per_{solver.select}"
     if hasattr(solver, "strength"):
         return f"{solver.name}/{solver.form}/strength_{solver.strength:g}"
@@ -239,8 +224,7 @@ def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = 
                                   cache_device=opts.get("cache_device"),
                                   share_statistics=opts.get("share_statistics", True),
                                   tf32=opts.get("tf32", False), resume=done,
-                                  selection=selection_loss(prepared, model) if getattr(solver, "chooses_by_selection",
-                                                                                       False) else None)
+                                  selection=selection_loss(prepared, model) if solver.requirements.per_step_choice else None)
     module.label = label
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
@@ -327,14 +311,6 @@ def select_half_scores(cfg: DictConfig, prepared: Prepared, model, label: str) -
         evaluator = evaluate(cfg, prepared, model, loaders, f"select_{half}/{label}")
         scores.update({f"select_{half}_avg_acc": evaluator.results["avg"], f"select_{half}_avg_nll": evaluator.nll["avg"]})
     return scores
-
-
-def selection_key(scores: dict[str, float], select_by: str, higher_is_better: bool = True) -> float:
-    """Higher is better: -cross-entropy ("nll") or the suite's metric ("acc": accuracy, exact match;
-    negated for a metric where lower is better, such as perplexity) on the selection samples."""
-    if select_by == "nll":
-        return -scores["select_avg_nll"]
-    return scores["select_avg_acc"] if higher_is_better else -scores["select_avg_acc"]
 
 
 def _test(cfg: DictConfig, prepared: Prepared, evaluator, loaders) -> None:
