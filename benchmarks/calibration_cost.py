@@ -196,12 +196,14 @@ def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str, ca
     """(trainer, module) wired as epmq.jobs.steps.calibrate wires a run: merged model, solver, pool.
 
     The pool reads base/ next to experts_dir and experts_dir/task_<k> for the first T tasks;
-    cache: an ExpertActivationCache to use instead (epmq-keep).
+    cache: an ExpertTargets to use instead (epmq-keep).
     """
     import lightning as L
-    from epmq.engine.calibration import BlockwiseCalibration
-    from epmq.families.base import adapter_for
+    from callbacks.expert_cache import ExpertActivationCache
     from epmq.core.solvers import EPMQ, GPTQ, RTN
+    from epmq.engine.calibration import BlockwiseCalibration
+    from epmq.engine.targets import ExpertTargets
+    from epmq.families.base import adapter_for
 
     tasks = [task_name(k) for k in range(T)]
     model = model_class(args).from_pretrained(merged_dir).eval()
@@ -211,11 +213,12 @@ def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str, ca
     spec = dict(bits=args.bits, group_size=args.group_size)
     epmq = method.startswith("epmq")
     solver = EPMQ(args.strength, "output", **spec) if epmq else (RTN if method == "rtn" else GPTQ)(**spec)
-    experts = None if not epmq else cache if cache is not None else expert_pool(experts_dir, T)
-    module = BlockwiseCalibration(model, adapter_for(model), solver, tasks, experts=experts, share_statistics=method != "gptq-unshared",
-                                  tf32=args.tf32)
+    targets = None if not epmq else cache if cache is not None else ExpertTargets(expert_pool(experts_dir, T))
+    module = BlockwiseCalibration(model, adapter_for(model), solver, tasks, targets=targets,
+                                  share_statistics=method != "gptq-unshared", tf32=args.tf32)
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=len(module.schedule),
                         logger=False, enable_checkpointing=False,
+                        callbacks=[ExpertActivationCache(targets)] if targets is not None else [],
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         num_sanity_val_steps=0, limit_val_batches=0, precision=args.precision)
     return trainer, module
@@ -246,11 +249,11 @@ def measure(args) -> dict:
     del trainer, module
 
     cache = None
-    if method == "epmq-keep":  # as epmq.jobs.steps.target_cache builds it for the anchor candidates
-        from callbacks.expert_cache import ExpertActivationCache
+    if method == "epmq-keep":  # as epmq.jobs.steps.target_provider builds it for the anchor candidates
+        from epmq.engine.targets import ExpertTargets
 
-        cache = ExpertActivationCache(expert_pool(root / "experts", T), keep=True, keep_budget_gb=args.keep_gb,
-                                      keep_device="cpu")
+        cache = ExpertTargets(expert_pool(root / "experts", T), keep=True, keep_budget_gb=args.keep_gb,
+                              keep_device="cpu")
     trainer, module = setup_run(args, root / f"merged_{T}", root / "experts", T, method, cache)
     loader = calibration_batches(args, T)
     gc.collect()
@@ -384,8 +387,8 @@ def parse(argv=None):
                    help="calibration samples per task, one setting each (e.g. 16 128): T x n samples in all")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="what to measure")
     p.add_argument("--keep-gb", type=float, default=None,
-                   help="epmq-keep: budget of the kept targets in GiB (default: conf/train.yaml's "
-                        "calibration.keep_targets_gb)")
+                   help="epmq-keep: budget of the kept targets in GiB (default: conf/targets/default.yaml's "
+                        "keep_budget_gb)")
     p.add_argument("--precision", default="32-true",
                    help="the Trainer's precision: 32-true (default), bf16-mixed or 16-mixed (autocast forwards)")
     p.add_argument("--tf32", action="store_true", help="TF32 products in block forwards (CUDA)")
@@ -423,8 +426,8 @@ def parse(argv=None):
     if args.keep_gb is None:  # the run's own default
         from omegaconf import OmegaConf
 
-        args.keep_gb = float(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "train.yaml")
-                             .calibration.keep_targets_gb)
+        args.keep_gb = float(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "targets" / "default.yaml")
+                             .keep_budget_gb)
     if args.per_task and min(args.per_task) < 1:
         p.error("--per-task values must be positive")
     if args.worker_per_task:

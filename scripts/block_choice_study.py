@@ -90,11 +90,11 @@ def study(overrides: list[str], out: Path) -> None:
             self.calls += 1
             return super().solve(W_m, stats, **context)
 
-    experts = pipeline.target_cache(cfg, prepared.pool, keep=True)
+    experts = pipeline.target_provider(cfg, prepared.pool, keep=True)
 
     def calibrated(strengths):
         solver = PerBlock(strengths)
-        model = pipeline.calibrate(cfg, prepared, solver, experts=experts).model
+        model = pipeline.calibrate(cfg, prepared, solver, targets=experts).model
         if solver.calls != per_block * len(blocks):
             raise SystemExit(f"expected {per_block} layers in each of {len(blocks)} blocks, solved {solver.calls}")
         return model

@@ -21,6 +21,7 @@ from omegaconf import open_dict
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from callbacks.expert_cache import ExpertActivationCache
 from epmq.core.merge import task_arithmetic
 from epmq.engine.calibration import BlockwiseCalibration
 from epmq.families.clip.adapter import CLIPVisionAdapter
@@ -93,11 +94,14 @@ def calibration_set(n_per_task=(5, 4), seed: int = 1) -> CalibrationSet:
 
 
 def trainer_for(module: BlockwiseCalibration, callbacks=(), **kwargs) -> L.Trainer:
+    """A CPU Trainer for `module`, with the experts' targets wired in as a job wires them (the callback that
+    forwards the fit hooks to the module's targets provider)."""
     options = dict(accelerator="cpu", devices=1, max_epochs=len(module.schedule), logger=False,
                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                    use_distributed_sampler=False, num_sanity_val_steps=0)
     options.update(kwargs)
-    return L.Trainer(callbacks=list(callbacks), **options)
+    wired = [ExpertActivationCache(module.targets)] if module.targets is not None else []
+    return L.Trainer(callbacks=[*callbacks, *wired], **options)
 
 
 SPEC_ARGS = dict(bits=SPEC.bits, group_size=SPEC.group_size, blocksize=SPEC.blocksize)
@@ -116,7 +120,7 @@ def calibrate(merged_state: dict, method: str, data: CalibrationSet, pool: Exper
 
     kwargs go to the module when it takes them (true_sequential, ...), else to the Trainer."""
     module_keys = {"true_sequential", "offload_blocks", "cache_device", "shard_batches", "task_weights", "resume"}
-    module = BlockwiseCalibration(load_state(merged_state), ADAPTER, solver(method, strength), TASKS, experts=pool,
+    module = BlockwiseCalibration(load_state(merged_state), ADAPTER, solver(method, strength), TASKS, targets=pool,
                                   **{k: v for k, v in kwargs.items() if k in module_keys})
     trainer_for(module, callbacks, **{k: v for k, v in kwargs.items() if k not in module_keys}).fit(
         module, datamodule=CalibrationData(data))

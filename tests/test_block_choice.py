@@ -60,7 +60,7 @@ def held_out_loss(zoo):
 
 def fit(zoo, solver, selection=None) -> BlockwiseCalibration:
     module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver, TASKS,
-                                  experts=ExpertPool(zoo["root"] / "base", zoo["paths"]), selection=selection)
+                                  targets=ExpertPool(zoo["root"] / "base", zoo["paths"]), selection=selection)
     trainer_for(module).fit(module, datamodule=CalibrationData(calibration_set()))
     return module
 
@@ -74,7 +74,7 @@ def test_each_blocks_choice_is_the_oracles_and_the_weights_match_bit_for_bit(zoo
 
     solver = BlockChoiceEPMQ(CANDIDATES, **SPEC_ARGS)
     module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver, TASKS,
-                                  experts=ExpertPool(zoo["root"] / "base", zoo["paths"]), selection=selection)
+                                  targets=ExpertPool(zoo["root"] / "base", zoo["paths"]), selection=selection)
     model_of["model"] = module.model
     trainer_for(module).fit(module, datamodule=CalibrationData(calibration_set()))
     chosen = [strength for _, strength in module.step_strengths]

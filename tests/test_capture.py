@@ -80,14 +80,15 @@ def test_every_step_sees_the_models_own_layer_inputs_and_expert_outputs(name, tr
     batches = family.batches(torch.Generator().manual_seed(1))
     pool = ExpertPool(tmp_path / "base", paths)
 
-    module = BlockwiseCalibration(copy.deepcopy(merged), family.adapter, Unchanged(needs_targets=True), TASKS, experts=pool,
+    module = BlockwiseCalibration(copy.deepcopy(merged), family.adapter, Unchanged(needs_targets=True), TASKS, targets=pool,
                                   true_sequential=true_sequential)
     fed, targets = {}, {}
     handles = record_layer_inputs(module.model, module.adapter, fed, lambda s, i, n: (s, i, n))
 
-    def grab_targets(m, a, o, k):  # what the expert cache hands the module for this layer and batch
-        if k[2] in module._targets:  # (not while the finished block runs once more to advance)
-            targets.setdefault(k, []).append(module._targets[k[2]].clone())
+    def grab_targets(m, a, o, k):  # what the targets provider hands the statistics for this layer and batch
+        stats = module.statistics  # (none while the finished block runs once more to advance)
+        if stats is not None and k[2] in stats.batch_targets:
+            targets.setdefault(k, []).append(stats.batch_targets[k[2]].clone())
 
     for stage in module.stages:
         for i, block in enumerate(module.adapter.blocks(module.model, stage)):

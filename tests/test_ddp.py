@@ -48,7 +48,7 @@ def _run(zoo, out_dir, devices, shard_by_rank=False):
     out_dir.mkdir()
     pool = ExpertPool(zoo["root"] / "base", zoo["paths"])
     module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, RecordingEPMQ(strength=1.0, **SPEC_ARGS), TASKS,
-                                  experts=pool, shard_batches=not shard_by_rank)
+                                  targets=pool, shard_batches=not shard_by_rank)
     callbacks = [Recorder(out_dir)]
     strategy = "ddp_spawn" if devices > 1 else "auto"
     data = CalibrationData(calibration_set((6, 4)), batch_size=3, shard_by_rank=shard_by_rank)

@@ -236,7 +236,7 @@ def test_extra_padding_changes_neither_H_nor_C(zoo, tmp_path):
         recorder = Recording()
         model = prepared.suite.model(prepared.merged_state)
         module = BlockwiseCalibration(model, adapter_for(model), recorder, prepared.suite.tasks,
-                                      experts=prepared.pool)
+                                      targets=prepared.pool)
         trainer_for(module).fit(module, train_dataloaders=torch.utils.data.DataLoader(bs, batch_size=None))
         runs[name] = recorder.by_layer(module)
     assert set(runs["tight"]) == set(runs["padded"]) and len(runs["tight"]) == 2 * 7 + 2 * 11  # every T5 linear

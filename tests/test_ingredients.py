@@ -274,7 +274,7 @@ def sorted_data():
 
 
 def fit(state: dict, solver, data: CalibrationSet, pool=None, task_names=TASKS, **kwargs) -> BlockwiseCalibration:
-    module = BlockwiseCalibration(load_state(state), ADAPTER, solver, task_names, experts=pool, **kwargs)
+    module = BlockwiseCalibration(load_state(state), ADAPTER, solver, task_names, targets=pool, **kwargs)
     trainer_for(module, max_epochs=module.remaining_steps).fit(module, datamodule=CalibrationData(data))
     return module
 
@@ -450,7 +450,7 @@ def test_calibrated_biases_are_kept_in_the_step_files_and_resumed(zoo, pool, dat
         assert again.bias is not None and torch.equal(again.bias, record.bias), key
 
     # a fresh merged model takes the saved weights and biases ...
-    applied = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver(), TASKS, experts=pool)
+    applied = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver(), TASKS, targets=pool)
     applied.apply_finished(loaded)
     # ... and a run resumed after block 0 calibrates block 1 through the calibrated block 0 as the whole run did
     resumed = fit(zoo["merged"], solver(), data, pool, resume=loaded[:1])
@@ -555,7 +555,7 @@ def test_calibrated_norms_are_recorded_kept_in_the_step_files_and_resumed(zoo, p
                 assert torch.equal(again.norms[key][p], params[p]), (key, p)
 
     # a fresh merged model takes the saved norms (and weights) ...
-    applied = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver(), TASKS, experts=pool)
+    applied = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver(), TASKS, targets=pool)
     applied.apply_finished(loaded)
     # ... and a run resumed after block 0 calibrates block 1 through the calibrated block 0 as the whole run did
     resumed = fit(zoo["merged"], solver(), data, pool, resume=loaded[:1])
@@ -593,17 +593,17 @@ def test_calibrated_norms_stay_merged_with_merged_experts_and_at_inf(zoo, data, 
 def test_kept_expert_targets_are_recorded_again_when_the_norms_join_them(zoo, data, monkeypatch):
     """A kept-target cache first filled by a fit without calibrate_norms has no norm targets: a fit with it
     records anew (the layout names the targets) and gives a fresh cache's norms; a third fit replays them."""
-    from callbacks.expert_cache import ExpertActivationCache
+    from epmq.engine.targets import ExpertTargets
 
     def norms_fit(cache, calibrate_norms=True):
         module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, EPMQ(strength=1.0, calibrate_norms=calibrate_norms, **SPEC_ARGS), TASKS,
-                                      experts=cache)
+                                      targets=cache)
         trainer_for(module).fit(module, datamodule=CalibrationData(data))
         return module
 
     pool = ExpertPool(zoo["root"] / "base", zoo["paths"])
-    reference = norms_fit(ExpertActivationCache(pool))
-    cache = ExpertActivationCache(pool, keep=True)
+    reference = norms_fit(ExpertTargets(pool))
+    cache = ExpertTargets(pool, keep=True)
     plain = norms_fit(cache, calibrate_norms=False)
     assert all(set(batches[0]) == set(LAYERS) for batches in cache.recorded.values())
     second = norms_fit(cache)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from callbacks.block_metrics import BlockMetrics, BlockProgressBar
-from callbacks.expert_cache import ExpertActivationCache
+from epmq.engine.targets import ExpertTargets
 from conftest import (ADAPTER, SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibrate, calibration_set, load_state,
                       solver, trainer_for)
 from epmq.core.anchor import relaxed_target
@@ -127,14 +127,14 @@ def test_epmq_with_experts_equal_to_merged_gives_gptq_first_block(zoo, data, gpt
 
 def test_expert_cache_follows_each_experts_own_path(zoo, data, pool):
     """X^e of task t's samples follows expert t's own hidden states, block after block."""
-    cache = ExpertActivationCache(pool)
+    cache = ExpertTargets(pool)
     seen = {}
 
     class Probe(BlockMetrics):  # after each block: the output of each expert's block, per batch and task
         def on_train_epoch_end(self, trainer, pl_module):
             seen[pl_module.finished[-1].index] = {key: trace.replay.clone() for key, trace in cache._traces.items()}
 
-    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver("epmq", 1.0), TASKS, experts=cache)
+    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver("epmq", 1.0), TASKS, targets=cache)
     keys_before = set(module.state_dict())
     trainer_for(module, [Probe()]).fit(module, datamodule=CalibrationData(data))
     assert set(module.state_dict()) == keys_before  # no expert weights were registered on the module
@@ -267,14 +267,14 @@ def test_llama_adapter_block_kwargs_reproduce_the_models_own_layer_inputs():
 
 
 def _epmq(merged_state, data, cache, strength=1.0):
-    module = BlockwiseCalibration(load_state(merged_state), ADAPTER, solver("epmq", strength), TASKS, experts=cache)
+    module = BlockwiseCalibration(load_state(merged_state), ADAPTER, solver("epmq", strength), TASKS, targets=cache)
     trainer_for(module).fit(module, datamodule=CalibrationData(data))
     return module
 
 
 def test_kept_expert_targets_replay_exactly_and_only_for_the_same_batches(zoo, data, pool, monkeypatch):
-    live = _epmq(zoo["merged"], data, ExpertActivationCache(pool), strength=0.5)
-    cache = ExpertActivationCache(pool, keep=True)
+    live = _epmq(zoo["merged"], data, ExpertTargets(pool), strength=0.5)
+    cache = ExpertTargets(pool, keep=True)
     first = _epmq(zoo["merged"], data, cache, strength=0.5)
     assert len(cache.recorded) == len(first.schedule)
     for key, W in block_weights(live).items():
@@ -288,7 +288,7 @@ def test_kept_expert_targets_replay_exactly_and_only_for_the_same_batches(zoo, d
     assert calls == []
     for key, W in block_weights(live).items():
         assert torch.equal(block_weights(replayed)[key], W), key
-    reference = _epmq(zoo["base"].state_dict(), data, ExpertActivationCache(ExpertPool(zoo["root"] / "base",
+    reference = _epmq(zoo["base"].state_dict(), data, ExpertTargets(ExpertPool(zoo["root"] / "base",
                                                                                          zoo["paths"])), 3.0)
     for key, W in block_weights(reference).items():
         assert torch.equal(block_weights(other)[key], W), key
@@ -296,7 +296,7 @@ def test_kept_expert_targets_replay_exactly_and_only_for_the_same_batches(zoo, d
 
     # other samples with the same task layout: the targets are recorded anew, not replayed
     moved = CalibrationSet(data.pixel_values + 0.5, data.tasks)
-    fresh = _epmq(zoo["merged"], moved, ExpertActivationCache(pool), strength=0.5)
+    fresh = _epmq(zoo["merged"], moved, ExpertTargets(pool), strength=0.5)
     again = _epmq(zoo["merged"], moved, cache, strength=0.5)
     for key, W in block_weights(fresh).items():
         assert torch.equal(block_weights(again)[key], W), key
@@ -325,13 +325,13 @@ def test_offloaded_blocks_and_a_cpu_cache_give_the_same_weights(zoo, data, pool)
 
 def test_automatic_offload_keeps_a_cpu_model_whole_and_refuses_other_values(zoo, data, pool):
     module = calibrate(zoo["merged"], "gptq", data, offload_blocks="auto")
-    assert module.offload_blocks is False  # decided in setup: a CPU device never offloads
+    assert module.placement.offload_blocks is False  # decided in setup: a CPU device never offloads
     with pytest.raises(ValueError, match="offload_blocks must be true, false or auto"):
         calibrate(zoo["merged"], "gptq", data, offload_blocks="sometimes")
 
 
 def test_kept_targets_over_their_budget_are_dropped_and_computed_again(zoo, data, pool, monkeypatch):
-    cache = ExpertActivationCache(pool, keep=True, keep_budget_gb=1e-6)  # about 1 KiB: less than one batch
+    cache = ExpertTargets(pool, keep=True, keep_budget_gb=1e-6)  # about 1 KiB: less than one batch
     first = _epmq(zoo["merged"], data, cache, strength=0.5)
     assert cache.recorded == {} and not cache.keep
     calls = []
@@ -346,15 +346,15 @@ def test_kept_targets_over_their_budget_are_dropped_and_computed_again(zoo, data
 def test_a_recording_that_would_outgrow_its_budget_stops_after_the_first_step(zoo, data, pool):
     """The budget holds one step's targets but not all of them: the first step projects past it, so
     the recording is dropped then, not when it has filled the budget."""
-    probe = ExpertActivationCache(pool, keep=True, keep_budget_gb=1.0)
+    probe = ExpertTargets(pool, keep=True, keep_budget_gb=1.0)
     _epmq(zoo["merged"], data, probe, strength=0.5)
     sizes = [sum(Y.numel() * Y.element_size() for b in step.values() for Y in b.values())
              for step in probe.recorded.values()]
     assert len(sizes) >= 2 and max(sizes) < 1.5 * min(sizes)  # the steps hold alike amounts
     budget = 1.5 * sizes[0]  # one step fits, all of them do not
     held = []
-    cache = ExpertActivationCache(pool, keep=True, keep_budget_gb=budget / 2**30)
-    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver("epmq", 0.5), TASKS, experts=cache)
+    cache = ExpertTargets(pool, keep=True, keep_budget_gb=budget / 2**30)
+    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver("epmq", 0.5), TASKS, targets=cache)
 
     class Watch(L.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
@@ -380,7 +380,7 @@ def test_the_fp_calibrated_merge_writes_the_unrounded_targets(zoo, data, pool):
             return solution
 
     module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, Keeping(strength=1.0, **SPEC_ARGS), TASKS,
-                                  experts=ExpertActivationCache(pool))
+                                  targets=ExpertTargets(pool))
     trainer_for(module).fit(module, datamodule=CalibrationData(data))
     W_m, W_star, written = seen["block"]
     assert torch.equal(written, W_star.float()) and not torch.equal(W_star, W_m)

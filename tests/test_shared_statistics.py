@@ -46,7 +46,7 @@ def calibrate(name, tmp_path, solver, share: bool, true_sequential: bool):
     merged.load_state_dict(task_arithmetic(base.state_dict(), {t: e.state_dict() for t, e in experts.items()}, 0.5))
     pool = ExpertPool(tmp_path / "base", {t: tmp_path / t for t in TASKS})
     watching = Watching(solver)
-    module = BlockwiseCalibration(merged, family.adapter, watching, TASKS, experts=pool, true_sequential=true_sequential,
+    module = BlockwiseCalibration(merged, family.adapter, watching, TASKS, targets=pool, true_sequential=true_sequential,
                                   share_statistics=share)
     trainer_for(module).fit(module, train_dataloaders=loader(family.batches(torch.Generator().manual_seed(1))))
     return module, watching.seen

@@ -9,7 +9,9 @@ quantized (GPTQ's `--true-sequential` for LMs: q/k/v, then o, then gate/up, then
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
+import torch
 from torch import nn
 
 from epmq.engine.adapters import ModelAdapter, Stage
@@ -52,3 +54,19 @@ def build_schedule(adapter: ModelAdapter, model: nn.Module, true_sequential: boo
             for k, layers in enumerate(groups):
                 steps.append(Step(len(steps), stage, s, i, layers, k == 0, k == len(groups) - 1, label))
     return steps
+
+
+def describe_step(step: Step, blocks: int, multi_stage: bool, true_sequential: bool, label: str = "",
+                  task_names: Sequence[str] = (), tasks: torch.Tensor | None = None) -> str:
+    """Progress text of a step: '<label> · encoder block 2/4 · q_proj · task mnist'. blocks: the stage's block
+    count; multi_stage: name the stage; true_sequential: name the step's first layer; tasks: a batch's task ids."""
+    text = f"{step.stage.name} " if multi_stage else ""
+    text += f"block {step.block + 1}/{blocks}"
+    if true_sequential:
+        text += f" · {step.layers[0].rsplit('.', 1)[-1]}"
+    if label:
+        text = f"{label} · {text}"
+    if tasks is not None:
+        names = [task_names[t] if 0 <= t < len(task_names) else str(t) for t in tasks.unique().tolist()]
+        text += f" · {'task' if len(names) == 1 else 'tasks'} {','.join(names)}"
+    return text

@@ -48,7 +48,7 @@ def file_digest(path: Path, sample: int = 1 << 20) -> str:
 
 # Calibration options that only place tensors or share work (tested bit-identical): a run may resume
 # with others. tf32 and the trainer's precision change the numbers and stay in the fingerprint.
-PLACEMENT = ("offload_blocks", "cache_device", "keep_targets_gb", "keep_targets_device", "share_statistics")
+PLACEMENT = ("offload_blocks", "cache_device", "share_statistics")
 
 
 def run_fingerprint(config: dict, prepared) -> dict:

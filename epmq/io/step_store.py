@@ -20,18 +20,50 @@ format 1 (unpacked uint8 codes and float32 zero points, no bits recorded) are re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_only
+import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from epmq.engine.calibration import FinishedStep
 from epmq.io.quantized_layer import FIELDS, OPTIONAL, QuantizedLayer
-from epmq.jobs.report import write_atomic, write_json_atomic
+from epmq.io.files import write_atomic, write_json_atomic
 
 PROGRESS = "progress.json"
 STEP_FORMAT = 2  # 1: uint8 codes unpacked (out x in), float32 zeros; 2: QuantizedLayer's packed tensors
+
+
+@dataclasses.dataclass
+class FinishedStep:
+    """A solved step, as the calibration keeps it and a resumed run reloads it.
+
+    results: full layer name -> QuantizedLayer (packed codes and grids, on CPU; .weight() is the
+    solver's weight, bit for bit); metrics: full layer name -> logged numbers; norms: full norm name ->
+    {"weight": γ, "bias": β} (float32, CPU) for the LayerNorms the step calibrated (calibrate_norms).
+    """
+
+    index: int
+    label: str
+    layers: tuple[str, ...]
+    results: dict[str, QuantizedLayer]
+    metrics: dict[str, dict[str, float]]
+    norms: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        """Write the step's quantized weights (and biases, and calibrated norms) into `model`, by full name."""
+        for name, record in self.results.items():
+            linear = model.get_submodule(name)
+            linear.weight.copy_(record.weight().to(linear.weight))  # the solver's weight, bit for bit
+            if record.bias is not None:
+                linear.bias.copy_(record.bias.to(linear.bias))
+        for name, params in self.norms.items():
+            norm = model.get_submodule(name)
+            norm.weight.copy_(params["weight"].to(norm.weight))
+            norm.bias.copy_(params["bias"].to(norm.bias))
 
 
 class StepStore:

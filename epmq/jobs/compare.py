@@ -44,9 +44,9 @@ from epmq.families.base import adapter_for
 from epmq.io.step_store import describe_changes
 from epmq.jobs.steps import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, prepare,
                            quiet_lightning, resolved_config, select_half_scores, select_scores, solvers,
-                           target_cache)
+                           target_provider)
 from epmq.core.regmean import gram_matrices, regmean
-from epmq.jobs.report import write_json_atomic
+from epmq.io.files import write_json_atomic
 from epmq.core.anchor import parse_strength
 from epmq.core.anchor_choice import BlockChoiceEPMQ, LayerwiseEPMQ, selection_key
 from epmq.core.solvers import EPMQ, GPTQ, INGREDIENTS, RTN, RelaxedEPMQ
@@ -167,7 +167,7 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
                                  "seconds": seconds}
         timings["regmean_s"] = seconds
 
-    expert_cache = target_cache(cfg, pool, keep=True)
+    targets = target_provider(cfg, pool, keep=True)
     entries, ablation, ingredients = [], [], []
     for bits, spec in specs.items():
         for method in methods:
@@ -175,7 +175,7 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
                 rows = [units.get(f"epmq/bits_{bits}/{form}/strength_{strength:g}") or units.put(
                             f"epmq/bits_{bits}/{form}/strength_{strength:g}",
                             ablation_row(cfg, prepared, EPMQ(strength, form, **spec, **configured), k, len(grid),
-                                         expert_cache))
+                                         targets))
                         for k, (strength, form) in enumerate(grid)]
                 ablation += rows
                 entries.append(epmq_entry(rows, selection, cfg.anchor.select_by, bits,
@@ -184,7 +184,7 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
                 for name, change in ingredient_rows.items():
                     key = f"ingredients/{name}/bits_{bits}"
                     solver = EPMQ(parse_strength(anchor["strength"]), anchor["form"], **spec, **{**configured, **change})
-                    row = units.get(key) or units.put(key, ablation_row(cfg, prepared, solver, 0, 1, expert_cache, name))
+                    row = units.get(key) or units.put(key, ablation_row(cfg, prepared, solver, 0, 1, targets, name))
                     ingredients.append({"name": name, "options": change, **row})
                 continue
             key = f"{method}/bits_{bits}"
@@ -197,8 +197,8 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
                     solver = BlockChoiceEPMQ(list(cfg.anchor.candidates.strength), "output", **spec)
                 else:
                     solver = RTN(**spec) if method == "rtn" else GPTQ(**spec)
-                experts = expert_cache if method.startswith("epmq_") else None
-                calib = calibrate(cfg, prepared, solver, states[state], f"{method} {bits}-bit", experts=experts)
+                experts = targets if method.startswith("epmq_") else None
+                calib = calibrate(cfg, prepared, solver, states[state], f"{method} {bits}-bit", targets=experts)
                 test = evaluate(cfg, prepared, calib.model, data.test_dataloader(),
                                 f"compare/{method}/bits_{bits}/test").results
                 extra = {}
@@ -213,8 +213,8 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
     epmq_entries = sorted((e for e in entries if e["method"] == "epmq"), key=lambda e: -e["bits"])
     if cfg.compare.get("fp_calibrated", True) and epmq_entries:
         references["calibrated"] = units.get("epmq_fp") or units.put(
-            "epmq_fp", fp_calibrated(cfg, prepared, epmq_entries[0]["anchor"], specs, expert_cache, configured))
-    del expert_cache
+            "epmq_fp", fp_calibrated(cfg, prepared, epmq_entries[0]["anchor"], specs, targets, configured))
+    del targets
     timings["total_s"] = time.perf_counter() - start
 
     epmq_avgs = [e["test"]["avg"] for e in entries if e["method"] == "epmq"]
@@ -258,7 +258,7 @@ def regmean_merge(suite, pool, data, alpha: float) -> dict:
     return regmean(base, experts, grams, alpha)
 
 
-def ablation_row(cfg, prepared, solver, k: int, n: int, expert_cache, ingredient: str = "") -> dict:
+def ablation_row(cfg, prepared, solver, k: int, n: int, targets, ingredient: str = "") -> dict:
     """One E-PMQ setting at one bit width (an anchor of the grid, or an ingredient's row): calibrate,
     score on the selection samples, test."""
     bits = solver.spec.bits
@@ -266,7 +266,7 @@ def ablation_row(cfg, prepared, solver, k: int, n: int, expert_cache, ingredient
     where = f"ablation/{solver.form}/bits_{bits}/strength_{solver.strength:g}"
     if ingredient:
         label, where = f"{bits}-bit ingredient {ingredient}", f"ingredients/{ingredient}/bits_{bits}"
-    calib = calibrate(cfg, prepared, solver, label=label, experts=expert_cache)
+    calib = calibrate(cfg, prepared, solver, label=label, targets=targets)
     t0 = time.perf_counter()
     scores = select_scores(cfg, prepared, calib.model, where)
     select_seconds = time.perf_counter() - t0
@@ -291,13 +291,13 @@ def epmq_entry(rows: list[dict], selection: list[tuple[float, str]], select_by: 
             "layer_loss": best["layer_loss"], "rtn_layer_loss": best["rtn_layer_loss"]}
 
 
-def fp_calibrated(cfg, prepared, anchor: dict, specs: dict, expert_cache, options: dict) -> dict:
+def fp_calibrated(cfg, prepared, anchor: dict, specs: dict, targets, options: dict) -> dict:
     """The FP calibrated merge: E-PMQ's calibration (with its configured ingredients `options`) at the
     anchor it chose at the widest bit width (on the selection samples), W* written without rounding; tested."""
     strength, form = parse_strength(anchor["strength"]), anchor["form"]
     spec = next(iter(specs.values()))  # only percdamp (the damping δ) matters without rounding
     calib = calibrate(cfg, prepared, RelaxedEPMQ(strength, form, **spec, **options), label="FP calibrated merge",
-                      experts=expert_cache)
+                      targets=targets)
     test = evaluate(cfg, prepared, calib.model, prepared.data.test_dataloader(), "calibrated/test").results
     log.info("FP calibrated merge (λ=%g, %s): test accuracy %.2f", strength, form, 100 * test["avg"])
     return {"test": test, "strength": strength, "form": form, "seconds": calib.seconds}

@@ -40,7 +40,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from epmq.core.anchor import parse_strength
-from epmq.jobs.report import write_atomic
+from epmq.io.files import write_atomic
 
 METHODS = ("rtn", "gptq", "regmean_gptq", "epmq", "epmq_layer", "epmq_block")
 DISPLAY = {"rtn": "RTN", "gptq": "GPTQ", "regmean_gptq": "RegMean → GPTQ", "epmq": "E-PMQ",

@@ -26,9 +26,10 @@ from callbacks.block_metrics import peak_memory_mb
 from epmq.io.export import check_exportable, checkpoint_size, save_quantized
 from epmq.jobs.steps import (calibrate, calibration_record, candidate_label, claim_run_folder, evaluate,
                            evaluate_experts, logging_to, prepare, quiet_lightning, resolved_config, run_folder_store,
-                           select_scores, solvers, target_cache)
+                           select_scores, solvers, target_provider)
 from epmq.core.anchor_choice import selection_key
-from epmq.jobs.report import accuracy_table, write_json_atomic
+from epmq.io.files import write_json_atomic
+from epmq.jobs.report import accuracy_table
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,12 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
     t0 = time.perf_counter()
     selection, best = [], None
     # E-PMQ's targets do not depend on the anchor: record them once, replay them for every candidate
-    expert_cache = target_cache(cfg, prepared.pool, keep=len(candidates) > 1)
+    targets = target_provider(cfg, prepared.pool, keep=len(candidates) > 1)
     for k, solver in enumerate(candidates):
         label = candidate_label(solver)
         store = run_folder_store(out_dir, label, prepared)
         shown = f"{label} ({k + 1}/{len(candidates)})" if len(candidates) > 1 else ""
-        calib = calibrate(cfg, prepared, solver, label=shown, experts=expert_cache, store=store)
+        calib = calibrate(cfg, prepared, solver, label=shown, targets=targets, store=store)
         if len(candidates) == 1:
             best = (None, solver, calib)
             continue
@@ -85,7 +86,7 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
         key = selection_key(scores, cfg.anchor.select_by, getattr(suite, "higher_is_better", True))
         if best is None or key > best[0]:  # candidates come strongest first: ties keep the stronger
             best = (key, solver, calib)
-    del expert_cache
+    del targets
     _, chosen, calib = best
     timings["calibration_s"] = time.perf_counter() - t0
     timings["chosen_calibration_s"] = calib.seconds

@@ -31,9 +31,10 @@ from callbacks.resume import StepCheckpoint
 from epmq.io.step_store import StepStore, describe_changes
 from epmq.io.fingerprint import run_fingerprint
 from epmq.engine.calibration import BlockwiseCalibration
+from epmq.engine.targets import ExpertTargets
 from epmq.families.base import adapter_for
 from epmq.io.pool import ExpertPool
-from epmq.jobs.report import write_json_atomic
+from epmq.io.files import write_json_atomic
 from epmq.core.anchor_choice import SELECT, SELECT_BY, ChosenEPMQ, candidate_grid
 from epmq.jobs.tracking import close_logger
 
@@ -198,37 +199,34 @@ class Calibration:
     seconds: float
 
 
-def target_cache(cfg: DictConfig, pool, keep: bool) -> ExpertActivationCache:
-    """The experts' targets for several calibrations on the same batches: recorded by the first and
-    replayed by the others when `keep` (calibration.keep_targets_gb, keep_targets_device)."""
-    opts = cfg.get("calibration") or {}
-    return ExpertActivationCache(pool, keep=keep, keep_budget_gb=opts.get("keep_targets_gb", 0.5),
-                                 keep_device=opts.get("keep_targets_device", "cpu"))
+def target_provider(cfg: DictConfig, pool, keep: bool = False) -> ExpertTargets:
+    """The experts' targets (cfg.targets) for one calibration, or for several on the same batches: recorded by
+    the first and replayed by the others when `keep`."""
+    return build(cfg.targets, "targets")(pool, keep=keep)
 
 
 def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = None, label: str = "",
-              experts=None, store: StepStore | None = None) -> Calibration:
+              targets: ExpertTargets | None = None, store: StepStore | None = None) -> Calibration:
     """Quantize a fresh copy of the merged model (or of `state`) with `solver`; one fit epoch per step.
 
-    experts: an ExpertActivationCache to share the experts' targets between calibrations (None: the
-    module makes one from the pool when the solver needs targets). store: where finished steps are
-    saved and, when it already holds some, where the calibration resumes from.
+    targets: a provider to share the experts' targets between calibrations (None: a new one from the pool
+    when the solver needs targets or the base model's layers). store: where finished steps are saved and,
+    when it already holds some, where the calibration resumes from.
     """
-    suite = prepared.suite
+    suite, needs = prepared.suite, solver.requirements
     model = suite.model(prepared.merged_state if state is None else state)
     done = store.load() if store is not None else []
-    opts = cfg.get("calibration") or {}
-    module = BlockwiseCalibration(model, adapter_for(model), solver, suite.tasks, experts=experts or prepared.pool,
-                                  true_sequential=opts.get("true_sequential"),
-                                  offload_blocks=opts.get("offload_blocks", "auto"),
-                                  cache_device=opts.get("cache_device"),
-                                  share_statistics=opts.get("share_statistics", True),
-                                  tf32=opts.get("tf32", False), resume=done,
-                                  selection=selection_loss(prepared, model) if solver.requirements.per_step_choice else None)
+    if targets is None and (needs.targets or needs.base):
+        targets = target_provider(cfg, prepared.pool)
+    module = build(cfg.calibration, "calibration")(
+        model, adapter_for(model), solver, suite.tasks, targets=targets, resume=done,
+        selection=selection_loss(prepared, model) if needs.per_step_choice else None)
     module.label = label
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
+    if module.targets is not None:
+        callbacks.append(ExpertActivationCache(module.targets))
     if store is not None:
         callbacks.append(StepCheckpoint(store))
     t0 = time.perf_counter()
