@@ -320,7 +320,7 @@ def test_epmq_layer_error_to_the_experts_targets_is_below_gptqs(zoo, tmp_path, m
 
 
 def test_compare_runs_without_regmean_and_refuses_it_clearly(zoo, tmp_path):
-    with pytest.raises(ValueError, match="regmean_gptq is not available for suite .*FlanT5Suite.*pixel_values"):
+    with pytest.raises(ValueError, match="regmean_gptq is not available for suite .*FlanT5Suite.*padded tokens"):
         run(t5_cfg(tmp_path / "refused", zoo, "experiment=compare"))
     assert not (tmp_path / "refused" / "fingerprint.json").exists()
     results = run(t5_cfg(tmp_path / "ok", zoo, "experiment=compare", "compare.methods=[rtn,gptq,epmq]",

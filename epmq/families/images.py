@@ -1,6 +1,7 @@
-"""Per-task data for calibration, anchor selection and evaluation (a LightningDataModule).
+"""Image classification tasks: their data (TaskDataModule), their evaluation (TaskEvaluator) and what the
+suites of such tasks share (ImageSuite: a classifier per task over the calibrated vision tower).
 
-One class serves both kinds of task data:
+One data module serves both kinds of task data:
 
 - the offline zoo's datasets, `<zoo>/data/<task>` written by `epmq.families.offline.zoo.build_zoo`: splits
   train/calibration/test with a ready "pixel_values" column (float32, C x H x W, normalised);
@@ -18,6 +19,7 @@ DDP: every rank gets the same full calibration loader and BlockwiseCalibration s
 exactly by rank; run the Trainer with `use_distributed_sampler=False` so that Lightning does not
 replace the batch sampler with a padded DistributedSampler.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -25,10 +27,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from datasets import DatasetDict, load_dataset, load_from_disk
+from torch import nn
 from torch.utils.data import Dataset
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
 
-from epmq.families.tasks import PerTaskDataModule
+from epmq.families.base import Suite
+from epmq.families.tasks import PerTaskDataModule, PerTaskEvaluator
 
 # Hub names that differ from the task name (DESIGN §4).
 HUB_NAMES = {"stanford-cars": "stanford_cars"}
@@ -170,3 +177,70 @@ class TaskDataModule(PerTaskDataModule):
             self._calib.append(TaskSamples(calib_split, self.calib_rows[task], i, self.transform, task))
             self._select.append(TaskSamples(calib_split, self.select_rows[task], i, self.transform, task))
             self._test.append(TaskSamples(dd["test"], self.test_rows[task], i, self.transform, task))
+
+
+class TaskEvaluator(PerTaskEvaluator):
+    """Accuracy of per-task classifiers.
+
+    classifiers: task -> nn.Module mapping pixel_values (B, C, H, W) to logits (B, num_classes[task]),
+    or a function building one (see PerTaskEvaluator). Dataloader i is scored with task i's
+    classifier and its own MulticlassAccuracy (micro accuracy, in [0, 1]). Logged:
+    `<prefix>/<task>/acc`, `<prefix>/avg_acc` and `<prefix>/avg_nll` (mean cross-entropy in nats).
+    """
+
+    def __init__(self, classifiers: Mapping[str, nn.Module | Callable[[], nn.Module]],
+                 num_classes: Mapping[str, int], prefix: str = "test"):
+        super().__init__(classifiers, prefix)
+        missing = [t for t in self.tasks if t not in num_classes]
+        if missing:
+            raise ValueError(f"num_classes has no entry for task(s) {missing}")
+        self.accuracy = nn.ModuleDict(
+            {t: MulticlassAccuracy(num_classes=num_classes[t], average="micro") for t in self.tasks})
+        self.cross_entropy = nn.ModuleDict({t: MeanMetric() for t in self.tasks})
+
+    def losses(self, task: str, batch: Mapping) -> torch.Tensor:
+        """Cross-entropy of the true labels, (batch,) nats."""
+        return F.cross_entropy(self.model(task)(batch["pixel_values"]).float(), batch["label"], reduction="none")
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        task = self.tasks[dataloader_idx]
+        logits = self.model(task)(batch["pixel_values"])
+        self.accuracy[task].update(logits, batch["label"])
+        self.cross_entropy[task].update(F.cross_entropy(logits.float(), batch["label"], reduction="none"))
+
+    def on_test_epoch_end(self) -> None:
+        self.publish({t: self.accuracy[t].compute() for t in self.tasks},
+                     {t: self.cross_entropy[t].compute() for t in self.tasks}, "acc", "acc")
+
+
+class ImageSuite(Suite):
+    """A suite of image classification tasks: task t's classifier reads the calibrated vision tower.
+
+    Subclasses give `classifier(tower, task)` and `num_classes` (task -> number of classes); the evaluator,
+    and RegMean's inputs (the batches' pixel values), are shared here.
+    """
+
+    regmean_unsupported = None
+    num_classes: dict[str, int]
+
+    def classifier(self, tower: nn.Module, task: str) -> nn.Module:
+        """Task t's classifier over `tower`'s features: logits (batch, classes) from pixel values."""
+        raise NotImplementedError
+
+    def classifiers(self):
+        """classify(tower, task) for one evaluator (a suite may share heads between its tasks' classifiers)."""
+        return self.classifier
+
+    def evaluator(self, models: Mapping[str, nn.Module | Callable[[], nn.Module]], prefix: str) -> TaskEvaluator:
+        """Per-task accuracy of each task's model under its classifier (TaskEvaluator)."""
+        classify = self.classifiers()
+
+        def classifier(task, model):
+            if isinstance(model, nn.Module):
+                return classify(model, task)
+            return lambda: classify(model(), task)  # built when its task's turn comes
+        return TaskEvaluator({t: classifier(t, models[t]) for t in self.tasks},
+                             {t: self.num_classes[t] for t in self.tasks}, prefix)
+
+    def regmean_inputs(self, batch: Mapping) -> dict:
+        return {"pixel_values": batch["pixel_values"]}

@@ -35,12 +35,11 @@ import math
 import time
 from pathlib import Path
 
-from hydra.utils import get_class
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from epmq.jobs import compare_report
-from epmq.families.base import adapter_for
+from epmq.families.base import suite_class
 from epmq.io.step_store import describe_changes
 from epmq.jobs.steps import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, prepare,
                            quiet_lightning, resolved_config, select_half_scores, select_scores, solvers,
@@ -64,8 +63,8 @@ def compare_plan(cfg: DictConfig):
     bad = [m for m in methods if m not in compare_report.METHODS]
     if bad or not methods:
         raise ValueError(f"compare.methods must be a non-empty subset of {compare_report.METHODS}, got {methods}")
-    # a suite whose batches RegMean's Gram pass cannot read says why (its `regmean_unsupported`)
-    why = getattr(get_class(cfg.suite._target_), "regmean_unsupported", None) if "regmean_gptq" in methods else None
+    # a suite whose batches RegMean's Gram pass cannot read says why (its `regmean_unsupported`), before any work
+    why = suite_class(cfg.suite).regmean_unsupported if "regmean_gptq" in methods else None
     if why:
         rest = ",".join(m for m in methods if m != "regmean_gptq")
         raise ValueError(f"compare.methods: regmean_gptq is not available for suite {cfg.suite._target_}: {why}; "
@@ -179,7 +178,7 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
                         for k, (strength, form) in enumerate(grid)]
                 ablation += rows
                 entries.append(epmq_entry(rows, selection, cfg.anchor.select_by, bits,
-                                          getattr(prepared.suite, "higher_is_better", True)))
+                                          prepared.suite.higher_is_better))
                 anchor = entries[-1]["anchor"]
                 for name, change in ingredient_rows.items():
                     key = f"ingredients/{name}/bits_{bits}"
@@ -248,12 +247,12 @@ def regmean_merge(suite, pool, data, alpha: float) -> dict:
     experts, grams = {}, {}
     for t, task in enumerate(suite.tasks):
         tower = suite.model(pool.expert_state_dict(task))
-        adapter = adapter_for(tower)
+        adapter = suite.adapter(tower)
         layers = {adapter.block_prefix(stage, i) + name + ".weight": linear
                   for stage in adapter.stages(tower)
                   for i, block in enumerate(adapter.blocks(tower, stage))
                   for name, linear in adapter.linear_layers(block, stage).items()}
-        grams[task] = gram_matrices(tower, layers, [{"pixel_values": b["pixel_values"]} for b in by_task[t]])
+        grams[task] = gram_matrices(tower, layers, [suite.regmean_inputs(b) for b in by_task[t]])
         experts[task] = tower.state_dict()
     return regmean(base, experts, grams, alpha)
 

@@ -83,7 +83,7 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
         selection.append({"strength": solver.strength, "form": solver.form, **scores, "seconds": calib.seconds})
         log.info("candidate %s: select %s %.4g, nll %.4f", label, suite.metric, scores["select_avg_acc"],
                  scores["select_avg_nll"])
-        key = selection_key(scores, cfg.anchor.select_by, getattr(suite, "higher_is_better", True))
+        key = selection_key(scores, cfg.anchor.select_by, suite.higher_is_better)
         if best is None or key > best[0]:  # candidates come strongest first: ties keep the stronger
             best = (key, solver, calib)
     del targets
@@ -93,8 +93,7 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
 
     t0 = time.perf_counter()
     metrics["quantized"] = evaluate(cfg, prepared, calib.model, data.test_dataloader(), "test").results
-    extra = getattr(suite, "extra_evaluation", None)  # e.g. lm-eval tasks of a causal LM
-    extra_metrics = extra(calib.model) if extra else {}
+    extra_metrics = suite.extra_evaluation(calib.model)  # e.g. lm-eval tasks of a causal LM
     timings["quantized_eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - start
 
@@ -104,7 +103,7 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
         "suite": suite.describe(),
         "method": described["method"],
         "metric": suite.metric,
-        "metric_scale": getattr(suite, "metric_scale", 100),  # how tables print it (100: percent)
+        "metric_scale": suite.metric_scale,  # how tables print it (100: percent)
         "quant": {"spec": described["spec"], "strength": described.get("strength"), "form": described.get("form"),
                   **({"select": described["select"], "candidates": described["candidates"],
                       **({"folds": described["folds"]} if "folds" in described else {}),

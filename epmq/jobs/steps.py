@@ -32,7 +32,7 @@ from epmq.io.step_store import StepStore, describe_changes
 from epmq.io.fingerprint import run_fingerprint
 from epmq.engine.calibration import BlockwiseCalibration
 from epmq.engine.targets import ExpertTargets
-from epmq.families.base import adapter_for
+from epmq.families.base import Suite
 from epmq.io.pool import ExpertPool
 from epmq.io.files import write_json_atomic
 from epmq.core.anchor_choice import SELECT, SELECT_BY, ChosenEPMQ, candidate_grid
@@ -128,7 +128,9 @@ def prepare(cfg: DictConfig) -> Prepared:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     build(cfg.trainer, "trainer", logger=False)  # e.g. trainer=gpu without a GPU: refused now, not after the merge
     suite = build(cfg.suite, "suite")
-    pool = ExpertPool(suite.base, suite.experts, merged=getattr(suite, "merged", None))
+    if not isinstance(suite, Suite):
+        raise ValueError(f"suite._target_={cfg.suite._target_} is not an epmq.families.base.Suite")
+    pool = ExpertPool(suite.base, suite.experts, merged=suite.merged)
     try:
         data = suite.datamodule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
         data.setup("fit")
@@ -219,7 +221,7 @@ def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = 
     if targets is None and (needs.targets or needs.base):
         targets = target_provider(cfg, prepared.pool)
     module = build(cfg.calibration, "calibration")(
-        model, adapter_for(model), solver, suite.tasks, targets=targets, resume=done,
+        model, suite.adapter(model), solver, suite.tasks, targets=targets, resume=done,
         selection=selection_loss(prepared, model) if needs.per_step_choice else None)
     module.label = label
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]

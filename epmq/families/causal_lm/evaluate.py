@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.text import Perplexity
 
-from epmq.families.evaluate import PerTaskEvaluator
+from epmq.families.tasks import PerTaskEvaluator
 
 
 class PerplexityEvaluator(PerTaskEvaluator):
     """Perplexity of each task's language model on its own test windows.
 
     models: task -> causal LM (returning .logits (B, L, vocab)), or a function building one (see
-    epmq.families.evaluate.PerTaskEvaluator). Test loaders come one per task, in `models` order, with batches
+    epmq.families.tasks.PerTaskEvaluator). Test loaders come one per task, in `models` order, with batches
     {"input_ids", "attention_mask"}. Logged: `<prefix>/<task>/perplexity`, `<prefix>/avg_perplexity`
     (the mean over tasks) and `<prefix>/avg_nll`; kept in `results` (task -> perplexity, and "avg")
     and `nll` (task -> mean token NLL in nats = log perplexity, and "avg").

@@ -21,9 +21,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from epmq.engine.adapters import ModelAdapter
+from epmq.families.base import Suite
+from epmq.families.causal_lm.adapter import LlamaAdapter
+from epmq.families.causal_lm.data import TextWindowDataModule
 from epmq.families.causal_lm.evaluate import PerplexityEvaluator
 from epmq.io.pool import resolve_source
-from epmq.families.causal_lm.data import TextWindowDataModule
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def _per_task(value, tasks: Sequence[str], what: str) -> dict[str, str]:
     return {t: str(value).format(task=t) for t in tasks}
 
 
-class CausalLMSuite:
+class CausalLMSuite(Suite):
     """Experts of a causal-LM base, each with its own text for calibration and perplexity.
 
     Args:
@@ -116,6 +119,12 @@ class CausalLMSuite:
         return TextWindowDataModule(self.tasks, self.sources, self.text_columns, self.tokenizer, self.seq_len,
                                     calib_samples, select_samples, test_samples, batch_size, seed, num_workers,
                                     self.splits)
+
+    regmean_unsupported = ("RegMean's Gram pass (epmq.jobs.compare.regmean_merge) sums every token of a batch and "
+                           "would count padded tokens")
+
+    def adapter(self, model: nn.Module) -> ModelAdapter:
+        return LlamaAdapter()
 
     def evaluator(self, models, prefix: str) -> PerplexityEvaluator:
         return PerplexityEvaluator({t: models[t] for t in self.tasks}, prefix)

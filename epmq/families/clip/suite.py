@@ -32,15 +32,17 @@ import logging
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from epmq.families.images import TaskDataModule
-from epmq.families.evaluate import TaskEvaluator
+from epmq.engine.adapters import ModelAdapter
+from epmq.families.clip.adapter import CLIPVisionAdapter
+from epmq.families.clip.evaluate import (DEFAULT_TEMPLATES, PLACEHOLDER, HeadCache, ZeroShotClassifier, fingerprint,
+                                         text_embeddings)
+from epmq.families.images import ImageSuite, TaskDataModule
 from epmq.io.fingerprint import file_digest
-from epmq.families.clip.evaluate import DEFAULT_TEMPLATES, PLACEHOLDER, HeadCache, ZeroShotClassifier, fingerprint, text_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +172,7 @@ class DatasetSource:
         return DatasetDict(out)
 
 
-class ClipSuite:
+class ClipSuite(ImageSuite):
     """CLIP ViT experts evaluated zero-shot (see the module docstring for every option).
 
     Args:
@@ -190,7 +192,6 @@ class ClipSuite:
     """
 
     name = "clip"
-    metric = "acc"
 
     def __init__(self, base: str = "openai/clip-vit-base-patch32",
                  experts: str = "tanganke/clip-vit-base-patch32_{task}", datasets: str = HUB_NAMESPACE,
@@ -444,17 +445,18 @@ class ClipSuite:
         return ZeroShotClassifier(tower, projection or copy.deepcopy(base["projection"]), self.heads()[task],
                                   base["logit_scale"]).eval()
 
-    def evaluator(self, models: Mapping[str, nn.Module | Callable[[], nn.Module]], prefix: str) -> TaskEvaluator:
-        """Per-task zero-shot accuracy of each task's model (epmq.families.evaluate.TaskEvaluator)."""
-        heads = self.heads()
-        projection = copy.deepcopy(self._open_base()["projection"])  # one copy per evaluator: trainers may cast it
+    def classifiers(self):
+        """classify(tower, task) sharing one copy of the base's projection (trainers may cast it) per evaluator."""
+        self.heads()
+        projection = copy.deepcopy(self._open_base()["projection"])
+        return lambda tower, task: self.classifier(tower, task, projection)
 
-        def classifier(task, model):
-            if isinstance(model, nn.Module):
-                return self.classifier(model, task, projection)
-            return lambda: self.classifier(model(), task, projection)  # built when its task's turn comes
-        return TaskEvaluator({t: classifier(t, models[t]) for t in self.tasks},
-                             {t: heads[t].shape[0] for t in self.tasks}, prefix)
+    @property
+    def num_classes(self) -> dict[str, int]:
+        return {t: head.shape[0] for t, head in self.heads().items()}
+
+    def adapter(self, model: nn.Module) -> ModelAdapter:
+        return CLIPVisionAdapter()
 
     # -- data --------------------------------------------------------------------------------------
     def datamodule(self, **data) -> TaskDataModule:

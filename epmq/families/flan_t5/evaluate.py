@@ -33,7 +33,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.regression import SpearmanCorrCoef
 
-from epmq.families.evaluate import PerTaskEvaluator
+from epmq.families.tasks import PerTaskEvaluator
 from epmq.families.flan_t5.data import IGNORE
 
 METRICS = ("exact_match", "spearman")
@@ -59,7 +59,7 @@ class TextToTextEvaluator(PerTaskEvaluator):
     """Per-task scores of encoder-decoder models on text-to-text batches.
 
     models: task -> model (a T5ForConditionalGeneration; the same object may serve several tasks) or a
-    function building one (see epmq.families.evaluate.PerTaskEvaluator). metrics: task -> "exact_match" |
+    function building one (see epmq.families.tasks.PerTaskEvaluator). metrics: task -> "exact_match" |
     "spearman". The test dataloaders come one per task, in `models` order, with batches as
     epmq.families.flan_t5.data makes them (input_ids, attention_mask, labels). Logged: `<prefix>/<task>/<metric>`,
     `<prefix>/avg_score` and `<prefix>/avg_nll`; kept in `results` (task -> score, and "avg") and

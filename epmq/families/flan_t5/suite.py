@@ -15,13 +15,16 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-from epmq.families.flan_t5.glue import GLUE_TASKS, glue_task, templates_source
-from epmq.io.pool import resolve_source
+from epmq.engine.adapters import ModelAdapter
+from epmq.families.base import Suite
+from epmq.families.flan_t5.adapter import T5Adapter
 from epmq.families.flan_t5.data import DEFAULT_DATA, GlueDataModule
 from epmq.families.flan_t5.evaluate import TextToTextEvaluator
+from epmq.families.flan_t5.glue import GLUE_TASKS, glue_task, templates_source
+from epmq.io.pool import resolve_source
 
 
-class FlanT5Suite:
+class FlanT5Suite(Suite):
     """A FLAN-T5 base, one expert per GLUE task, GLUE data, text-to-text scoring.
 
     Args:
@@ -45,9 +48,8 @@ class FlanT5Suite:
     """
 
     name = "flan_t5"
-    #: why compare's RegMean → GPTQ is not offered (epmq.jobs.compare reads it)
-    regmean_unsupported = ("RegMean's Gram pass (epmq.jobs.compare.regmean_merge) feeds vision batches "
-                           "(pixel_values) and would count padded tokens")
+    regmean_unsupported = ("RegMean's Gram pass (epmq.jobs.compare.regmean_merge) sums every token of a batch and "
+                           "would count padded tokens")
 
     def __init__(self, base: str = "google/flan-t5-base",
                  experts: str | Mapping[str, str] = "tanganke/flan-t5-base_glue-{task}", data: str = DEFAULT_DATA,
@@ -143,6 +145,9 @@ class FlanT5Suite:
             raise ValueError(f"the weights do not fit {type(model).__name__} of {self.base}: "
                              f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
         return model.eval()
+
+    def adapter(self, model: nn.Module) -> ModelAdapter:
+        return T5Adapter()
 
     def evaluator(self, models: Mapping[str, nn.Module | Callable[[], nn.Module]], prefix: str) -> TextToTextEvaluator:
         """Exact match (STS-B: Spearman) of each task's model on its task (epmq.families.flan_t5.evaluate)."""

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from epmq.families.images import TaskDataModule
-from epmq.families.evaluate import TaskEvaluator
+from epmq.engine.adapters import ModelAdapter
+from epmq.families.clip.adapter import CLIPVisionAdapter
+from epmq.families.images import ImageSuite, TaskDataModule
 from epmq.families.offline.classifier import CLIPClassifier
 from epmq.families.offline.zoo import build_zoo, open_zoo
 
 
-class OfflineSuite:
+class OfflineSuite(ImageSuite):
     """The embedded offline suite: a small CLIP vision zoo built here on first use, then cached.
 
     Args:
@@ -47,7 +48,6 @@ class OfflineSuite:
         self._config = CLIPVisionConfig.from_pretrained(str(self.base))
         self._heads = {t: self.zoo.head(t) for t in self.tasks}
 
-    metric = "acc"
 
     def model(self, state_dict: dict[str, torch.Tensor] | None = None) -> CLIPVisionModel:
         """A CLIPVisionModel in eval mode with `state_dict` loaded (None: the base's weights)."""
@@ -57,17 +57,12 @@ class OfflineSuite:
         model.load_state_dict(state_dict, strict=True)
         return model.eval()
 
+    def adapter(self, model: nn.Module) -> ModelAdapter:
+        return CLIPVisionAdapter()
+
     def classifier(self, tower: nn.Module, task: str) -> nn.Module:
         """Task t's classifier: the frozen linear head of task t on `tower`'s pooled features."""
         return CLIPClassifier(tower, self._heads[task]).eval()
-
-    def evaluator(self, models: Mapping[str, nn.Module | Callable[[], nn.Module]], prefix: str) -> TaskEvaluator:
-        """Per-task accuracy of each task's model under its frozen head (epmq.families.evaluate.TaskEvaluator)."""
-        def classifier(task, model):
-            if isinstance(model, nn.Module):
-                return self.classifier(model, task)
-            return lambda: self.classifier(model(), task)  # built when its task's turn comes
-        return TaskEvaluator({t: classifier(t, models[t]) for t in self.tasks}, self.num_classes, prefix)
 
     def datamodule(self, **data) -> TaskDataModule:
         """Per-task calibration, selection and test data from the zoo's saved splits."""
