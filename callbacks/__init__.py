@@ -1,1 +1,9 @@
-"""Lightning callbacks of the calibration loop (expert activation cache, merged-weight anchoring, ...)."""
+"""Lightning shells around the calibration: they observe it or forward its hooks, and never solve.
+
+    expert_cache   ExpertActivationCache: forwards the fit hooks to the experts' targets provider
+                   (epmq.engine.targets.ExpertTargets)
+    block_metrics  BlockMetrics (each block's time and peak memory) and BlockProgressBar
+    step_saver     StepSaver: every finished step into the run folder's step store, for resuming
+
+Callbacks import the engine and io only.
+"""

@@ -77,7 +77,7 @@ class BlockwiseCalibration(L.LightningModule):
     def __init__(self, model: nn.Module, adapter: ModelAdapter, solver, task_names: Sequence[str],
                  targets: ExpertTargets | ExpertPool | None = None,
                  task_weights: Mapping[str, float] | Sequence[float] | None = None,
-                 true_sequential: bool | None = None, offload_blocks: bool | str = False,
+                 true_sequential: bool | None = None, offload_blocks: bool | str = "auto",
                  cache_device: str | torch.device | None = None, shard_batches: bool = True,
                  share_statistics: bool = True, tf32: bool = False,
                  resume: Sequence[FinishedStep] = (), selection: Selection | None = None):

@@ -37,7 +37,7 @@ class Placement:
             when b % world_size == rank; False: the loader is already sharded by rank.
     """
 
-    def __init__(self, offload_blocks: bool | str = False, cache_device: str | torch.device | None = None,
+    def __init__(self, offload_blocks: bool | str = "auto", cache_device: str | torch.device | None = None,
                  shard_batches: bool = True):
         if offload_blocks not in (True, False, "auto"):
             raise ValueError(f"offload_blocks must be true, false or auto, got {offload_blocks!r}")

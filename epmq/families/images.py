@@ -35,25 +35,12 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from epmq.families.base import Suite
-from epmq.families.tasks import PerTaskDataModule, PerTaskEvaluator
+from epmq.families.tasks import PerTaskDataModule, PerTaskEvaluator, saved_task_dir, saved_tasks
+from epmq.io.hub import local_path, written_as_path
 
 # Hub names that differ from the task name (DESIGN §4).
 HUB_NAMES = {"stanford-cars": "stanford_cars"}
 DEFAULT_HUB = "tanganke"
-
-
-def _local_task_dir(root: Path, task: str) -> Path | None:
-    """The saved DatasetDict of `task` under root: <root>/data/<task> (a zoo) or <root>/<task>."""
-    for path in (root / "data" / task, root / task):
-        if (path / "dataset_dict.json").is_file():
-            return path
-    return None
-
-
-def saved_tasks(root: Path) -> list[str]:
-    """Names of the tasks saved under root (<root>/<task> or <root>/data/<task>, each a saved DatasetDict)."""
-    folders = [root / "data", root]
-    return sorted({p.parent.name for f in folders if f.is_dir() for p in f.glob("*/dataset_dict.json")})
 
 
 def hub_id(task: str, hub: str = DEFAULT_HUB) -> str:
@@ -61,22 +48,17 @@ def hub_id(task: str, hub: str = DEFAULT_HUB) -> str:
     return hub.format(task=task) if "{task}" in hub else f"{hub}/{HUB_NAMES.get(task, task)}"
 
 
-def is_local(root_or_hub: str | Path) -> bool:
-    """A root_or_hub names local data when it is an existing directory."""
-    return isinstance(root_or_hub, (str, Path)) and Path(root_or_hub).expanduser().is_dir()
-
-
 def load_task_dataset(task: str, root_or_hub: str | Path = DEFAULT_HUB) -> DatasetDict:
     """Load one task's DatasetDict from a local folder (zoo root or folder of saved datasets) or the hub,
     or from a suite's own loader (a callable task -> DatasetDict with "train"/"test" splits)."""
     if callable(root_or_hub):
         return root_or_hub(task)
-    if is_local(root_or_hub):
-        root = Path(root_or_hub).expanduser()
-        path = _local_task_dir(root, task)
+    root = local_path(root_or_hub)
+    if root is not None:
+        path = saved_task_dir(root, task)
         if path is None:
             raise ValueError(f"unknown task {task!r}: no saved dataset under {root} "
-                             f"(looked for data/{task} and {task}); available: {saved_tasks(root)}")
+                             f"(looked for {task} and data/{task}); available: {saved_tasks(root)}")
         return load_from_disk(str(path))
     return load_dataset(hub_id(task, str(root_or_hub)))
 
@@ -141,11 +123,11 @@ class TaskDataModule(PerTaskDataModule):
                  select_samples: int = 0, batch_size: int = 32, seed: int = 0, transform: Callable | None = None,
                  test_samples: int | None = None, num_workers: int = 0):
         super().__init__(tasks, calib_samples, select_samples, test_samples, batch_size, seed, num_workers)
-        if str(root_or_hub).startswith(("/", ".", "~")) and not is_local(root_or_hub):
+        root = local_path(root_or_hub)
+        if root is None and isinstance(root_or_hub, (str, Path)) and written_as_path(root_or_hub):
             raise ValueError(f"root_or_hub: no folder {root_or_hub!r} (hub ids look like 'tanganke')")
-        if is_local(root_or_hub):  # fail on unknown tasks now, before any loading
-            root = Path(root_or_hub).expanduser()
-            unknown = [t for t in tasks if _local_task_dir(root, t) is None]
+        if root is not None:  # fail on unknown tasks now, before any loading
+            unknown = [t for t in tasks if saved_task_dir(root, t) is None]
             if unknown:
                 raise ValueError(f"unknown task(s) {unknown} under {root}; available: {saved_tasks(root)}")
         self.root_or_hub, self.transform = root_or_hub, transform
@@ -156,7 +138,7 @@ class TaskDataModule(PerTaskDataModule):
 
     def prepare_data(self) -> None:
         """Download hub datasets once (rank 0); local folders need nothing."""
-        if not is_local(self.root_or_hub):
+        if local_path(self.root_or_hub) is None:
             for task in self.tasks:
                 load_task_dataset(task, self.root_or_hub)
 

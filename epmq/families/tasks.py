@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 
 from typing import Callable, Mapping
 
@@ -28,6 +29,21 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchmetrics import Metric
+
+
+def saved_task_dir(root: Path, task: str) -> Path | None:
+    """The DatasetDict of `task` saved under root with save_to_disk: <root>/<task>, else <root>/data/<task> (a
+    zoo's layout); None when neither holds one."""
+    for path in (root / task, root / "data" / task):
+        if (path / "dataset_dict.json").is_file():
+            return path
+    return None
+
+
+def saved_tasks(root: Path) -> list[str]:
+    """Names of the tasks saved under root (<root>/<task> or <root>/data/<task>, each a saved DatasetDict)."""
+    folders = [root, root / "data"]
+    return sorted({p.parent.name for f in folders if f.is_dir() for p in f.glob("*/dataset_dict.json")})
 
 
 def task_generator(seed: int, task: str, stream: str) -> torch.Generator:

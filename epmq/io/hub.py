@@ -1,5 +1,9 @@
-"""Hugging Face hub access that fails fast: a model or dataset id is either fetched, found in the local
-cache, or refused at once with a ValueError naming it.
+"""Where a model or dataset source lives (a local file or folder, or a hub repository), and hub access that fails
+fast: a hub id is either fetched, found in the local cache, or refused at once with a ValueError naming it.
+
+A source is local when it exists on disk; one written as a path (starting with '/', '.' or '~') that does not
+exist is a mistake, never a hub id; anything else of the shape 'owner/name' is a hub id (`local_path`,
+`written_as_path`, `is_hub_id`: every loader of models and datasets decides with these three).
 
 huggingface_hub's own downloads wait without a time limit when the network drops packets (measured:
 snapshot_download still waiting after 60 s against an endpoint that accepts connections and never
@@ -20,6 +24,30 @@ import os
 from pathlib import Path
 
 DEFAULT_TIMEOUT_S = 5.0
+PATH_PREFIXES = ("/", ".", "~")
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+WEIGHT_SUFFIXES = SAFE_SUFFIXES + PICKLE_SUFFIXES  # weight files: never repositories
+
+
+def local_path(source) -> Path | None:
+    """The existing file or folder a source (str or Path, ~ expanded) names; None otherwise."""
+    if not isinstance(source, (str, Path)):
+        return None
+    path = Path(os.path.expanduser(str(source)))
+    return path if path.exists() else None
+
+
+def written_as_path(source) -> bool:
+    """Whether a source reads as a path (starts with '/', '.' or '~', or holds a backslash): never a hub id."""
+    text = str(source)
+    return text.startswith(PATH_PREFIXES) or "\\" in text
+
+
+def is_hub_id(source) -> bool:
+    """Whether a source has the shape of a hub repository id, 'owner/name' (not a path, not a weight file)."""
+    text = str(source)
+    return text.count("/") == 1 and not written_as_path(text) and not text.endswith(WEIGHT_SUFFIXES)
 
 
 def timeout_s() -> float:

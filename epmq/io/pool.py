@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
@@ -39,10 +38,10 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from epmq.io.hub import PICKLE_SUFFIXES, SAFE_SUFFIXES, is_hub_id, local_path, snapshot
+
 log = logging.getLogger(__name__)
 
-SAFE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # Files looked for inside a save_pretrained folder, in order of preference.
 FOLDER_FILES = ("model.safetensors.index.json", "model.safetensors",
                 "pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -51,22 +50,15 @@ FOLDER_FILES = ("model.safetensors.index.json", "model.safetensors",
 SAVED_BUFFERS = (".position_ids",)
 
 
-def _looks_like_hub_id(s: str) -> bool:
-    return (s.count("/") == 1 and not s.startswith((".", "/", "~")) and "\\" not in s
-            and not s.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES))
-
-
 def resolve_source(source, what: str = "model source") -> Path:
     """Local path of a model source: an existing file/folder, or a hub id downloaded to the HF cache.
 
     Raises ValueError naming `what` (e.g. "suite.base") and the source when it cannot be found.
     """
-    path = Path(os.path.expanduser(str(source)))
-    if path.exists():
+    path = local_path(source)
+    if path is not None:
         return path
-    if isinstance(source, str) and _looks_like_hub_id(source):
-        from epmq.io.hub import snapshot  # fails within seconds, naming the id, when the hub does not answer
-
+    if isinstance(source, str) and is_hub_id(source):  # fails within seconds, naming the id, when the hub is silent
         return snapshot(source, allow_patterns=["*.json", "*.safetensors", "*.bin"], what=what)
     raise ValueError(f"{what} '{source}' does not exist (not a file, folder or hub id)")
 

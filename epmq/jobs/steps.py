@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.block_metrics import BlockMetrics
 from callbacks.expert_cache import ExpertActivationCache
-from callbacks.resume import StepCheckpoint
+from callbacks.step_saver import StepSaver
 from epmq.io.step_store import StepStore, describe_changes
 from epmq.io.fingerprint import run_fingerprint
 from epmq.engine.calibration import BlockwiseCalibration
@@ -230,7 +230,7 @@ def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = 
     if module.targets is not None:
         callbacks.append(ExpertActivationCache(module.targets))
     if store is not None:
-        callbacks.append(StepCheckpoint(store))
+        callbacks.append(StepSaver(store))
     t0 = time.perf_counter()
     if module.remaining_steps:
         trainer(cfg, prepared, max_epochs=module.remaining_steps, callbacks=callbacks).fit(

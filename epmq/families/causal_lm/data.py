@@ -18,29 +18,29 @@ a folder written by `DatasetDict.save_to_disk`, one source per task, with a text
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 from datasets import DatasetDict, load_from_disk
 from torch.utils.data import Dataset
 
 from epmq.families.tasks import PerTaskDataModule, check_integers, task_generator
+from epmq.io.hub import load_dataset, local_path, written_as_path
 
 
 def load_text_dataset(source: str, split_names: Sequence[str]) -> DatasetDict:
     """A DatasetDict from a save_to_disk folder, or a hub id with an optional config after a colon
     ("Salesforce/wikitext:wikitext-2-raw-v1"); ValueError naming the source otherwise."""
-    path = Path(str(source)).expanduser()
-    if path.is_dir():
+    path = local_path(source)
+    if path is not None and path.is_dir():
         try:
             data = load_from_disk(str(path))
         except Exception as e:  # not a saved dataset
             raise ValueError(f"{path}: not a dataset saved with save_to_disk ({type(e).__name__}: {e})") from None
-    elif str(source).startswith(("/", ".", "~")):
+    elif path is not None:
+        raise ValueError(f"dataset {source!r} is a file, not a folder saved with save_to_disk")
+    elif written_as_path(source):
         raise ValueError(f"dataset folder {source!r} does not exist")
-    else:
-        from epmq.io.hub import load_dataset  # fails within seconds, naming the id, when the hub does not answer
-
+    else:  # a hub id: refused within seconds, naming it, when the hub does not answer
         name, _, config = str(source).partition(":")
         data = load_dataset(name, config or None, what="suite.datasets")
     if not isinstance(data, DatasetDict):

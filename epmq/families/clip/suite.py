@@ -43,6 +43,7 @@ from epmq.families.clip.evaluate import (DEFAULT_TEMPLATES, PLACEHOLDER, HeadCac
                                          text_embeddings)
 from epmq.families.images import ImageSuite, TaskDataModule
 from epmq.io.fingerprint import file_digest
+from epmq.io.hub import PICKLE_SUFFIXES, SAFE_SUFFIXES, is_hub_id, load_dataset, local_path, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ TASK_DATA = json.loads(resources.files("epmq.families.clip").joinpath("tasks.jso
 TASK_SETS: dict[str, list[str]] = TASK_DATA["task_sets"]
 HUB_NAMESPACE: str = TASK_DATA["hub_namespace"]  # the default dataset pattern, tanganke/{task}
 DATASET_KEYS = ("path", "name", "train_split", "test_split", "image_column", "label_column")
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 BASE_FILES = ["*.json", "*.txt", "*.safetensors"]  # config, tokenizer, processor and weights (no TF/Flax copies)
 
 
@@ -67,10 +67,6 @@ def resolve_tasks(tasks) -> list[str]:
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"suite.tasks has duplicates: {tasks}")
     return tasks
-
-
-def _is_hub_id(source: str) -> bool:
-    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and "\\" not in source
 
 
 def _folder_digest(folder: Path) -> str:
@@ -139,20 +135,19 @@ class DatasetSource:
     def _load(task: str, spec: dict):
         from datasets import Dataset, DatasetDict, load_from_disk
 
-        from epmq.io import hub
-
         path = str(spec["path"])
         what = f"suite.datasets ({task})"
-        if Path(path).expanduser().is_dir():
+        folder = local_path(path)
+        if folder is not None and folder.is_dir():
             try:
-                dd = load_from_disk(str(Path(path).expanduser()))
+                dd = load_from_disk(str(folder))
             except Exception as e:
                 raise ValueError(f"{what}: {path} is not a dataset saved with save_to_disk: {e}") from None
             if isinstance(dd, Dataset):
                 raise ValueError(f"{what}: {path} holds one Dataset; save a DatasetDict with "
                                  f"'{spec['train_split']}' and '{spec['test_split']}' splits")
-        elif _is_hub_id(path):
-            dd = hub.load_dataset(path, spec.get("name"), what=what)
+        elif folder is None and is_hub_id(path):
+            dd = load_dataset(path, spec.get("name"), what=what)
         else:
             raise ValueError(f"{what}: '{path}' is neither a folder nor a hub id")
         splits = {"train": spec["train_split"], "test": spec["test_split"]}
@@ -262,16 +257,14 @@ class ClipSuite(ImageSuite):
 
     # -- the base ----------------------------------------------------------------------------------
     def _resolve_base(self) -> Path:
-        path = Path(self.base_source).expanduser()
-        if path.exists():
+        path = local_path(self.base_source)
+        if path is not None:
             if not path.is_dir():
                 raise ValueError(f"suite.base: {path} is a file; give the folder of a full CLIPModel "
                                  f"(config, weights, tokenizer, preprocessor_config.json)")
             return path
-        if not _is_hub_id(self.base_source):
+        if not is_hub_id(self.base_source):
             raise ValueError(f"suite.base: '{self.base_source}' is neither a folder nor a hub id")
-        from epmq.io.hub import snapshot
-
         folder = snapshot(self.base_source, allow_patterns=BASE_FILES, what="suite.base")
         if not any(folder.glob("*.safetensors")):  # an older repo with pickled torch weights only
             folder = snapshot(self.base_source, allow_patterns=["*.json", "*.txt", "*.bin"], what="suite.base")
@@ -323,10 +316,10 @@ class ClipSuite(ImageSuite):
         return self._experts
 
     def _expert_source(self, task: str, source: str) -> str:
-        path = Path(source).expanduser()
-        if not path.exists() and not _is_hub_id(source):  # say which task and option, before the pool opens it
+        path = local_path(source)
+        if path is None and not is_hub_id(source):  # say which task and option, before the pool opens it
             raise ValueError(f"suite.experts ({task}): '{source}' is not a file, a folder or a hub id")
-        if not path.is_file() or not path.name.endswith((".safetensors",) + PICKLE_SUFFIXES):
+        if path is None or not path.is_file() or not path.name.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES):
             return source  # folders and hub ids: the pool reads them
         from epmq.families.clip import openclip
 

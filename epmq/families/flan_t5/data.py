@@ -34,39 +34,32 @@ import torch
 from datasets import DatasetDict, load_from_disk
 from torch.utils.data import Dataset
 
-from epmq.families.images import saved_tasks
 from epmq.families.flan_t5.glue import glue_task
-from epmq.families.tasks import PerTaskDataModule, check_integers
+from epmq.families.tasks import PerTaskDataModule, check_integers, saved_task_dir, saved_tasks
+from epmq.io.hub import load_dataset, local_path, written_as_path
 
 DEFAULT_DATA = "nyu-mll/glue"
 IGNORE = -100  # label id T5's loss (and the calibration's token mask) ignores
 
 
-def _task_dir(root: Path, task: str) -> Path | None:
-    for path in (root / task, root / "data" / task):
-        if (path / "dataset_dict.json").is_file():
-            return path
-    return None
-
-
-def is_local(data: str | Path) -> bool:
-    """Local data: an existing folder, or anything that reads as a path."""
-    return Path(data).expanduser().is_dir() or str(data).startswith(("/", ".", "~"))
+def _local(data: str | Path) -> Path | None:
+    """The folder of saved GLUE tasks `data` names; None for a hub dataset. A path that does not exist is
+    local too (it names no hub dataset): then a Path that is not a folder."""
+    root = local_path(data)
+    return root if root is not None or not written_as_path(data) else Path(str(data)).expanduser()
 
 
 def load_glue(task: str, data: str | Path = DEFAULT_DATA) -> DatasetDict:
     """Task `task`'s DatasetDict from a local folder or the hub (`data`, config = task)."""
-    if is_local(data):
-        root = Path(data).expanduser()
-        path = _task_dir(root, task) if root.is_dir() else None
+    root = _local(data)
+    if root is not None:
+        path = saved_task_dir(root, task) if root.is_dir() else None
         if path is None:
             available = saved_tasks(root) if root.is_dir() else []
             raise ValueError(f"no saved dataset for task {task!r} under {root} (looked for {task}/ and "
                              f"data/{task}/ with dataset_dict.json); available: {available}")
         return load_from_disk(str(path))
-    from epmq.io.hub import load_dataset  # refused within seconds, naming the id, when the hub does not answer
-
-    data = str(data)
+    data = str(data)  # a hub id: refused within seconds, naming it, when the hub does not answer
     if "{task}" in data:
         return load_dataset(data.format(task=task), what="suite.data")
     return load_dataset(data, task, what="suite.data")
@@ -147,9 +140,9 @@ class GlueDataModule(PerTaskDataModule):
         check_integers(max_source_length=(max_source_length, 1), max_target_length=(max_target_length, 1))
         if getattr(tokenizer, "pad_token_id", None) is None:
             raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no pad token")
-        if is_local(data):  # fail on a missing folder or task now, before any loading
-            root = Path(data).expanduser()
-            unknown = [t for t in tasks if not root.is_dir() or _task_dir(root, t) is None]
+        root = _local(data)
+        if root is not None:  # fail on a missing folder or task now, before any loading
+            unknown = [t for t in tasks if not root.is_dir() or saved_task_dir(root, t) is None]
             if unknown:
                 raise ValueError(f"no saved dataset for task(s) {unknown} under {root}; available: "
                                  f"{saved_tasks(root) if root.is_dir() else 'none (no such folder)'}")
@@ -163,7 +156,7 @@ class GlueDataModule(PerTaskDataModule):
 
     def prepare_data(self) -> None:
         """Download hub datasets once (rank 0); local folders need nothing."""
-        if not is_local(self.data):
+        if _local(self.data) is None:
             for task in self.tasks:
                 load_glue(task, self.data)
 

@@ -1,4 +1,4 @@
-"""StepCheckpoint: save every finished calibration step, so that a killed run can resume.
+"""StepSaver: save every finished calibration step, so that a killed run can resume.
 
 After each fit epoch (one schedule step, solved in the epoch's last batch) rank 0 appends the step
 to an epmq.io.step_store.StepStore in the run folder: the step's codes and grids, then the progress
@@ -13,7 +13,7 @@ import lightning as L
 from epmq.io.step_store import StepStore
 
 
-class StepCheckpoint(L.Callback):
+class StepSaver(L.Callback):
     """Saves each step BlockwiseCalibration finishes into `store` (rank 0 only)."""
 
     def __init__(self, store: StepStore):
