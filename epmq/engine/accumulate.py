@@ -78,6 +78,13 @@ def count_tokens(loader, adapter: ModelAdapter, model: nn.Module, stages: list[S
     return batch_tasks, counts
 
 
+def check_every_task(counts: TokenCounts, task_names: Sequence[str], task_weights: torch.Tensor) -> None:
+    """ValueError naming the tasks of positive weight that have no calibration token in the first stage."""
+    empty = [t for t, n, w in zip(task_names, counts[(0, "self")], task_weights) if n == 0 and w > 0]
+    if empty:
+        raise ValueError(f"task(s) {empty} have no calibration samples (task_names={list(task_names)})")
+
+
 def check_task_order(batch_tasks: list[torch.Tensor], task_names: Sequence[str], placement: Placement) -> None:
     """normalize folds each task's statistics when its batches end: every batch must hold one task and each
     task's batches must come together (as epmq.families.tasks makes them)."""

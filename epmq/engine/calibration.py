@@ -15,9 +15,8 @@ The loop reads like the GPTQ reference's `llama_sequential` (IST-DASLab/gptq); e
         write Q; log                                    block_choice.StepChoice for a per-step anchor choice
         X̂ = block(X̂) after the block's last step        finish_step: the quantized block feeds the next one
 
-The module never holds experts: the solver's Requirements say what to gather; the targets provider computes
-the experts' outputs from each expert's weights of the current block only. Devices, offloading and the DDP
-split of the batches are placement.Placement's.
+The module holds no expert (the targets provider reads one block of one expert at a time) and no method name:
+the solver's Requirements say what to gather. Devices, offloading and DDP shards are placement.Placement's.
 """
 
 from __future__ import annotations
@@ -32,8 +31,8 @@ from torch import nn
 
 from epmq.core.precision import tf32
 from epmq.core.solvers import Requirements
-from epmq.engine.accumulate import (StepStatistics, check_task_order, check_tasks, count_tokens, token_mask,
-                                    token_weights)
+from epmq.engine.accumulate import (StepStatistics, check_every_task, check_task_order, check_tasks, count_tokens,
+                                    token_mask, token_weights)
 from epmq.engine.accumulate import task_weights as task_weights_of
 from epmq.engine.adapters import ModelAdapter
 from epmq.engine.block_choice import Selection, StepChoice
@@ -62,10 +61,9 @@ class BlockwiseCalibration(L.LightningModule):
             task t weighs w_t / n_t, so a task counts by w_t whatever its size.
         true_sequential: one step per layer group (GPTQ's true-sequential); None: the family's default.
         offload_blocks, cache_device, shard_batches: epmq.engine.placement.Placement's.
-        share_statistics: layers that read one input (the adapter's shared_inputs) share one H (False: each
-            its own; the same numbers, computed again).
-        tf32: TF32 products in block forwards (CUDA); mixed precision is the trainer's (it covers the experts'
-            forwards too). Statistics are multiplied in float32 either way (epmq.core.precision).
+        share_statistics: layers that read one input (the adapter's shared_inputs) share one H (False: each its own).
+        tf32: TF32 products in block forwards (CUDA); mixed precision is the trainer's. Statistics are multiplied
+            in float32 either way (epmq.core.precision).
         resume: steps finished by an interrupted run (epmq.io.step_store), in schedule order.
         selection: selection(device) -> the task heads' mean loss (nats) on the selection samples of the model
             as it stands, for a solver whose anchor is chosen per step (requirements.per_step_choice).
@@ -105,10 +103,7 @@ class BlockwiseCalibration(L.LightningModule):
         self.label = ""  # shown before the step in the progress bar, e.g. which anchor candidate
         self.stages = self.adapter.stages(model)
         self.schedule: list[Step] = build_schedule(self.adapter, model, self.true_sequential)
-        self.targets = provider(targets) if self.requirements.targets or self.requirements.base else None
-        if (self.requirements.targets or self.requirements.base) and self.targets is None:
-            raise ValueError(f"{solver!r} needs expert targets (or the base model's layers): pass "
-                             f"targets=ExpertPool(...) or an ExpertTargets")
+        self.targets = provider(targets, for_solver=solver)
         self.choice = None
         if self.requirements.per_step_choice:
             if selection is None:
@@ -116,9 +111,7 @@ class BlockwiseCalibration(L.LightningModule):
                                  f"BlockwiseCalibration a `selection` function (epmq.jobs.steps.calibrate does)")
             self.choice = StepChoice(solver, selection, adapter, model, self.placement)
         self._resume = list(resume)
-
-        # calibration state: plain attributes, never part of the state dict
-        self.step_index = 0
+        self.step_index = 0  # the calibration's state: plain attributes, never in the state dict
         self.finished: list[FinishedStep] = []
         self.batch_tasks: list[torch.Tensor] = []   # per batch: (batch,) task index of each sample
         self.task_tokens: dict[tuple[int, str], torch.Tensor] = {}  # (stage, source) -> (T,) n_t, all ranks
@@ -129,9 +122,6 @@ class BlockwiseCalibration(L.LightningModule):
     # -- Lightning plumbing and what others see of the calibration -------------------------------------
     def configure_optimizers(self):
         return None  # nothing is trained: manual optimization, no optimizer
-
-    def forward(self, **inputs):
-        return self.model(**inputs)
 
     def train(self, mode: bool = True):
         """Lightning switches to train mode for fit; the transformer stays in eval (no dropout)."""
@@ -159,11 +149,6 @@ class BlockwiseCalibration(L.LightningModule):
     @property
     def layer_metrics(self) -> dict[str, dict[str, float]]:
         return {k: m for s in self.finished for k, m in s.metrics.items()}
-
-    @property
-    def device_(self) -> torch.device:
-        """Where calibration computes: the trainer's device (the model's when no trainer runs it)."""
-        return next(self.model.parameters()).device if self._trainer is None else self.placement.device
 
     @contextmanager
     def forward_precision(self):
@@ -228,10 +213,7 @@ class BlockwiseCalibration(L.LightningModule):
         self.batch_tasks, self.task_tokens = count_tokens(self.calibration_loader(), self.adapter, self.model,
                                                           self.stages, self.task_names, self.placement)
         if self.requirements.statistics:
-            n_t = self.task_tokens[(0, "self")]
-            empty = [t for t, n, w in zip(self.task_names, n_t, self.task_weights) if n == 0 and w > 0]
-            if empty:
-                raise ValueError(f"task(s) {empty} have no calibration samples (task_names={self.task_names})")
+            check_every_task(self.task_tokens, self.task_names, self.task_weights)
         if self.requirements.normalize and self.requirements.statistics:
             check_task_order(self.batch_tasks, self.task_names, self.placement)
 

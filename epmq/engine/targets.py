@@ -307,12 +307,19 @@ class ExpertTargets:
             self.recorded, self._layout = {}, None  # an interrupted or resumed fit: never replay it
 
 
-def provider(targets) -> ExpertTargets | None:
-    """An ExpertTargets for `targets`: a pool (a provider is made), a provider (to share between fits), or None."""
-    if targets is None or isinstance(targets, ExpertTargets):
+def provider(targets, for_solver) -> ExpertTargets | None:
+    """The ExpertTargets a solver's calibration reads: `targets` itself (a provider, shared between fits), one
+    made from a pool, or None when the solver needs neither the experts' targets nor the base's layers."""
+    needs = for_solver.requirements
+    if not (needs.targets or needs.base):
+        return None
+    if isinstance(targets, ExpertTargets):
         return targets
     if isinstance(targets, ExpertPool):
         return ExpertTargets(targets)
+    if targets is None:
+        raise ValueError(f"{for_solver!r} needs expert targets (or the base model's layers): pass "
+                         f"targets=ExpertPool(...) or an ExpertTargets")
     raise ValueError(f"targets must be an ExpertPool or an ExpertTargets, got {type(targets).__name__}")
 
 

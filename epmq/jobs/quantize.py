@@ -114,7 +114,7 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
         **({"extra_metrics": extra_metrics} if extra_metrics else {}),
         "calibration": calibration_record(calib),
         "timings": timings,
-        "peak_memory_mb": peak_memory_mb(calib.module.device_),
+        "peak_memory_mb": peak_memory_mb(calib.module.placement.device),
         "config": resolved_config(cfg),
     }
     if rank_zero_only.rank == 0:

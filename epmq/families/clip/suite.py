@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -39,18 +38,17 @@ from torch import nn
 
 from epmq.engine.adapters import ModelAdapter
 from epmq.families.clip.adapter import CLIPVisionAdapter
+from epmq.families.clip.data import (HUB_NAMESPACE, TASK_DATA, TASK_SETS, DatasetSource, ImageTransform, dataset_spec,
+                                     image_processor)
 from epmq.families.clip.evaluate import (DEFAULT_TEMPLATES, PLACEHOLDER, HeadCache, ZeroShotClassifier, fingerprint,
                                          text_embeddings)
 from epmq.families.images import ImageSuite, TaskDataModule
+from epmq.io.files import write_atomic
 from epmq.io.fingerprint import file_digest
-from epmq.io.hub import PICKLE_SUFFIXES, SAFE_SUFFIXES, is_hub_id, load_dataset, local_path, snapshot
+from epmq.io.hub import PICKLE_SUFFIXES, SAFE_SUFFIXES, is_hub_id, local_path, snapshot
 
 log = logging.getLogger(__name__)
 
-TASK_DATA = json.loads(resources.files("epmq.families.clip").joinpath("tasks.json").read_text(encoding="utf-8"))
-TASK_SETS: dict[str, list[str]] = TASK_DATA["task_sets"]
-HUB_NAMESPACE: str = TASK_DATA["hub_namespace"]  # the default dataset pattern, tanganke/{task}
-DATASET_KEYS = ("path", "name", "train_split", "test_split", "image_column", "label_column")
 BASE_FILES = ["*.json", "*.txt", "*.safetensors"]  # config, tokenizer, processor and weights (no TF/Flax copies)
 
 
@@ -84,87 +82,6 @@ def no_init_weights():
     except ImportError:
         from transformers.modeling_utils import no_init_weights as context
     return context()
-
-
-class ImageTransform:
-    """PIL image -> pixel_values (C, H, W) float32 with the base's CLIP image processor (no torchvision)."""
-
-    def __init__(self, processor, channels: int):
-        self.processor, self.channels = processor, channels
-
-    def __call__(self, image) -> torch.Tensor:
-        if self.channels == 3 and getattr(image, "mode", "RGB") != "RGB":
-            image = image.convert("RGB")  # grayscale and palette images (MNIST, GTSRB) to three channels
-        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
-
-
-def image_processor(folder: Path):
-    """The base's CLIP image processor, the PIL implementation (transformers 5 makes torchvision the
-    default backend and falls back with a warning; transformers 4's CLIPImageProcessor is this one)."""
-    try:
-        from transformers import CLIPImageProcessorPil as Processor
-    except ImportError:
-        from transformers import CLIPImageProcessor as Processor
-    try:
-        return Processor.from_pretrained(str(folder))
-    except Exception as e:
-        raise ValueError(f"suite.base ({folder}): no CLIP image processor config "
-                         f"(preprocessor_config.json): {type(e).__name__}: {e}") from None
-
-
-class DatasetSource:
-    """Loads one task's data as a DatasetDict {"train", "test"} with columns "image" and "label".
-
-    spec: path (hub id or save_to_disk folder), name (hub config), train_split, test_split,
-    image_column, label_column. Loaded datasets are kept, so the DataModule's repeated calls are free.
-    """
-
-    def __init__(self, specs: Mapping[str, dict]):
-        self.specs = dict(specs)
-        self._loaded: dict = {}
-
-    def __repr__(self) -> str:
-        return f"DatasetSource({ {t: s['path'] for t, s in self.specs.items()} })"
-
-    def __call__(self, task: str):
-        if task not in self._loaded:
-            self._loaded[task] = self._load(task, self.specs[task])
-        return self._loaded[task]
-
-    @staticmethod
-    def _load(task: str, spec: dict):
-        from datasets import Dataset, DatasetDict, load_from_disk
-
-        path = str(spec["path"])
-        what = f"suite.datasets ({task})"
-        folder = local_path(path)
-        if folder is not None and folder.is_dir():
-            try:
-                dd = load_from_disk(str(folder))
-            except Exception as e:
-                raise ValueError(f"{what}: {path} is not a dataset saved with save_to_disk: {e}") from None
-            if isinstance(dd, Dataset):
-                raise ValueError(f"{what}: {path} holds one Dataset; save a DatasetDict with "
-                                 f"'{spec['train_split']}' and '{spec['test_split']}' splits")
-        elif folder is None and is_hub_id(path):
-            dd = load_dataset(path, spec.get("name"), what=what)
-        else:
-            raise ValueError(f"{what}: '{path}' is neither a folder nor a hub id")
-        splits = {"train": spec["train_split"], "test": spec["test_split"]}
-        missing = [s for s in splits.values() if s not in dd]
-        if missing:
-            raise ValueError(f"{what}: {path} has no split {missing[0]!r} (splits: {list(dd)})")
-        columns = {spec["image_column"]: "image", spec["label_column"]: "label"}
-        out = {}
-        for ours, theirs in splits.items():
-            ds = dd[theirs]
-            absent = [c for c in columns if c not in ds.column_names]
-            if absent:
-                raise ValueError(f"{what}: split {theirs!r} of {path} has no column {absent[0]!r} (columns: "
-                                 f"{ds.column_names}); set suite.image_column / suite.label_column")
-            ds = ds.select_columns(list(columns))
-            out[ours] = ds.rename_columns({k: v for k, v in columns.items() if k != v})
-        return DatasetDict(out)
 
 
 class ClipSuite(ImageSuite):
@@ -212,7 +129,7 @@ class ClipSuite(ImageSuite):
         overrides = self._per_task("suite.dataset_overrides", dataset_overrides, sequences=False)
         defaults = {"name": None, "train_split": train_split, "test_split": test_split,
                     "image_column": image_column, "label_column": label_column}
-        self.dataset_specs = {t: self._dataset_spec(t, defaults, overrides.get(t)) for t in self.tasks}
+        self.dataset_specs = {t: dataset_spec(t, datasets, defaults, overrides.get(t)) for t in self.tasks}
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.allow_pickle, self.merged, self.text_batch_size = bool(allow_pickle), merged, int(text_batch_size)
         self._base: dict | None = None      # opened base: tower state, projection, text side, processor
@@ -233,22 +150,6 @@ class ClipSuite(ImageSuite):
                     raise ValueError(f"{option}.{task} must be a non-empty list of strings, got {v!r}")
             return {t: list(v) for t, v in values.items()}
         return values
-
-    def _dataset_spec(self, task: str, defaults: dict, override) -> dict:
-        spec = {**defaults, "path": self.datasets_pattern.replace("{task}", task)}
-        if self.datasets_pattern == HUB_NAMESPACE:  # FusionBench's sources for tasks not under tanganke/
-            spec.update(TASK_DATA["datasets"].get(task, {}))
-        if isinstance(override, str):
-            spec.update(path=override)
-        elif isinstance(override, Mapping):
-            unknown = [k for k in override if k not in DATASET_KEYS]
-            if unknown:
-                raise ValueError(f"suite.dataset_overrides.{task}: unknown key {unknown[0]!r} "
-                                 f"(known: {', '.join(DATASET_KEYS)})")
-            spec.update(dict(override))
-        elif override is not None:
-            raise ValueError(f"suite.dataset_overrides.{task} must be a source or a mapping, got {override!r}")
-        return spec
 
     def _cache(self) -> Path:
         if self.cache_dir is None:
@@ -367,13 +268,8 @@ class ClipSuite(ImageSuite):
 
         out = self._cache() / "unpickled" / f"{file_digest(path)}.safetensors"
         if not out.is_file():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp")  # renamed into place: never half a file
-            try:
-                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-                tmp.replace(out)
-            finally:
-                tmp.unlink(missing_ok=True)
+            tensors = {k: v.contiguous() for k, v in state.items()}
+            write_atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         return out
 
     # -- models and heads -------------------------------------------------------------------------
