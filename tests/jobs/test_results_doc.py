@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_results_doc
+from helpers.config import load_results_doc
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LABEL = "task arithmetic (λ=0.3)"
 CONFIGURED = {"normalize": False, "interp": 1.0, "extrapolate": 1.0, "calibrate_bias": False}
 ZOOS = {0: ("f0" * 32, "a0" * 32), 1: ("f1" * 32, "a1" * 32)}  # suite seed -> (fingerprint, weights)

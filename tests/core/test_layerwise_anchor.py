@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_cfg
+from helpers.config import make_cfg
 from epmq.jobs.steps import solvers
 from epmq.jobs.run import run
 from epmq.core.anchor_choice import LayerwiseEPMQ

@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import SPEC_ARGS, trainer_for
+from helpers.tiny import SPEC_ARGS, trainer_for
 from epmq.families.clip.adapter import CLIPVisionAdapter
 from epmq.core.merge import task_arithmetic
 from epmq.engine.calibration import BlockwiseCalibration

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, make_cfg, trainer_for
+from helpers.config import ROOT, make_cfg
+from helpers.tiny import trainer_for
 from epmq.io.step_store import StepStore
 from epmq.engine.calibration import BlockwiseCalibration
 from epmq.jobs.run import run

@@ -117,7 +117,7 @@ def test_weights_do_not_depend_on_the_callers_threads(built, tmp_path):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         runs[threads] = subprocess.Popen(
             [sys.executable, "-c", _BUILD_WITH_THREADS, str(threads), str(tmp_path / f"cache-{threads}")],
-            env=env, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            env=env, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     results = {}
     for threads, proc in runs.items():
         out, err = proc.communicate(timeout=600)

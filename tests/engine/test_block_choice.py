@@ -13,7 +13,9 @@ import math
 import pytest
 import torch
 
-from conftest import ADAPTER, SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, make_cfg, tiny_model, trainer_for
+from helpers.config import make_cfg
+from helpers.tiny import (ADAPTER, SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, tiny_model,
+                          trainer_for)
 from epmq.families.base import adapter_for
 from epmq.engine.capture import replaying_recorded
 from epmq.engine.calibration import BlockwiseCalibration

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from conftest import ROOT, make_cfg
+from helpers.config import ROOT, make_cfg
 from epmq.jobs.steps import prepare
 from epmq.jobs.run import run
 from helpers import llm_world

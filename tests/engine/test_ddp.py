@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import ADAPTER, SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, trainer_for
+from helpers.tiny import ADAPTER, SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, trainer_for
 from epmq.engine.calibration import BlockwiseCalibration
 from epmq.io.pool import ExpertPool
 from epmq.core.solvers import EPMQ

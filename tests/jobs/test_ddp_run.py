@@ -13,7 +13,7 @@ import pytest
 from epmq import load_quantized
 from epmq.io.load import QuantLinear
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def train(out: Path, cache: Path, *overrides: str) -> dict:

@@ -11,8 +11,8 @@ import torch
 
 from callbacks.block_metrics import BlockMetrics, BlockProgressBar
 from epmq.engine.targets import ExpertTargets
-from conftest import (ADAPTER, SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibrate, calibration_set, load_state,
-                      solver, trainer_for)
+from helpers.tiny import (ADAPTER, SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibrate,
+                          calibration_set, load_state, solver, trainer_for)
 from epmq.core.anchor import relaxed_target
 from epmq.core.gptq import gptq
 from epmq.engine.calibration import BlockwiseCalibration

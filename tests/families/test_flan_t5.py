@@ -27,7 +27,8 @@ import torch
 from scipy.stats import spearmanr
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from conftest import ROOT, make_cfg, trainer_for
+from helpers.config import ROOT, make_cfg
+from helpers.tiny import trainer_for
 from epmq.families.flan_t5.glue import GLUE_TASKS, glue_task
 from epmq.engine.calibration import BlockwiseCalibration
 from epmq.families.base import adapter_for

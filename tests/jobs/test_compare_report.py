@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_results_doc
+from helpers.config import load_results_doc
 
 from epmq.core.anchor import parse_strength
 from epmq.jobs.compare_report import ablation_curves, lambda_positions, markdown_table, plot_ablation, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASKS = ["mnist", "digits"]
 LABEL = "task arithmetic (λ=0.3)"
 STRENGTHS = [0.0, 0.1, 1.0, 10.0, 1e4]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TASKS, tiny_model
+from helpers.tiny import TASKS, tiny_model
 from epmq.families.clip.adapter import CLIPVisionAdapter
 from epmq.core.merge import SimpleAverage, TaskArithmetic, TiesMerging, check_experts
 from epmq.io.pool import ExpertPool, _Checkpoint, match_prefix

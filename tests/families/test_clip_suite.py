@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, CLIPModel
 from helpers import clip_zoo
 from helpers import openclip_reference as ref
 from helpers.clip_zoo import CLASSES, TASKS
-from conftest import ROOT, make_cfg
+from helpers.config import ROOT, make_cfg
 from epmq.io.pool import ExpertPool
 from epmq.jobs.run import run
 from epmq.core.stats import LayerStatistics

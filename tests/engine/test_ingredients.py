@@ -15,7 +15,8 @@ import math
 import pytest
 import torch
 
-from conftest import ADAPTER, SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibration_set, load_state, trainer_for
+from helpers.tiny import (ADAPTER, SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibration_set,
+                          load_state, trainer_for)
 from epmq.core.anchor import relaxed_target
 from epmq.io.step_store import StepStore
 from epmq.core.gptq import gptq

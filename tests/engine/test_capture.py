@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 
-from conftest import trainer_for
+from helpers.tiny import trainer_for
 from epmq.core.gptq import QuantResult
 from epmq.core.merge import task_arithmetic
 from epmq.engine.calibration import BlockwiseCalibration

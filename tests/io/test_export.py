@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from conftest import ROOT, make_cfg
+from helpers.config import ROOT, make_cfg
 from epmq import load_quantized
 from epmq.io.export import checkpoint_size, save_quantized
 from epmq.core.gptq import gptq

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from conftest import make_cfg, wandb_finished, wandb_history
+from helpers.config import make_cfg
+from helpers.wandb_files import wandb_finished, wandb_history
 from epmq.jobs.compare import compare_plan
 from epmq.jobs.run import run
 
