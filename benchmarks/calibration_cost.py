@@ -199,6 +199,7 @@ def setup_run(args, merged_dir: Path, experts_dir: Path, T: int, method: str, ca
     cache: an ExpertTargets to use instead (epmq-keep).
     """
     import lightning as L
+
     from callbacks.expert_cache import ExpertActivationCache
     from epmq.core.solvers import EPMQ, GPTQ, RTN
     from epmq.engine.calibration import BlockwiseCalibration

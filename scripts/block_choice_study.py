@@ -57,9 +57,9 @@ def _config(overrides: list[str]):
 
 
 def study(overrides: list[str], out: Path) -> None:
-    from epmq.jobs import steps as pipeline
-    from epmq.families.base import adapter_for
     from epmq.core.solvers import EPMQ, Requirements
+    from epmq.families.base import adapter_for
+    from epmq.jobs import steps as pipeline
 
     cfg = _config(overrides)
     pipeline.quiet_lightning()

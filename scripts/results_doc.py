@@ -36,9 +36,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from epmq.core.anchor import parse_strength
-from epmq.jobs.compare_report import (DISPLAY, METHODS, REFERENCES, ablation_curves, draw_ablation,
-                                      draw_avg_vs_bits, format_strength, markdown_header, markdown_row,
-                                      method_entry, panels, save_figure, validate, write_text_atomic)
+from epmq.jobs.compare_report import (DISPLAY, METHODS, REFERENCES, ablation_curves, draw_ablation, draw_avg_vs_bits,
+                                      format_strength, markdown_header, markdown_row, method_entry, panels, save_figure,
+                                      validate, write_text_atomic)
 
 BITS_COLORS = ("tab:red", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:brown", "tab:pink")
 FORM_STYLES = {"output": "-", "weight": "--"}

@@ -21,9 +21,9 @@ from transformers import CLIPVisionModel
 
 from epmq.core.gptq import rtn
 from epmq.core.merge import simple_average, task_arithmetic, ties_merging
+from epmq.core.quant import QuantSpec
 from epmq.families.offline.classifier import CLIPClassifier, accuracy, tower_state_dict
 from epmq.families.offline.zoo import Zoo, build_zoo, open_zoo
-from epmq.core.quant import QuantSpec
 
 START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
 LAMBDAS = [round(0.1 * k, 1) for k in range(1, 11)]

@@ -9,6 +9,7 @@ import pytest
 
 from epmq.core.merge import task_arithmetic
 from epmq.families.offline.zoo import build_zoo
+
 from helpers.tiny import TASKS, tiny_model, with_task_vector
 
 

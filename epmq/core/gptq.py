@@ -25,8 +25,8 @@ Columns are stored as contiguous rows (W transposed), everything is float32, and
 per-column loop allocates no tensor memory.
 """
 
-from dataclasses import dataclass
 import logging
+from dataclasses import dataclass
 
 import torch
 

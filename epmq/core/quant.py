@@ -12,8 +12,8 @@ so that 0 is always on the grid (a zero weight stays exactly zero). Asymmetric g
 of tensors and works on any device and float dtype.
 """
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 
 import torch
 

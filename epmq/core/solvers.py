@@ -43,7 +43,6 @@ from epmq.core.norm_affine import NormStatistics, solve_norm_affine
 from epmq.core.quant import QuantSpec
 from epmq.core.stats import LayerStatistics
 
-
 INGREDIENTS = ("normalize", "interp", "extrapolate", "calibrate_bias", "calibrate_norms")  # EPMQ's options beyond the paper's
 
 

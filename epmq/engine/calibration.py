@@ -31,9 +31,9 @@ from torch import nn
 
 from epmq.core.precision import tf32
 from epmq.core.solvers import Requirements
-from epmq.engine.accumulate import (StepStatistics, check_every_task, check_task_order, check_tasks, count_tokens,
-                                    token_mask, token_weights)
+from epmq.engine.accumulate import StepStatistics, check_every_task, check_task_order, check_tasks, count_tokens
 from epmq.engine.accumulate import task_weights as task_weights_of
+from epmq.engine.accumulate import token_mask, token_weights
 from epmq.engine.adapters import ModelAdapter
 from epmq.engine.block_choice import Selection, StepChoice
 from epmq.engine.capture import BlockInputs, Trace, run_block, walk_to

@@ -19,6 +19,7 @@ from epmq.families.causal_lm.adapter import LlamaAdapter
 from epmq.families.clip.adapter import CLIPVisionAdapter
 from epmq.families.flan_t5.adapter import T5Adapter
 
+
 class Suite:
     """Which base, which experts, which tasks and data, and how a model is evaluated on each task.
 

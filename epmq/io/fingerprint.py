@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Mapping
 
@@ -70,3 +71,36 @@ def run_fingerprint(config: dict, prepared) -> dict:
     return {"epmq": epmq.__version__, "options": options,
             "models": {"merged": state_dict_digest(prepared.merged_state), "experts": experts},
             "data": {"calibration_batches": count, "calibration_sum": total}}
+
+
+def resume_refusal(saved: dict, current: dict) -> str:
+    """Why a run saved with fingerprint `saved` cannot go on under `current` ('' when it can), in one sentence.
+
+    A run folder of another epmq version is refused on the version alone: between versions the package
+    layout, the config's `_target_` strings and option names may move (0.2.0 moved every module into
+    core/io/engine/families/jobs and the anchor choice's options from quant to anchor), so the options
+    would read as changed even where the calibration is not."""
+    if saved.get("epmq") != current.get("epmq"):
+        return (f"it was written by epmq {saved.get('epmq')} and this is epmq {current.get('epmq')}; a run resumes "
+                f"only with the version that started it: run again in a new folder, or resume with epmq "
+                f"{saved.get('epmq')}")
+    return describe_changes(saved, current)
+
+
+def describe_changes(old: dict, new: dict, prefix: str = "") -> str:
+    """'' when equal, else a sentence naming every key whose value changed (nested keys dotted)."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = describe_changes(a, b, f"{prefix}{key}.")
+            if inner:
+                changes.append(inner)
+        elif a != b:
+            changes.append(f"{prefix}{key} was {_short(a)}, now {_short(b)}")
+    return "; ".join(changes)
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -23,8 +23,8 @@ import dataclasses
 import torch
 
 from epmq.core.gptq import QuantResult
-from epmq.io.packing import CODE_BITS, check_code_bits, pack_bits, packed_length, unpack_bits
 from epmq.core.quant import dequantize
+from epmq.io.packing import CODE_BITS, check_code_bits, pack_bits, packed_length, unpack_bits
 
 FIELDS = ("qweight", "scales", "zeros", "g_idx")  # the tensors of every record, as files store them
 OPTIONAL = ("bias",)  # stored only when present

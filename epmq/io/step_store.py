@@ -24,13 +24,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from lightning.pytorch.utilities import rank_zero_only
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from epmq.io.quantized_layer import FIELDS, OPTIONAL, QuantizedLayer
 from epmq.io.files import write_atomic, write_json_atomic
+from epmq.io.fingerprint import resume_refusal
+from epmq.io.quantized_layer import FIELDS, OPTIONAL, QuantizedLayer
 
 PROGRESS = "progress.json"
 STEP_FORMAT = 2  # 1: uint8 codes unpacked (out x in), float32 zeros; 2: QuantizedLayer's packed tensors
@@ -87,7 +88,7 @@ class StepStore:
         if not self.exists:
             return []
         progress = json.loads((self.folder / PROGRESS).read_text())
-        changed = describe_changes(progress["fingerprint"], self.fingerprint)
+        changed = resume_refusal(progress["fingerprint"], self.fingerprint)
         if changed:
             raise ValueError(f"cannot resume {self.folder}: {changed}")
         step_format = progress.get("format", 1)
@@ -133,23 +134,3 @@ class StepStore:
     def _write(self) -> None:
         write_json_atomic(self.folder / PROGRESS, {"fingerprint": self.fingerprint, "format": STEP_FORMAT,
                                                    "steps": self.steps, "extra": self.extra})
-
-
-def describe_changes(old: dict, new: dict, prefix: str = "") -> str:
-    """'' when equal, else a sentence naming every key whose value changed (nested keys dotted)."""
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            inner = describe_changes(a, b, f"{prefix}{key}.")
-            if inner:
-                changes.append(inner)
-        elif a != b:
-            changes.append(f"{prefix}{key} was {_short(a)}, now {_short(b)}")
-    return "; ".join(changes)
-
-
-def _short(value) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
-

@@ -38,17 +38,17 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from epmq.jobs import compare_report
-from epmq.families.base import suite_class
-from epmq.io.step_store import describe_changes
-from epmq.jobs.steps import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, prepare,
-                           quiet_lightning, resolved_config, select_half_scores, select_scores, solvers,
-                           target_provider)
-from epmq.core.regmean import gram_matrices, regmean
-from epmq.io.files import write_json_atomic
 from epmq.core.anchor import parse_strength
 from epmq.core.anchor_choice import BlockChoiceEPMQ, LayerwiseEPMQ, selection_key
+from epmq.core.regmean import gram_matrices, regmean
 from epmq.core.solvers import EPMQ, GPTQ, INGREDIENTS, RTN, RelaxedEPMQ
+from epmq.families.base import suite_class
+from epmq.io.files import write_json_atomic
+from epmq.io.fingerprint import resume_refusal
+from epmq.jobs import compare_report
+from epmq.jobs.steps import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, prepare,
+                             quiet_lightning, resolved_config, select_half_scores, select_scores, solvers,
+                             target_provider)
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Units:
             return None
         saved = json.loads(path.read_text())
         if saved["fingerprint"] != self.fingerprint:
-            raise ValueError(f"cannot resume {self.folder}: {describe_changes(saved['fingerprint'], self.fingerprint)}")
+            raise ValueError(f"cannot resume {self.folder}: {resume_refusal(saved['fingerprint'], self.fingerprint)}")
         log.info("unit %s: finished by the resumed run", key)
         return saved["result"]
 

@@ -14,7 +14,7 @@ import os
 import sys
 from contextlib import contextmanager
 
-log = logging.getLogger("epmq")
+log = logging.getLogger(__name__)
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 

@@ -23,13 +23,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from callbacks.block_metrics import peak_memory_mb
-from epmq.io.export import check_exportable, checkpoint_size, save_quantized
-from epmq.jobs.steps import (calibrate, calibration_record, candidate_label, claim_run_folder, evaluate,
-                           evaluate_experts, logging_to, prepare, quiet_lightning, resolved_config, run_folder_store,
-                           select_scores, solvers, target_provider)
 from epmq.core.anchor_choice import selection_key
+from epmq.io.export import check_exportable, checkpoint_size, save_quantized
 from epmq.io.files import write_json_atomic
 from epmq.jobs.report import accuracy_table
+from epmq.jobs.steps import (calibrate, calibration_record, candidate_label, claim_run_folder, evaluate,
+                             evaluate_experts, logging_to, prepare, quiet_lightning, resolved_config, run_folder_store,
+                             select_scores, solvers, target_provider)
 
 log = logging.getLogger(__name__)
 

@@ -28,14 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks.block_metrics import BlockMetrics
 from callbacks.expert_cache import ExpertActivationCache
 from callbacks.step_saver import StepSaver
-from epmq.io.step_store import StepStore, describe_changes
-from epmq.io.fingerprint import run_fingerprint
+from epmq.core.anchor_choice import SELECT, SELECT_BY, ChosenEPMQ, candidate_grid
 from epmq.engine.calibration import BlockwiseCalibration
 from epmq.engine.targets import ExpertTargets
 from epmq.families.base import Suite
-from epmq.io.pool import ExpertPool
 from epmq.io.files import write_json_atomic
-from epmq.core.anchor_choice import SELECT, SELECT_BY, ChosenEPMQ, candidate_grid
+from epmq.io.fingerprint import resume_refusal, run_fingerprint
+from epmq.io.pool import ExpertPool
+from epmq.io.step_store import StepStore
 from epmq.jobs.tracking import close_logger
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ def claim_run_folder(out_dir: Path, prepared: Prepared, resume: str | None) -> N
     if resume:
         if not path.is_file():
             raise ValueError(f"resume={out_dir}: no run to resume there ({RUN_FINGERPRINT} is missing)")
-        changed = describe_changes(json.loads(path.read_text()), current)
+        changed = resume_refusal(json.loads(path.read_text()), current)
         if changed:
             raise ValueError(f"cannot resume {out_dir}: {changed}")
     elif rank_zero_only.rank == 0:  # other DDP ranks start later and find rank 0's claim: not theirs to judge

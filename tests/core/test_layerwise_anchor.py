@@ -13,11 +13,12 @@ import math
 import pytest
 import torch
 
-from helpers.config import make_cfg
-from epmq.jobs.steps import solvers
-from epmq.jobs.run import run
 from epmq.core.anchor_choice import LayerwiseEPMQ
 from epmq.core.stats import FoldedStatistics, LayerStatistics
+from epmq.jobs.run import run
+from epmq.jobs.steps import solvers
+
+from helpers.config import make_cfg
 
 IN, OUT = 24, 8
 SPEC = dict(bits=3, group_size=-1)

@@ -4,8 +4,8 @@ from collections.abc import Mapping
 import pytest
 import torch
 
-from epmq.core.merge import (SimpleAverage, TaskArithmetic, TiesMerging, _kth_smallest, check_experts,
-                        simple_average, task_arithmetic, ties_merging)
+from epmq.core.merge import (SimpleAverage, TaskArithmetic, TiesMerging, _kth_smallest, check_experts, simple_average,
+                             task_arithmetic, ties_merging)
 
 
 def state_dict(seed, scale=1.0, dtype=torch.float32):

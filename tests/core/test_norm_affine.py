@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from epmq.core.norm_affine import NormStatistics, solve_norm_affine
 from epmq.core.anchor_choice import LayerwiseEPMQ
+from epmq.core.norm_affine import NormStatistics, solve_norm_affine
 from epmq.core.solvers import EPMQ
 
 FEATURES = 12

@@ -13,17 +13,18 @@ import math
 import pytest
 import torch
 
+from epmq.core.anchor_choice import BlockChoiceEPMQ
+from epmq.core.solvers import EPMQ, Requirements
+from epmq.engine.calibration import BlockwiseCalibration
+from epmq.engine.capture import replaying_recorded
+from epmq.families.base import adapter_for
+from epmq.io.pool import ExpertPool
+from epmq.jobs.run import run
+from epmq.jobs.steps import evaluate, prepare, selection_loss, solvers
+
 from helpers.config import make_cfg
 from helpers.tiny import (ADAPTER, SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, tiny_model,
                           trainer_for)
-from epmq.families.base import adapter_for
-from epmq.engine.capture import replaying_recorded
-from epmq.engine.calibration import BlockwiseCalibration
-from epmq.jobs.steps import evaluate, prepare, selection_loss, solvers
-from epmq.io.pool import ExpertPool
-from epmq.jobs.run import run
-from epmq.core.anchor_choice import BlockChoiceEPMQ
-from epmq.core.solvers import EPMQ, Requirements
 
 CANDIDATES = [math.inf, 3.0, 0.3, 0.0]
 LAYERS_PER_BLOCK = 6  # q, k, v, out, fc1, fc2 of a CLIP block

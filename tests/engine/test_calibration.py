@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from callbacks.block_metrics import BlockMetrics, BlockProgressBar
-from epmq.engine.targets import ExpertTargets
-from helpers.tiny import (ADAPTER, SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibrate,
-                          calibration_set, load_state, solver, trainer_for)
 from epmq.core.anchor import relaxed_target
 from epmq.core.gptq import gptq
+from epmq.core.stats import LayerStatistics
 from epmq.engine.calibration import BlockwiseCalibration
+from epmq.engine.targets import ExpertTargets
 from epmq.families.causal_lm.adapter import LlamaAdapter
 from epmq.io.pool import ExpertPool
-from epmq.core.stats import LayerStatistics
+
+from helpers.tiny import (ADAPTER, SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibrate, calibration_set,
+                          load_state, solver, trainer_for)
 
 LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
           "mlp.fc1", "mlp.fc2")

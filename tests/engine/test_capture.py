@@ -15,14 +15,15 @@ import copy
 import pytest
 import torch
 
-from helpers.tiny import trainer_for
 from epmq.core.gptq import QuantResult
 from epmq.core.merge import task_arithmetic
-from epmq.engine.calibration import BlockwiseCalibration
-from epmq.io.pool import ExpertPool
 from epmq.core.quant import QuantSpec
 from epmq.core.solvers import GPTQ, Requirements, Solution
+from epmq.engine.calibration import BlockwiseCalibration
+from epmq.io.pool import ExpertPool
+
 from helpers.families import FAMILIES, TASKS, loader, model_inputs
+from helpers.tiny import trainer_for
 
 
 class Unchanged:

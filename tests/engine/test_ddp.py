@@ -6,10 +6,11 @@ import lightning as L
 import pytest
 import torch
 
-from helpers.tiny import ADAPTER, SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, trainer_for
+from epmq.core.solvers import EPMQ
 from epmq.engine.calibration import BlockwiseCalibration
 from epmq.io.pool import ExpertPool
-from epmq.core.solvers import EPMQ
+
+from helpers.tiny import ADAPTER, SPEC_ARGS, TASKS, CalibrationData, calibration_set, load_state, trainer_for
 
 
 class RecordingEPMQ(EPMQ):

@@ -15,16 +15,17 @@ import math
 import pytest
 import torch
 
-from helpers.tiny import (ADAPTER, SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibration_set,
-                          load_state, trainer_for)
 from epmq.core.anchor import relaxed_target
-from epmq.io.step_store import StepStore
-from epmq.core.gptq import gptq
-from epmq.engine.calibration import BlockwiseCalibration
-from epmq.io.pool import ExpertPool
 from epmq.core.anchor_choice import LayerwiseEPMQ
+from epmq.core.gptq import gptq
 from epmq.core.solvers import EPMQ, RelaxedEPMQ
 from epmq.core.stats import LayerStatistics
+from epmq.engine.calibration import BlockwiseCalibration
+from epmq.io.pool import ExpertPool
+from epmq.io.step_store import StepStore
+
+from helpers.tiny import (ADAPTER, SPEC, SPEC_ARGS, TASKS, CalibrationData, CalibrationSet, calibration_set, load_state,
+                          trainer_for)
 
 LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 QKV = LAYERS[:3]

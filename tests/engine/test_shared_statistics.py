@@ -14,13 +14,14 @@ import dataclasses
 import pytest
 import torch
 
-from helpers.tiny import SPEC_ARGS, trainer_for
-from epmq.families.clip.adapter import CLIPVisionAdapter
 from epmq.core.merge import task_arithmetic
-from epmq.engine.calibration import BlockwiseCalibration
-from epmq.io.pool import ExpertPool
 from epmq.core.solvers import EPMQ, GPTQ
+from epmq.engine.calibration import BlockwiseCalibration
+from epmq.families.clip.adapter import CLIPVisionAdapter
+from epmq.io.pool import ExpertPool
+
 from helpers.families import FAMILIES, TASKS, loader
+from helpers.tiny import SPEC_ARGS, trainer_for
 
 
 class Watching:

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from helpers.config import ROOT, make_cfg
-from epmq.jobs.steps import prepare
 from epmq.jobs.run import run
+from epmq.jobs.steps import prepare
+
 from helpers import llm_world
+from helpers.config import ROOT, make_cfg
 from helpers.llm_world import SEQ_LEN, TEXTS, tiny_tokenizer
 
 

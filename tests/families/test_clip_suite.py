@@ -20,15 +20,16 @@ from hydra.core.global_hydra import GlobalHydra
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPModel
 
+from epmq.core.stats import LayerStatistics
+from epmq.families.clip import suite as clip_suite
+from epmq.families.clip.suite import ClipSuite, resolve_tasks
+from epmq.io.pool import ExpertPool
+from epmq.jobs.run import run
+
 from helpers import clip_zoo
 from helpers import openclip_reference as ref
 from helpers.clip_zoo import CLASSES, TASKS
 from helpers.config import ROOT, make_cfg
-from epmq.io.pool import ExpertPool
-from epmq.jobs.run import run
-from epmq.core.stats import LayerStatistics
-from epmq.families.clip import suite as clip_suite
-from epmq.families.clip.suite import ClipSuite, resolve_tasks
 
 
 @pytest.fixture(scope="module")

@@ -27,19 +27,20 @@ import torch
 from scipy.stats import spearmanr
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from helpers.config import ROOT, make_cfg
-from helpers.tiny import trainer_for
-from epmq.families.flan_t5.glue import GLUE_TASKS, glue_task
-from epmq.engine.calibration import BlockwiseCalibration
-from epmq.families.base import adapter_for
-from epmq.jobs.steps import calibrate, prepare
 from epmq.core.quant import QuantSpec
-from epmq.jobs.run import run
 from epmq.core.solvers import EPMQ, GPTQ, Requirements, Solution
 from epmq.core.stats import LayerStatistics
-from epmq.families.flan_t5.suite import FlanT5Suite
+from epmq.engine.calibration import BlockwiseCalibration
+from epmq.families.base import adapter_for
 from epmq.families.flan_t5.evaluate import parse_number
+from epmq.families.flan_t5.glue import GLUE_TASKS, glue_task
+from epmq.families.flan_t5.suite import FlanT5Suite
+from epmq.jobs.run import run
+from epmq.jobs.steps import calibrate, prepare
+
+from helpers.config import ROOT, make_cfg
 from helpers.t5_glue_zoo import build_zoo
+from helpers.tiny import trainer_for
 
 TASKS = ["sst2", "rte"]
 SPEC = dict(bits=4, group_size=16, blocksize=16)

@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-from helpers import openclip_reference as ref
 from epmq.families.clip import openclip
-from epmq.io.pool import ExpertPool
 from epmq.families.clip.suite import no_init_weights
+from epmq.io.pool import ExpertPool
+
+from helpers import openclip_reference as ref
 
 
 def hf_tower(state: dict, **config_options) -> tuple[CLIPVisionModel, torch.Tensor | None]:

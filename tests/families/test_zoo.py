@@ -17,8 +17,8 @@ from epmq.families.offline.classifier import CLIPClassifier, accuracy, load_head
 from epmq.families.offline.heads import fit_head
 from epmq.families.offline.pretrain import rotate_batch
 from epmq.families.offline.sources import TASKS
-from epmq.families.offline.zoo import SIZES, build_zoo, default_cache_dir, open_zoo, weights_sha256
 from epmq.families.offline.suite import OfflineSuite
+from epmq.families.offline.zoo import SIZES, build_zoo, default_cache_dir, open_zoo, weights_sha256
 
 MICRO = SIZES["micro"]
 

@@ -15,6 +15,7 @@ from epmq.core.solvers import EPMQ, GPTQ, RTN
 from epmq.engine.calibration import BlockwiseCalibration
 from epmq.families.clip.adapter import CLIPVisionAdapter
 from epmq.io.pool import ExpertPool
+
 from helpers import families
 
 TASKS = ["mnist", "svhn"]

@@ -21,14 +21,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from helpers.config import ROOT, make_cfg
+import epmq
 from epmq import load_quantized
-from epmq.io.export import checkpoint_size, save_quantized
 from epmq.core.gptq import gptq
+from epmq.core.quant import QuantSpec
+from epmq.io.export import checkpoint_size, save_quantized
 from epmq.io.load import QuantLinear
 from epmq.io.packing import pack_rows
-from epmq.core.quant import QuantSpec
 from epmq.io.quantized_layer import QuantizedLayer
+
+from helpers.config import ROOT, make_cfg
 from helpers.families import FAMILIES, model_inputs
 
 
@@ -124,7 +126,7 @@ def test_the_folder_is_what_gptq_loaders_read(tmp_path):
         "bits": 4, "group_size": 32, "desc_act": True, "sym": False, "quant_method": "gptq", "format": "gptq",
         "checkpoint_format": "gptq", "pack_dtype": "int32", "true_sequential": True, "damp_percent": 0.01,
         "static_groups": False}
-    assert qc["meta"]["quantizer"] == ["epmq:0.1.0"] and qc["meta"]["method"] == "epmq"
+    assert qc["meta"]["quantizer"] == [f"epmq:{epmq.__version__}"] and qc["meta"]["method"] == "epmq"
     assert qc["meta"]["anchor_strength"] == "inf" and qc["meta"]["anchor_form"] == "output"
 
     tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
@@ -268,8 +270,8 @@ def test_import_epmq_stays_light_and_exposes_load_quantized():
                                      pytest.param(("quant=gptq", "quant.bits=2", "quant.act_order=true"),
                                                   marks=pytest.mark.slow)])
 def test_the_saved_model_scores_the_reports_accuracy(tmp_path, zoo_cache, options):
-    from epmq.jobs.steps import evaluate, prepare
     from epmq.jobs.run import run
+    from epmq.jobs.steps import evaluate, prepare
 
     cfg = make_cfg(tmp_path, zoo_cache, *options, "evaluate_references=false")
     report = run(cfg)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from epmq.core.gptq import gptq, rtn
-from epmq.io.packing import (dequantize_layer, pack_bits, pack_cols, pack_layer, pack_rows, pack_zeros, packed_length,
-                          unpack_bits, unpack_cols, unpack_layer, unpack_rows, unpack_zeros)
 from epmq.core.quant import QuantSpec
+from epmq.io.packing import (dequantize_layer, pack_bits, pack_cols, pack_layer, pack_rows, pack_zeros, packed_length,
+                             unpack_bits, unpack_cols, unpack_layer, unpack_rows, unpack_zeros)
 
 ODD = [(1, 1), (7, 3), (31, 5), (33, 2), (100, 17), (64, 64)]
 

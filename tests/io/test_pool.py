@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers.tiny import TASKS, tiny_model
-from epmq.families.clip.adapter import CLIPVisionAdapter
 from epmq.core.merge import SimpleAverage, TaskArithmetic, TiesMerging, check_experts
+from epmq.families.clip.adapter import CLIPVisionAdapter
 from epmq.io.pool import ExpertPool, _Checkpoint, match_prefix
+
+from helpers.tiny import TASKS, tiny_model
 
 
 class NotATensor:

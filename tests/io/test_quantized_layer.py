@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from epmq.core.gptq import gptq, rtn
-from epmq.io.packing import pack_rows, packed_length
 from epmq.core.quant import QuantSpec
+from epmq.io.packing import pack_rows, packed_length
 from epmq.io.quantized_layer import QuantizedLayer
 
 SPECS = {

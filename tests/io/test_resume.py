@@ -15,13 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.config import ROOT, make_cfg
-from helpers.tiny import trainer_for
-from epmq.io.step_store import StepStore
-from epmq.engine.calibration import BlockwiseCalibration
-from epmq.jobs.run import run
+import epmq
 from epmq.core.solvers import GPTQ
+from epmq.engine.calibration import BlockwiseCalibration
+from epmq.io.step_store import StepStore
+from epmq.jobs.run import run
+
+from helpers.config import ROOT, make_cfg
 from helpers.families import FAMILIES, TASKS, loader
+from helpers.tiny import trainer_for
 
 OPTIONS = ["quant.strength=1.0", "quant.form=output", "calibration.true_sequential=true", "data.calib_samples=12",
            "data.batch_size=4", "data.select_samples=4", "data.test_samples=16", "evaluate_references=false"]
@@ -84,6 +86,24 @@ def test_resuming_with_other_options_is_refused_by_name(tmp_path, zoo_cache):
     again = run(make_cfg(out, zoo_cache, *OPTIONS, "save_model=false", f"resume={out}",
                          "calibration.offload_blocks=true", "calibration.cache_device=cpu"))
     assert again["calibration"][0]["layers"]
+
+
+def test_a_run_folder_of_another_epmq_version_is_refused_naming_both_versions(tmp_path, zoo_cache):
+    out = tmp_path / "run"
+    run(make_cfg(out, zoo_cache, *OPTIONS, "save_model=false"))
+    # as epmq 0.1.0 wrote it: its version, and its layout's targets and option names
+    fingerprint = json.loads((out / "fingerprint.json").read_text())
+    options = fingerprint["options"]
+    options["quant"] = {**options["quant"], "_target_": "epmq.solvers.EPMQ", **options.pop("anchor")}
+    fingerprint["epmq"] = "0.1.0"
+    (out / "fingerprint.json").write_text(json.dumps(fingerprint))
+    with pytest.raises(ValueError) as refused:
+        run(make_cfg(out, zoo_cache, *OPTIONS, "save_model=false", f"resume={out}"))
+    message = str(refused.value)
+    assert message == (f"cannot resume {out}: it was written by epmq 0.1.0 and this is epmq {epmq.__version__}; "
+                       f"a run resumes only with the version that started it: run again in a new folder, or resume "
+                       f"with epmq 0.1.0")
+    assert epmq.__version__ != "0.1.0" and "\n" not in message
 
 
 def test_saved_steps_are_packed_and_a_resumed_module_continues_bit_for_bit(tmp_path):

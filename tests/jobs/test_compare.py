@@ -7,11 +7,11 @@ import math
 
 import pytest
 
-from helpers.config import make_cfg
-from helpers.wandb_files import wandb_finished, wandb_history
 from epmq.jobs.compare import compare_plan
 from epmq.jobs.run import run
 
+from helpers.config import make_cfg
+from helpers.wandb_files import wandb_finished, wandb_history
 
 OPTIONS = ("experiment=compare", "compare.bits=[2,4]", "compare.methods=[rtn,gptq,regmean_gptq,epmq,epmq_layer,epmq_block]",
            "data.test_samples=null", "data.calib_samples=16", "compare.ablation.strength=[0,1,10000,inf]",

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers.config import load_results_doc
-
 from epmq.core.anchor import parse_strength
 from epmq.jobs.compare_report import ablation_curves, lambda_positions, markdown_table, plot_ablation, write_report
+
+from helpers.config import load_results_doc
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ["mnist", "digits"]

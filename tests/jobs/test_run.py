@@ -15,9 +15,10 @@ from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from epmq.jobs.run import run
+
 from helpers.config import ROOT, make_cfg
 from helpers.wandb_files import wandb_config, wandb_finished, wandb_history
-from epmq.jobs.run import run
 
 GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name != "hydra")
 

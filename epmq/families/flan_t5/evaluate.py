@@ -33,8 +33,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.regression import SpearmanCorrCoef
 
-from epmq.families.tasks import PerTaskEvaluator
 from epmq.families.flan_t5.data import IGNORE
+from epmq.families.tasks import PerTaskEvaluator
 
 METRICS = ("exact_match", "spearman")
 

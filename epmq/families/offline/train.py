@@ -1,9 +1,8 @@
 """The supervised loop shared by the base's rotation pretraining and the experts' fine-tuning."""
 from __future__ import annotations
 
-from typing import Callable
-
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
