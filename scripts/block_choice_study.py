@@ -59,11 +59,11 @@ def _config(overrides: list[str]):
 def study(overrides: list[str], out: Path) -> None:
     from epmq.core.solvers import EPMQ, Requirements
     from epmq.families.base import adapter_for
-    from epmq.jobs import steps as pipeline
+    from epmq.jobs import steps
 
     cfg = _config(overrides)
-    pipeline.quiet_lightning()
-    prepared = pipeline.prepare(cfg)
+    steps.quiet_lightning()
+    prepared = steps.prepare(cfg)
     spec = {k: cfg.quant[k] for k in ("bits", "group_size", "sym", "act_order", "static_groups", "percdamp", "blocksize")}
     merged = prepared.suite.model(prepared.merged_state)
     adapter = adapter_for(merged)
@@ -90,11 +90,11 @@ def study(overrides: list[str], out: Path) -> None:
             self.calls += 1
             return super().solve(W_m, stats, **context)
 
-    experts = pipeline.target_provider(cfg, prepared.pool, keep=True)
+    experts = steps.target_provider(cfg, prepared.pool, keep=True)
 
     def calibrated(strengths):
         solver = PerBlock(strengths)
-        model = pipeline.calibrate(cfg, prepared, solver, targets=experts).model
+        model = steps.calibrate(cfg, prepared, solver, targets=experts).model
         if solver.calls != per_block * len(blocks):
             raise SystemExit(f"expected {per_block} layers in each of {len(blocks)} blocks, solved {solver.calls}")
         return model
@@ -111,15 +111,15 @@ def study(overrides: list[str], out: Path) -> None:
                     for name, p in model.named_parameters():
                         if any(name.startswith(p_) for p_ in prefixes[l + 1:]):
                             p.copy_(prepared.merged_state[name])
-                scores = pipeline.select_half_scores(cfg, prepared, model, "study")
+                scores = steps.select_half_scores(cfg, prepared, model, "study")
                 f.write(json.dumps({"block": l, "strength": lam, **scores}) + "\n")
                 f.flush()
                 if best is None or scores["select_a_avg_nll"] < best[0]:
                     best = (scores["select_a_avg_nll"], lam)
             chosen.append(best[1])
         model = calibrated(chosen)
-        scores = pipeline.select_half_scores(cfg, prepared, model, "study")
-        test = pipeline.evaluate(cfg, prepared, model, prepared.data.test_dataloader(), "study/test").results
+        scores = steps.select_half_scores(cfg, prepared, model, "study")
+        test = steps.evaluate(cfg, prepared, model, prepared.data.test_dataloader(), "study/test").results
         f.write(json.dumps({"final": chosen, "test": test, **scores, "overrides": overrides,
                             "seconds": time.perf_counter() - t0}) + "\n")
     partial.replace(out)

@@ -19,7 +19,7 @@
                     extrapolate, calibrate_bias, calibrate_norms): the ablation of each ingredient, one row each
 
 Shared instead of redone: the merged model, the experts' per-layer targets (one
-ExpertActivationCache(keep=True) for every E-PMQ calibration at every bit width), the data. Every
+ExpertTargets(keep=True) for every E-PMQ calibration at every bit width), the data. Every
 finished unit (one method at one bit width, one ablation setting) is saved in the run folder
 (units/), so that `resume=<run folder>` skips what a killed run already finished. Written to the run folder: results.json (schema in
 epmq/jobs/compare_report.py), results.md and plots/*.png; logged to W&B as a table and images when the

@@ -202,6 +202,17 @@ def test_bad_configurations_fail_before_calibration(zoo, data):
         trainer_for(module, max_epochs=1).fit(module, datamodule=CalibrationData(data))
     with pytest.raises(ValueError, match="needs expert targets"):
         BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver("epmq", 1.0), TASKS)
+    with pytest.raises(ValueError, match="adapter must be an epmq.engine.adapters.ModelAdapter"):
+        BlockwiseCalibration(load_state(zoo["merged"]), None, solver("gptq"), TASKS)
+    # the experts' targets come through the callback that forwards the fit hooks to the provider: without it,
+    # a clear refusal at setup, before any batch
+    pool = ExpertPool(zoo["root"] / "base", zoo["paths"])
+    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver("epmq", 1.0), TASKS, targets=pool)
+    bare = L.Trainer(accelerator="cpu", max_epochs=len(module.schedule), logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    with pytest.raises(ValueError, match=r"add callbacks.expert_cache.ExpertActivationCache\(module.targets\)"):
+        bare.fit(module, datamodule=CalibrationData(data))
+    assert module.finished == [] and module.statistics is None
     module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver("gptq"), ["mnist"])
     with pytest.raises(ValueError, match="out of range"):
         trainer_for(module).fit(module, datamodule=CalibrationData(data))
