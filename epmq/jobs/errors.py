@@ -14,7 +14,7 @@ import os
 import sys
 from contextlib import contextmanager
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("epmq")  # the one line a user reads names the product, not a module
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 

@@ -84,6 +84,7 @@ def _check_against(one_dir, two_dir, rtol=1e-6):
         torch.testing.assert_close(W2[same], W1[same], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # two spawned processes: 13 s of the fast suite's budget
 def test_two_processes_match_one(zoo, tmp_path):
     _run(zoo, tmp_path / "one", devices=1)
     # the module splits the full loader: batches 0, 2 (6 samples) on rank 0, 1, 3 (4 samples) on rank 1

@@ -109,6 +109,7 @@ print(json.dumps({"manifest": open_zoo(root).weights_sha256, "files": weights_sh
 """
 
 
+@pytest.mark.slow  # two builds in subprocesses: 12 s of the fast suite's budget
 def test_weights_do_not_depend_on_the_callers_threads(built, tmp_path):
     # Without the builder's fixed thread count, 1 and 2 threads gave different micro weights.
     _, root = built
