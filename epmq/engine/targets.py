@@ -49,7 +49,8 @@ from epmq.engine.capture import BlockInputs, Trace, hookless_copy, run_block, wa
 from epmq.engine.placement import Placement
 from epmq.engine.schedule import Step
 from epmq.io.fingerprint import loader_fingerprint
-from epmq.io.pool import ExpertPool, match_prefix
+from epmq.io.pool import ExpertPool
+from epmq.io.weights import match_prefix
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from epmq.io.hub import is_hub_id, local_path, written_as_path
-from epmq.io.pool import resolve_source
+from epmq.io.weights import resolve_source
 
 
 def test_existing_paths_are_local_and_hub_ids_have_the_owner_name_shape(tmp_path, monkeypatch):

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from epmq.core.merge import SimpleAverage, TaskArithmetic, TiesMerging, check_experts
 from epmq.families.clip.adapter import CLIPVisionAdapter
-from epmq.io.pool import ExpertPool, _Checkpoint, match_prefix
+from epmq.io.pool import ExpertPool
+from epmq.io.weights import WeightFiles, match_prefix
 
 from helpers.tiny import TASKS, tiny_model
 
@@ -140,7 +141,7 @@ def test_pickles_load_weights_only_and_full_unpickling_needs_opt_in(zoo, tmp_pat
 
 # -- merging through lazy views ----------------------------------------------------------------
 class LiveReads:
-    """Spy on the pool's tensor reader (_Checkpoint.read): every tensor it returns is followed until
+    """Spy on the pool's tensor reader (WeightFiles.read): every tensor it returns is followed until
     it is garbage. Records reads per (file, key) and, at each read, how many distinct keys and how
     many tensors of each checkpoint are alive; a merge that holds whole experts shows up as many keys."""
 
@@ -149,7 +150,7 @@ class LiveReads:
         self.alive: dict[int, tuple[str, str]] = {}
         self.peak_keys, self.peak_alive = 0, Counter()  # source -> most tensors alive at once
         tokens = itertools.count()
-        real = _Checkpoint.read
+        real = WeightFiles.read
 
         def read(ckpt, key, cache=None):
             t = real(ckpt, key, cache)
@@ -162,7 +163,7 @@ class LiveReads:
             self.peak_alive |= Counter(s for s, _ in self.alive.values())  # |: elementwise max
             return t
 
-        monkeypatch.setattr(_Checkpoint, "read", read)
+        monkeypatch.setattr(WeightFiles, "read", read)
 
     def reset(self):
         gc.collect()
@@ -255,13 +256,13 @@ def test_lazy_pickle_expert_is_loaded_once_and_merges_the_same(tmp_path, monkeyp
     paths = _save_experts(tmp_path, base, torch.float32)
     torch.save(load_file(str(paths["mnist"])), tmp_path / "mnist.bin")
     pool = ExpertPool(base, {"mnist": tmp_path / "mnist.bin", "svhn": paths["svhn"]})
-    loads, real = Counter(), _Checkpoint._load_pickle
+    loads, real = Counter(), WeightFiles._load_pickle
 
     def counted(ckpt, file):
         loads[file.name] += 1
         return real(ckpt, file)
 
-    monkeypatch.setattr(_Checkpoint, "_load_pickle", counted)
+    monkeypatch.setattr(WeightFiles, "_load_pickle", counted)
     for merger, _ in MERGERS:
         loaded = merger(pool.base_state_dict(), {t: pool.expert_state_dict(t) for t in pool.tasks})
         loads.clear()

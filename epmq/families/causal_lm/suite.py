@@ -26,7 +26,7 @@ from epmq.families.base import Suite
 from epmq.families.causal_lm.adapter import LlamaAdapter
 from epmq.families.causal_lm.data import TextWindowDataModule
 from epmq.families.causal_lm.evaluate import PerplexityEvaluator
-from epmq.io.pool import resolve_source
+from epmq.io.weights import resolve_source
 
 log = logging.getLogger(__name__)
 

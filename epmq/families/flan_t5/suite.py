@@ -21,7 +21,7 @@ from epmq.families.flan_t5.adapter import T5Adapter
 from epmq.families.flan_t5.data import DEFAULT_DATA, GlueDataModule
 from epmq.families.flan_t5.evaluate import TextToTextEvaluator
 from epmq.families.flan_t5.glue import GLUE_TASKS, glue_task, templates_source
-from epmq.io.pool import resolve_source
+from epmq.io.weights import resolve_source
 
 
 class FlanT5Suite(Suite):
