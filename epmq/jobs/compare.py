@@ -79,10 +79,12 @@ def compare_plan(cfg: DictConfig):
     specs = {int(b): dataclasses.replace(spec, bits=b).__dict__ for b in bits}  # QuantSpec checks 2..8
     for options in specs.values():
         EPMQ(**options)
-    ablation = OmegaConf.merge(run_level, {"candidates": {"strength": list(opts.ablation.strength),
-                                                          "form": list(opts.ablation.form)}})
-    grid = {(s.strength, s.form) for s in solvers(OmegaConf.merge(quant, {"strength": "auto", "form": "auto"}),
-                                                  ablation)} | set(selection)
+    grid = set(selection)
+    if opts.get("ablation") is not None:  # null: E-PMQ's own candidates only
+        ablation = OmegaConf.merge(run_level, {"candidates": {"strength": list(opts.ablation.strength),
+                                                              "form": list(opts.ablation.form)}})
+        grid |= {(s.strength, s.form) for s in solvers(OmegaConf.merge(quant, {"strength": "auto", "form": "auto"}),
+                                                       ablation)}
     return methods, specs, selection, sorted(grid, key=lambda c: (-c[0], c[1])), ingredient_plan(cfg)
 
 

@@ -128,3 +128,15 @@ def test_a_resumed_comparison_redoes_no_finished_unit(compared, zoo_cache, monke
     assert [(e["method"], e["bits"], e["test"]) for e in again["methods"]] == \
         [(e["method"], e["bits"], e["test"]) for e in results["methods"]]
     assert len(again["ablation"]) == len(results["ablation"])
+
+
+def test_every_optional_group_can_be_switched_off(tmp_path, zoo_cache):
+    """compare.ablation=null compare.ingredients=null compare.fp_calibrated=false: E-PMQ's own candidates only,
+    no ingredient rows, no FP calibrated merge."""
+    results = run(make_cfg(tmp_path, zoo_cache, "experiment=compare", "compare.bits=[3]", "compare.methods=[gptq,epmq]",
+                           "compare.ablation=null", "compare.ingredients=null", "compare.fp_calibrated=false",
+                           "anchor.candidates.strength=[1,inf]", "compare.select_halves=false"))
+    assert [e["method"] for e in results["methods"]] == ["gptq", "epmq"]
+    assert sorted(float(r["strength"]) for r in results["ablation"]) == [1.0, math.inf]  # the candidates, no more
+    assert results["ingredients"] == [] and "calibrated" not in results["references"]
+    assert (tmp_path / "results.md").is_file()
