@@ -62,7 +62,7 @@ def study(overrides: list[str], out: Path) -> None:
     from epmq.jobs import steps
 
     cfg = _config(overrides)
-    steps.quiet_lightning()
+    steps.quiet_libraries()
     prepared = steps.prepare(cfg)
     spec = {k: cfg.quant[k] for k in ("bits", "group_size", "sym", "act_order", "static_groups", "percdamp", "blocksize")}
     merged = prepared.suite.model(prepared.merged_state)

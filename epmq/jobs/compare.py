@@ -47,7 +47,7 @@ from epmq.io.files import write_json_atomic
 from epmq.io.fingerprint import resume_refusal
 from epmq.jobs import compare_report
 from epmq.jobs.steps import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, prepare,
-                             quiet_lightning, resolved_config, select_half_scores, select_scores, solvers,
+                             quiet_libraries, resolved_config, select_half_scores, select_scores, solvers,
                              target_provider)
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def compare(cfg: DictConfig) -> dict:
     The results' "objective" is E-PMQ's average test accuracy averaged over the bit widths.
     """
     start = time.perf_counter()
-    quiet_lightning()
+    quiet_libraries(cfg.log_http)
     plan = compare_plan(cfg)
     out_dir = Path(cfg.paths.output_dir)
     prepared = prepare(cfg)

@@ -28,7 +28,7 @@ from epmq.io.export import check_exportable, checkpoint_size, save_quantized
 from epmq.io.files import write_json_atomic
 from epmq.jobs.report import accuracy_table
 from epmq.jobs.steps import (calibrate, calibration_record, candidate_label, claim_run_folder, evaluate,
-                             evaluate_experts, logging_to, prepare, quiet_lightning, resolved_config, run_folder_store,
+                             evaluate_experts, logging_to, prepare, quiet_libraries, resolved_config, run_folder_store,
                              select_scores, solvers, target_provider)
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def quantize(cfg: DictConfig) -> dict:
     The report's "objective" is the quantized model's average test accuracy, for sweepers.
     """
     start = time.perf_counter()
-    quiet_lightning()
+    quiet_libraries(cfg.log_http)
     candidates = solvers(cfg.quant, cfg.anchor)
     if not all(s.requirements.codes for s in candidates):
         raise ValueError(f"quant._target_={cfg.quant._target_} does not quantize (the FP calibrated merge): it is a "

@@ -53,10 +53,18 @@ class Prepared:
     fingerprint: dict = field(default_factory=dict)
 
 
-def quiet_lightning() -> None:
-    """Keep the terminal for the block progress and the table: one trainer per calibration and
-    evaluation would otherwise repeat Lightning's device banner many times."""
+# the loggers of the HTTP clients under huggingface_hub and datasets: one INFO line per request (hundreds on a
+# first run from the hub), between the progress bars and in train.log
+HTTP_LOGGERS = ("httpx", "httpcore", "urllib3")
+
+
+def quiet_libraries(log_http: bool = False) -> None:
+    """Keep the terminal for the progress and the table: one trainer per calibration and evaluation would
+    otherwise repeat Lightning's device banner many times, and the hub clients log every HTTP request at
+    INFO. log_http: keep those request lines (cfg.log_http)."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for name in HTTP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if log_http else logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning internals
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 

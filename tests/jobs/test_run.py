@@ -176,3 +176,19 @@ def test_train_py_prints_the_job_config():
     out = subprocess.run([sys.executable, "train.py", "--cfg", "job", "quant=gptq", "quant.bits=3"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "_target_: epmq.core.solvers.GPTQ" in out and "bits: 3" in out
+
+
+def test_hub_http_request_lines_are_quiet_unless_asked_for():
+    """The HTTP clients under huggingface_hub and datasets log each request at INFO: at WARNING by default."""
+    import logging
+
+    from epmq.jobs.steps import HTTP_LOGGERS, quiet_libraries
+
+    try:
+        quiet_libraries()
+        assert not any(logging.getLogger(name).isEnabledFor(logging.INFO) for name in HTTP_LOGGERS)
+        assert logging.getLogger("httpx").isEnabledFor(logging.WARNING)
+        quiet_libraries(log_http=True)
+        assert all(logging.getLogger(name).isEnabledFor(logging.INFO) for name in HTTP_LOGGERS)
+    finally:
+        quiet_libraries()
