@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.block_metrics import BlockMetrics
+from callbacks.eval_progress import EvaluationProgress
 from callbacks.expert_cache import ExpertActivationCache
 from callbacks.step_saver import StepSaver
 from epmq.core.anchor_choice import SELECT, SELECT_BY, ChosenEPMQ, candidate_grid
@@ -322,7 +323,10 @@ def select_half_scores(cfg: DictConfig, prepared: Prepared, model, label: str) -
 
 
 def _test(cfg: DictConfig, prepared: Prepared, evaluator, loaders) -> None:
-    trainer(cfg, prepared, enable_progress_bar=False).test(evaluator, dataloaders=list(loaders), verbose=False)
+    """trainer.test over the task loaders, its progress in log lines (and a console bar when the trainer shows one)."""
+    progress = EvaluationProgress(evaluator.prefix, bar=cfg.trainer.get("enable_progress_bar", True))
+    trainer(cfg, prepared, enable_progress_bar=False, callbacks=[progress]).test(evaluator, dataloaders=list(loaders),
+                                                                              verbose=False)
 
 
 RUN_FINGERPRINT = "fingerprint.json"
