@@ -64,6 +64,7 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
         metrics["merged"] = evaluate(cfg, prepared, suite.model(prepared.merged_state), data.test_dataloader(),
                                      "merged/test").results
         timings["reference_eval_s"] = time.perf_counter() - t0
+        log.info("references (each expert on its task, the FP merge): done in %.1f s", timings["reference_eval_s"])
 
     t0 = time.perf_counter()
     selection, best = [], None
@@ -90,11 +91,14 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
     _, chosen, calib = best
     timings["calibration_s"] = time.perf_counter() - t0
     timings["chosen_calibration_s"] = calib.seconds
+    log.info("calibration: %d candidate(s) done in %.1f s; kept %s", len(candidates), timings["calibration_s"],
+             candidate_label(chosen))
 
     t0 = time.perf_counter()
     metrics["quantized"] = evaluate(cfg, prepared, calib.model, data.test_dataloader(), "test").results
     extra_metrics = suite.extra_evaluation(calib.model)  # e.g. lm-eval tasks of a causal LM
     timings["quantized_eval_s"] = time.perf_counter() - t0
+    log.info("quantized model evaluated in %.1f s", timings["quantized_eval_s"])
     timings["total_s"] = time.perf_counter() - start
 
     described = chosen.describe()

@@ -70,6 +70,15 @@ def quiet_libraries(log_http: bool = False) -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 
+@contextmanager
+def phase(what: str):
+    """Log a phase of a job as it starts and when it ends, with its wall time (console and train.log)."""
+    log.info("%s ...", what)
+    t0 = time.perf_counter()
+    yield
+    log.info("%s: done in %.1f s", what, time.perf_counter() - t0)
+
+
 def build(node: DictConfig, where: str = "", **kwargs):
     """hydra.utils.instantiate, re-raising a ValueError of the target itself (bad options)
     unwrapped and prefixed with the config group it came from."""
@@ -136,16 +145,20 @@ def prepare(cfg: DictConfig) -> Prepared:
     checked), the merged weights and the loggers: every check before the merge, the long part."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     build(cfg.trainer, "trainer", logger=False)  # e.g. trainer=gpu without a GPU: refused now, not after the merge
-    suite = build(cfg.suite, "suite")
-    if not isinstance(suite, Suite):
-        raise ValueError(f"suite._target_={cfg.suite._target_} is not an epmq.families.base.Suite")
-    pool = ExpertPool(suite.base, suite.experts, merged=suite.merged)
-    try:
-        data = suite.datamodule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
-        data.setup("fit")
-    except ValueError as e:
-        raise ValueError(_in("data", e)) from None
-    merged_state = merge(cfg, pool, suite)
+    with phase("suite"):
+        suite = build(cfg.suite, "suite")
+        if not isinstance(suite, Suite):
+            raise ValueError(f"suite._target_={cfg.suite._target_} is not an epmq.families.base.Suite")
+    with phase(f"experts ({len(suite.tasks)}: files, keys, shapes and values checked)"):
+        pool = ExpertPool(suite.base, suite.experts, merged=suite.merged)
+    with phase("data"):
+        try:
+            data = suite.datamodule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
+            data.setup("fit")
+        except ValueError as e:
+            raise ValueError(_in("data", e)) from None
+    with phase("merge"):
+        merged_state = merge(cfg, pool, suite)
     prepared = Prepared(suite, pool, merged_state, data, [])
     prepared.fingerprint = run_fingerprint(resolved_config(cfg), prepared)
     prepared.loggers = make_loggers(cfg)
