@@ -145,18 +145,18 @@ def prepare(cfg: DictConfig) -> Prepared:
     checked), the merged weights and the loggers: every check before the merge, the long part."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     build(cfg.trainer, "trainer", logger=False)  # e.g. trainer=gpu without a GPU: refused now, not after the merge
-    with phase("suite"):
-        suite = build(cfg.suite, "suite")
-        if not isinstance(suite, Suite):
-            raise ValueError(f"suite._target_={cfg.suite._target_} is not an epmq.families.base.Suite")
-    with phase(f"experts ({len(suite.tasks)}: files, keys, shapes and values checked)"):
-        pool = ExpertPool(suite.base, suite.experts, merged=suite.merged)
-    with phase("data"):
-        try:
-            data = suite.datamodule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
-            data.setup("fit")
-        except ValueError as e:
-            raise ValueError(_in("data", e)) from None
+    t0 = time.perf_counter()  # the checks say nothing unless one fails: then its one line is all a user reads
+    suite = build(cfg.suite, "suite")
+    if not isinstance(suite, Suite):
+        raise ValueError(f"suite._target_={cfg.suite._target_} is not an epmq.families.base.Suite")
+    pool = ExpertPool(suite.base, suite.experts, merged=suite.merged)
+    try:
+        data = suite.datamodule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
+        data.setup("fit")
+    except ValueError as e:
+        raise ValueError(_in("data", e)) from None
+    log.info("suite, %d experts (files, keys, shapes, values) and data checked in %.1f s", len(suite.tasks),
+             time.perf_counter() - t0)
     with phase("merge"):
         merged_state = merge(cfg, pool, suite)
     prepared = Prepared(suite, pool, merged_state, data, [])
