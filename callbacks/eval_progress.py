@@ -34,8 +34,8 @@ class EvaluationProgress(L.Callback):
 
     def __init__(self, label: str = "", bar: bool = True, every_s: float = 30.0):
         self.label, self.bar, self.every_s = label, bar, every_s
-        self._task = None  # (index, name, total batches, total samples or None)
-        self._done = self._seen = 0
+        self._task = None  # (loader index, task name, total samples or None)
+        self._seen = 0
         self._t0 = self._last = 0.0
         self._pbar = None
 
@@ -51,8 +51,8 @@ class EvaluationProgress(L.Callback):
             name = pl_module.tasks[dataloader_idx] if dataloader_idx < len(pl_module.tasks) else str(dataloader_idx)
             loader = trainer.test_dataloaders[dataloader_idx]
             total = len(loader.dataset) if hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__") else None
-            self._task = (dataloader_idx, name, int(trainer.num_test_batches[dataloader_idx]), total)
-            self._done = self._seen = 0
+            self._task = (dataloader_idx, name, total)
+            self._seen = 0
             self._t0 = self._last = time.perf_counter()
             where = f"{name} ({dataloader_idx + 1}/{len(trainer.num_test_batches)})"
             log.debug("%s %s: %s samples", self.label, where, "?" if total is None else total)
@@ -62,14 +62,13 @@ class EvaluationProgress(L.Callback):
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         n = len(batch["task"]) if isinstance(batch, dict) and "task" in batch else 1
-        self._done += 1
         self._seen += n
         if self._pbar is not None:
             self._pbar.update(n)
         now = time.perf_counter()
         if now - self._last >= self.every_s:
             self._last = now
-            _, name, _, total = self._task
+            _, name, total = self._task
             rate = self._seen / max(now - self._t0, 1e-9)
             left = f", {(total - self._seen) / rate:.0f} s left" if total and rate > 0 else ""
             log.info("%s %s: %d/%s samples, %.1f samples/s%s", self.label, name, self._seen,

@@ -288,10 +288,11 @@ class BlockwiseCalibration(L.LightningModule):
     def finish_step(self) -> None:
         """Solve the current step's layers, write Q, log, and move the batches past a finished block."""
         step, block, stats = self.current_step, self.block(self.current_step), self.statistics
+        buffers = stats.buffers() if stats is not None else []
         if stats is not None:
             stats.close()
-            if stats.buffers():
-                self.placement.all_reduce_(*stats.buffers())
+        if buffers:
+            self.placement.all_reduce_(*buffers)
         if self.choice is not None:
             results, metrics = self.choice.choose(step, block, lambda solver: solve_layers(step, block, solver, stats,
                                                                                           self.targets),
