@@ -21,6 +21,12 @@ alpha = 1 is the least-squares fit above; alpha = 0 forgets the correlations bet
 so column j of W becomes the average of the experts' columns j weighted by each expert's mean
 squared input j. Every W above minimises Σ_t tr((W − W_t) G̃_t (W − W_t)ᵀ), the property the tests check.
 
+Memory. Both sums are linear in the tasks, so RegMeanSums adds one task at a time and the solve needs
+only S = Σ_t G̃_t, one per distinct layer input (a block's query, key and value projections read one
+tensor, so they share one Gram and one S), and B = Σ_t W_t G̃_t, one per weight, both in float64:
+memory independent of T. A task's Grams may be stored in float32 (gram_matrices' dtype); each G̃_t
+is formed in float64 as it is added.
+
 Only the weights of linear layers whose Grams were collected are merged this way; every other
 floating entry (biases, layer norms, embeddings) is the simple average of the experts, and integer
 buffers are copied from the base (epmq.core.merge.simple_average).
@@ -38,7 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -71,8 +77,8 @@ def reduce_non_diagonal(G: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gram_matrices(model: nn.Module, layers: Mapping[str, nn.Linear],
-                  batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def gram_matrices(model: nn.Module, layers: Mapping[str, nn.Linear], batches: Iterable[Mapping[str, torch.Tensor]],
+                  dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     """G = (1/N) Σ x xᵀ over every token x that reaches each linear layer while model runs on batches.
 
     Args:
@@ -80,9 +86,11 @@ def gram_matrices(model: nn.Module, layers: Mapping[str, nn.Linear],
         layers: state-dict key of the layer's weight (e.g. "encoder.layers.0.mlp.fc1.weight") ->
             the nn.Linear inside model. Inputs of shape (..., in) count each leading index as a token.
         batches: dicts of forward keyword arguments; tensors move to the device of model's parameters.
+        dtype: of the running sums and of the result (float32 halves float64's memory).
     Returns:
-        key -> G (in x in, float64, on the device the layer's inputs were on), averaged over the N
-        tokens the layer saw across all batches.
+        key -> G (in x in, `dtype`, on the device the layer's inputs were on), averaged over the N
+        tokens the layer saw across all batches. Layers called one after another on one input tensor
+        (a block's query, key and value projections) get one G object, computed once.
     """
     if not layers:
         raise ValueError("layers is empty: give weight key -> nn.Linear for at least one layer")
@@ -92,17 +100,25 @@ def gram_matrices(model: nn.Module, layers: Mapping[str, nn.Linear],
     param = next(model.parameters(), None)
     device = param.device if param is not None else None
 
-    sums: dict[str, torch.Tensor] = {}   # key -> Σ x xᵀ (in x in, float64)
+    sums: dict[str, torch.Tensor] = {}   # owner key -> Σ x xᵀ (in x in)
     tokens = dict.fromkeys(layers, 0)    # key -> N
+    owner: dict[str, str] = {}           # key -> the key whose Gram it shares (itself unless its input is shared)
+    last: dict = {}                      # the input the previous hook saw, and its owner
 
     def accumulate(key, layer):
         def hook(module, args, output):
             x = args[0]
             if x.shape[-1] != layer.in_features:
                 raise ValueError(f"layer {key!r}: input has {x.shape[-1]} features, expected {layer.in_features}")
-            X = x.detach().reshape(-1, layer.in_features).to(torch.float64)  # N_batch x in
-            sums[key] = X.T @ X if key not in sums else sums[key].addmm_(X.T, X)
-            tokens[key] += X.shape[0]
+            # identity, not data_ptr: `last` holds the tensor, so no new tensor can take its place meanwhile
+            mine = last["owner"] if last.get("x") is x else key
+            if owner.setdefault(key, mine) != mine:
+                raise ValueError(f"layer {key!r} shares its input with {owner[key]!r} in one batch but not in another")
+            last.update(x=x, owner=mine)
+            tokens[key] += x.numel() // layer.in_features
+            if mine == key:
+                X = x.detach().reshape(-1, layer.in_features).to(dtype)  # N_batch x in
+                sums[key] = X.T @ X if key not in sums else sums[key].addmm_(X.T, X)
         return hook
 
     was_training = model.training
@@ -114,6 +130,7 @@ def gram_matrices(model: nn.Module, layers: Mapping[str, nn.Linear],
             _check_batch(i, batch)
             model(**{name: v.to(device) if isinstance(v, torch.Tensor) and device is not None else v
                      for name, v in batch.items()})
+            last.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -122,7 +139,73 @@ def gram_matrices(model: nn.Module, layers: Mapping[str, nn.Linear],
     unseen = [key for key, n in tokens.items() if n == 0]
     if unseen:
         raise ValueError(f"no token reached layer(s) {unseen} (no batches, or the forward skips them)")
-    return {key: sums[key] / tokens[key] for key in layers}
+    grams = {key: G.div_(tokens[key]) for key, G in sums.items()}
+    return {key: grams[owner[key]] for key in layers}
+
+
+class RegMeanSums:
+    """S = Σ_t G̃_t per distinct layer input and B = Σ_t W_t G̃_t per weight, added one task at a time.
+
+    Memory is independent of the number of tasks: the sums plus the task being added. Keys whose Grams are
+    one tensor object (gram_matrices' shared inputs) share one S.
+
+    Args:
+        alpha: off-diagonal share kept in each G_t, in [0, 1].
+        dtype: storage of S and B. Each task's G̃_t and W_t G̃_t are formed in float64 and the solve runs in
+            float64 whatever it is; float32 storage halves the memory (rounding each sum to float32 costs what
+            storing each G_t in float32 already costs: README, RegMean's memory).
+    """
+
+    def __init__(self, alpha: float = 0.6, dtype: torch.dtype = torch.float64):
+        self.alpha = _check_alpha(alpha)
+        self.dtype = dtype
+        self.tasks: list[str] = []
+        self.owner: dict[str, str] = {}        # weight key -> the key of its S
+        self.S: dict[str, torch.Tensor] = {}   # owner key -> Σ_t G̃_t       in x in
+        self.B: dict[str, torch.Tensor] = {}   # weight key -> Σ_t W_t G̃_t  out x in
+
+    @torch.no_grad()
+    def add(self, task: str, weights: Mapping[str, torch.Tensor], grams: Mapping[str, torch.Tensor]) -> None:
+        """Add task t: its weights W_t (key -> out x in) and Grams G_t (key -> in x in, any floating dtype).
+
+        Every task must bring the same Gram keys, shared the same way."""
+        owners = _owners(grams)
+        if self.tasks and set(owners) != set(self.owner):
+            raise ValueError(f"grams[{task!r}] must have the same keys as grams[{self.tasks[0]!r}]: lacks "
+                             f"{sorted(set(self.owner) - set(owners))}, has extra {sorted(set(owners) - set(self.owner))}")
+        if self.tasks and owners != self.owner:
+            key = next(k for k in owners if owners[k] != self.owner[k])
+            raise ValueError(f"grams[{task!r}][{key!r}] shares its Gram differently than for task {self.tasks[0]!r}")
+        for key, G in grams.items():
+            _check_gram(task, key, weights.get(key), G)
+        for owner, keys in _groups(owners).items():
+            G_tilde = reduce_non_diagonal(grams[owner].to(torch.float64), self.alpha)
+            self._accumulate(self.S, owner, G_tilde)
+            for key in keys:
+                self._accumulate(self.B, key, weights[key].to(G_tilde.device, torch.float64) @ G_tilde)
+        self.owner = owners
+        self.tasks.append(task)
+
+    def _accumulate(self, sums: dict, key: str, term: torch.Tensor) -> None:
+        """sums[key] += term: added in float64, stored in self.dtype."""
+        total = term if key not in sums else sums[key].to(torch.float64) + term
+        sums[key] = total.to(self.dtype)
+
+    def solutions(self, mean_weight: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields (key, W = B S⁻¹ in float64, out x in), factorising each distinct S once; each sum is
+        freed once used, so the sums can be solved once.
+
+        mean_weight: key -> the experts' mean W̄ (out x in), asked only when S is singular (the ridge's pull).
+        """
+        if not self.tasks:
+            raise ValueError("RegMeanSums: no task was added")
+        for owner, keys in _groups(self.owner).items():
+            L, delta = _factor(self.S.pop(owner).to(torch.float64), keys)
+            for key in keys:
+                B = self.B.pop(key).to(torch.float64)
+                if delta:
+                    B = B + delta * mean_weight(key).to(B.device, torch.float64)
+                yield key, torch.cholesky_solve(B.T, L).T  # S is symmetric: W S = B  <=>  S Wᵀ = Bᵀ
 
 
 @torch.no_grad()
@@ -148,38 +231,46 @@ def regmean(base: StateDict, experts: Mapping[str, StateDict], grams: Mapping[st
     # cheap part first: it also checks dtypes and that integer buffers agree across experts
     others = simple_average({k: v for k, v in base.items() if k not in keys},
                             {t: {k: v for k, v in experts[t].items() if k not in keys} for t in tasks})
-    merged = {key: _solve(key, [experts[t][key] for t in tasks], [grams[t][key] for t in tasks], alpha)
-              .to(base[key].dtype) for key in keys}
+    sums = RegMeanSums(alpha)
+    for t in tasks:
+        sums.add(t, experts[t], grams[t])
+    merged = {key: W.to(base[key].dtype) for key, W in sums.solutions(
+        lambda key: torch.stack([experts[t][key].to(torch.float64) for t in tasks]).mean(dim=0))}
     return {key: merged[key] if key in merged else others[key] for key in base}
 
 
-def _solve(key: str, Ws: list[torch.Tensor], Gs: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """W = (Σ_t W_t G̃_t)(Σ_t G̃_t)⁻¹ in float64 (out x in), ridged toward the mean W̄ if singular."""
-    device = Ws[0].device
-    S = torch.zeros_like(Gs[0], dtype=torch.float64, device=device)       # Σ_t G̃_t      in x in
-    B = torch.zeros_like(Ws[0], dtype=torch.float64, device=device)       # Σ_t W_t G̃_t  out x in
-    for W_t, G_t in zip(Ws, Gs):
-        G_tilde = reduce_non_diagonal(G_t.to(device, torch.float64), alpha)
-        W_t = W_t.to(device, torch.float64)
-        S += G_tilde
-        B.addmm_(W_t, G_tilde)
-    # S is symmetric, so W S = B  <=>  S Wᵀ = Bᵀ
+def _factor(S: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, float]:
+    """(L, δ): the Cholesky factor of S (δ = 0), or of S + δ I with the first δ of the ladder that works."""
     L, info = torch.linalg.cholesky_ex(S)
     if info == 0:
-        return torch.cholesky_solve(B.T, L).T
-    W_bar = torch.stack([W_t.to(device, torch.float64) for W_t in Ws]).mean(dim=0)
+        return L, 0.0
     scale = S.diagonal().mean().item()
     scale = scale if scale > 0 else 1.0  # every Gram zero: any ridge gives W̄
+    eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
     for i in range(RIDGE_TRIES):
         delta = RIDGE * 10 ** i * scale
-        L, info = torch.linalg.cholesky_ex(S + delta * torch.eye(S.shape[0], dtype=S.dtype, device=device))
+        L, info = torch.linalg.cholesky_ex(S + delta * eye)
         if info == 0:
             dead = int((S.diagonal() == 0).sum())
             log.warning("regmean: %s: Σ G̃ is singular (%d dead input columns); solved with ridge "
-                        "%.3g toward the experts' mean", key, dead, delta)
-            return torch.cholesky_solve((B + delta * W_bar).T, L).T
-    raise ValueError(f"regmean: {key!r}: Σ G̃ stays singular with ridge up to "
+                        "%.3g toward the experts' mean", ", ".join(keys), dead, delta)
+            return L, delta
+    raise ValueError(f"regmean: {', '.join(map(repr, keys))}: Σ G̃ stays singular with ridge up to "
                      f"{RIDGE * 10 ** (RIDGE_TRIES - 1):g} · mean diagonal; check its Grams")
+
+
+def _owners(grams: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """key -> the first key holding the same Gram object."""
+    first: dict[int, str] = {}
+    return {key: first.setdefault(id(G), key) for key, G in grams.items()}
+
+
+def _groups(owners: Mapping[str, str]) -> dict[str, list[str]]:
+    """owner key -> the keys sharing its Gram, in order."""
+    groups: dict[str, list[str]] = {}
+    for key, owner in owners.items():
+        groups.setdefault(owner, []).append(key)
+    return groups
 
 
 def _check_alpha(alpha) -> float:
@@ -225,16 +316,21 @@ def _check_grams(base: StateDict, grams: Mapping[str, Mapping[str, torch.Tensor]
     for key in sorted(keys):
         if key not in base:
             raise ValueError(f"grams has key {key!r} that base lacks")
-        W = base[key]
-        if W.dim() != 2 or not W.is_floating_point():
-            raise ValueError(f"grams key {key!r} must be a 2-D floating weight (out x in), base has "
-                             f"shape {tuple(W.shape)} and dtype {W.dtype}")
         for task in tasks:
-            G = grams[task][key]
-            if not isinstance(G, torch.Tensor) or tuple(G.shape) != (W.shape[1], W.shape[1]):
-                shape = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
-                raise ValueError(f"grams[{task!r}][{key!r}] must have shape {(W.shape[1], W.shape[1])} "
-                                 f"(in x in of weight {tuple(W.shape)}), got {shape}")
-            if not torch.isfinite(G).all():
-                raise ValueError(f"grams[{task!r}][{key!r}] has non-finite entries (NaN or inf)")
+            _check_gram(task, key, base[key], grams[task][key])
     return [key for key in base if key in keys]
+
+
+def _check_gram(task: str, key: str, W: torch.Tensor | None, G) -> None:
+    """G must be a finite in x in matrix for the 2-D floating weight W (out x in)."""
+    if W is None:
+        raise ValueError(f"grams[{task!r}] has key {key!r} with no weight beside it")
+    if W.dim() != 2 or not W.is_floating_point():
+        raise ValueError(f"grams key {key!r} must be a 2-D floating weight (out x in), base has "
+                         f"shape {tuple(W.shape)} and dtype {W.dtype}")
+    if not isinstance(G, torch.Tensor) or tuple(G.shape) != (W.shape[1], W.shape[1]):
+        shape = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
+        raise ValueError(f"grams[{task!r}][{key!r}] must have shape {(W.shape[1], W.shape[1])} "
+                         f"(in x in of weight {tuple(W.shape)}), got {shape}")
+    if not torch.isfinite(G).all():
+        raise ValueError(f"grams[{task!r}][{key!r}] has non-finite entries (NaN or inf)")

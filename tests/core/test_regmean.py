@@ -8,7 +8,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from epmq.core.merge import simple_average
-from epmq.core.regmean import gram_matrices, reduce_non_diagonal, regmean
+from epmq.core.regmean import RegMeanSums, gram_matrices, reduce_non_diagonal, regmean
 
 OUT, IN = 5, 7
 KEY = "layer.weight"
@@ -261,6 +261,60 @@ def test_gram_matrices_on_sequential_and_errors_remove_hooks():
     with pytest.raises(TypeError):  # a forward error still removes the hooks
         gram_matrices(wrapped, {"net.0.weight": model[0]}, [{"wrong": X}])
     assert not model[0]._forward_hooks
+
+
+class SharedInput(nn.Module):
+    """Two layers read one tensor (as query and key projections do), a third its own."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(IN, 4), nn.Linear(IN, 4), nn.Linear(IN, IN)
+
+    def forward(self, x):
+        h = self.a(x) + self.b(x)
+        return self.c(x + 1.0) + h.sum()
+
+
+def test_layers_reading_one_tensor_share_one_gram_in_the_asked_dtype():
+    model = SharedInput()
+    X = inputs(12, seed=3).float()
+    layers = {"a.weight": model.a, "b.weight": model.b, "c.weight": model.c}
+    G = gram_matrices(model, layers, [{"x": X[:5]}, {"x": X[5:]}], dtype=torch.float32)
+    assert G["a.weight"] is G["b.weight"] and G["c.weight"] is not G["a.weight"]
+    assert G["a.weight"].dtype == torch.float32
+    torch.testing.assert_close(G["a.weight"], gram(X.double()).float())
+    torch.testing.assert_close(G["c.weight"], gram(X.double() + 1).float())
+
+
+def test_sums_hold_one_gram_per_distinct_input_whatever_the_number_of_tasks():
+    model = SharedInput()
+    layers = {"a.weight": model.a, "b.weight": model.b, "c.weight": model.c}
+    sizes = []
+    for T in (1, 4):
+        sums = RegMeanSums(alpha=0.5)
+        for t in range(T):
+            grams = gram_matrices(model, layers, [{"x": inputs(9, seed=t).float()}], dtype=torch.float32)
+            sums.add(f"task{t}", {k: layer.weight + 0.1 * t for k, layer in layers.items()}, grams)
+        sizes.append((len(sums.S), len(sums.B)))
+        solved = dict(sums.solutions(mean_weight=lambda key: None))
+        assert set(solved) == set(layers) and not sums.S and not sums.B  # each sum freed once solved
+    assert sizes == [(2, 3), (2, 3)]
+
+
+def test_sums_refuse_a_task_whose_grams_are_shared_differently():
+    model = SharedInput()
+    layers = {"a.weight": model.a, "b.weight": model.b, "c.weight": model.c}
+    weights = {k: layer.weight for k, layer in layers.items()}
+    grams = gram_matrices(model, layers, [{"x": inputs(9, seed=0).float()}])
+    sums = RegMeanSums()
+    sums.add("task0", weights, grams)
+    with pytest.raises(ValueError, match=r"grams\['task1'\]\['b.weight'\] shares its Gram differently"):
+        sums.add("task1", weights, {k: G.clone() for k, G in grams.items()})
+    with pytest.raises(ValueError, match=r"grams\['task1'\] must have the same keys.*lacks \['c.weight'\]"):
+        sums.add("task1", weights, {k: G for k, G in grams.items() if k != "c.weight"})
+    with pytest.raises(ValueError, match="no task was added"):
+        next(RegMeanSums().solutions(mean_weight=lambda key: None))
 
 
 # ---------------------------------------------------------------- tiny CLIP end to end
