@@ -35,19 +35,21 @@ import math
 import time
 from pathlib import Path
 
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from epmq.core.anchor import parse_strength
 from epmq.core.anchor_choice import BlockChoiceEPMQ, LayerwiseEPMQ, selection_key
-from epmq.core.regmean import gram_matrices, regmean
+from epmq.core.merge import simple_average
+from epmq.core.regmean import RegMeanSums, gram_matrices
 from epmq.core.solvers import EPMQ, GPTQ, INGREDIENTS, RTN, RelaxedEPMQ
 from epmq.families.base import suite_class
 from epmq.io.files import write_json_atomic
 from epmq.io.fingerprint import resume_refusal
 from epmq.jobs import compare_report
-from epmq.jobs.steps import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, prepare,
-                             quiet_libraries, resolved_config, select_half_scores, select_scores, solvers,
+from epmq.jobs.steps import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, phase,
+                             prepare, quiet_libraries, resolved_config, select_half_scores, select_scores, solvers,
                              target_provider)
 
 log = logging.getLogger(__name__)
@@ -154,14 +156,16 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
     timings = {"setup_s": time.perf_counter() - start}
 
     t0 = time.perf_counter()
-    references = {"experts": {"test": evaluate_experts(cfg, prepared)},
-                  "merged": {"test": evaluate(cfg, prepared, suite.model(prepared.merged_state),
-                                              data.test_dataloader(), "merged/test").results}}
+    with phase("references (each expert on its task, the FP merge)"):
+        references = {"experts": {"test": evaluate_experts(cfg, prepared)},
+                      "merged": {"test": evaluate(cfg, prepared, suite.model(prepared.merged_state),
+                                                  data.test_dataloader(), "merged/test").results}}
     timings["reference_eval_s"] = time.perf_counter() - t0
     states = {"merged": prepared.merged_state}
     if "regmean_gptq" in methods:
         t0 = time.perf_counter()
-        states["regmean"] = regmean_merge(suite, pool, data, cfg.compare.regmean_alpha)
+        with phase("RegMean merge"):
+            states["regmean"] = regmean_merge(suite, pool, data, cfg.compare.regmean_alpha)
         seconds = time.perf_counter() - t0
         references["regmean"] = {"test": evaluate(cfg, prepared, suite.model(states["regmean"]),
                                                   data.test_dataloader(), "regmean/test").results,
@@ -199,9 +203,10 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
                 else:
                     solver = RTN(**spec) if method == "rtn" else GPTQ(**spec)
                 experts = targets if method.startswith("epmq_") else None
-                calib = calibrate(cfg, prepared, solver, states[state], f"{method} {bits}-bit", targets=experts)
-                test = evaluate(cfg, prepared, calib.model, data.test_dataloader(),
-                                f"compare/{method}/bits_{bits}/test").results
+                with phase(f"{method} {bits}-bit: calibration and test"):
+                    calib = calibrate(cfg, prepared, solver, states[state], f"{method} {bits}-bit", targets=experts)
+                    test = evaluate(cfg, prepared, calib.model, data.test_dataloader(),
+                                    f"compare/{method}/bits_{bits}/test").results
                 extra = {}
                 if method == "epmq_block":  # its choices, and its scores on the selection halves (judging rules)
                     extra["block_strengths"] = [strength for _, strength in calib.module.step_strengths]
@@ -240,23 +245,41 @@ def _compare(cfg, prepared, plan, out_dir: Path, start: float) -> dict:
 
 
 def regmean_merge(suite, pool, data, alpha: float) -> dict:
-    """RegMean of the experts, each expert's Grams from its own task's calibration samples."""
-    base = suite.model(pool.base_state_dict()).state_dict()
-    by_task = {t: [] for t in range(len(suite.tasks))}  # task index -> its calibration samples, batched
-    for batch in data.train_dataloader():
-        for t in batch["task"].unique().tolist():
-            by_task[t].append({k: v[batch["task"] == t] for k, v in batch.items()})
-    experts, grams = {}, {}
+    """RegMean of the experts, each expert's Grams from its own task's calibration samples.
+
+    One expert at a time: its float32 Grams go into RegMeanSums' float64 sums and are dropped, so memory
+    does not grow with the number of experts. The entries without Grams are the experts' mean, merged
+    tensor by tensor from the files.
+    """
+    by_task = task_batches(data, len(suite.tasks))
+    sums = RegMeanSums(alpha)
     for t, task in enumerate(suite.tasks):
+        t0 = time.perf_counter()
         tower = suite.model(pool.expert_state_dict(task))
         adapter = suite.adapter(tower)
         layers = {adapter.block_prefix(stage, i) + name + ".weight": linear
                   for stage in adapter.stages(tower)
                   for i, block in enumerate(adapter.blocks(tower, stage))
                   for name, linear in adapter.linear_layers(block, stage).items()}
-        grams[task] = gram_matrices(tower, layers, [suite.regmean_inputs(b) for b in by_task[t]])
-        experts[task] = tower.state_dict()
-    return regmean(base, experts, grams, alpha)
+        grams = gram_matrices(tower, layers, [suite.regmean_inputs(b) for b in by_task[t]], dtype=torch.float32)
+        sums.add(task, {key: layer.weight for key, layer in layers.items()}, grams)
+        del tower, adapter, layers, grams
+        log.info("RegMean: expert %d/%d (%s): Grams of %d layer inputs in %.1f s", t + 1, len(suite.tasks), task,
+                 len(sums.S), time.perf_counter() - t0)
+    merged = pool.merge(simple_average)
+    for key, W in sums.solutions(lambda key: sum(pool.lazy_expert(t)[key].to(torch.float64) for t in pool.tasks)
+                                 / len(pool.tasks)):
+        merged[key] = W.to(merged[key].dtype)
+    return merged
+
+
+def task_batches(data, n_tasks: int) -> dict[int, list[dict]]:
+    """Task index -> that task's calibration samples, in the loader's batches (rows of one task each)."""
+    by_task = {t: [] for t in range(n_tasks)}
+    for batch in data.train_dataloader():
+        for t in batch["task"].unique().tolist():
+            by_task[t].append({k: v[batch["task"] == t] for k, v in batch.items()})
+    return by_task
 
 
 def ablation_row(cfg, prepared, solver, k: int, n: int, targets, ingredient: str = "") -> dict:
@@ -267,6 +290,7 @@ def ablation_row(cfg, prepared, solver, k: int, n: int, targets, ingredient: str
     where = f"ablation/{solver.form}/bits_{bits}/strength_{solver.strength:g}"
     if ingredient:
         label, where = f"{bits}-bit ingredient {ingredient}", f"ingredients/{ingredient}/bits_{bits}"
+    log.info("%s: calibration, selection scores and test ...", label)
     calib = calibrate(cfg, prepared, solver, label=label, targets=targets)
     t0 = time.perf_counter()
     scores = select_scores(cfg, prepared, calib.model, where)
