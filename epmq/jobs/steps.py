@@ -56,7 +56,7 @@ class Prepared:
 
 # the loggers of the HTTP clients under huggingface_hub and datasets: one INFO line per request (hundreds on a
 # first run from the hub), between the progress bars and in train.log
-HTTP_LOGGERS = ("httpx", "httpcore", "urllib3")
+HTTP_LOGGERS = ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3")  # huggingface_hub 2 uses httpx2
 
 
 def quiet_libraries(log_http: bool = False) -> None:
@@ -72,11 +72,25 @@ def quiet_libraries(log_http: bool = False) -> None:
 
 @contextmanager
 def phase(what: str):
-    """Log a phase of a job as it starts and when it ends, with its wall time (console and train.log)."""
+    """Log a phase of a job as it starts and when it ends, with its wall time and the process's peak resident
+    memory so far where the system tells it (console and train.log)."""
     log.info("%s ...", what)
     t0 = time.perf_counter()
     yield
-    log.info("%s: done in %.1f s", what, time.perf_counter() - t0)
+    peak = peak_memory_gib()
+    log.info("%s: done in %.1f s%s", what, time.perf_counter() - t0,
+             f" (peak memory so far {peak:.2f} GiB)" if peak is not None else "")
+
+
+def peak_memory_gib() -> float | None:
+    """This process's peak resident set in GiB (Linux: VmHWM of /proc/self/status); None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
 
 
 def build(node: DictConfig, where: str = "", **kwargs):
