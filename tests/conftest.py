@@ -10,7 +10,15 @@ import pytest
 from epmq.core.merge import task_arithmetic
 from epmq.families.offline.zoo import build_zoo
 
+from helpers.hub_server import serve
 from helpers.tiny import TASKS, tiny_model, with_task_vector
+
+
+@pytest.fixture
+def hub_server(tmp_path, monkeypatch):
+    """A local Hugging Face hub (tests/helpers/hub_server.py) that both hub libraries talk to, caches in tmp_path."""
+    with serve(tmp_path, monkeypatch) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
