@@ -121,8 +121,8 @@ class TaskDataModule(PerTaskDataModule):
 
     def __init__(self, tasks: Sequence[str], root_or_hub: str | Path = DEFAULT_HUB, calib_samples: int = 64,
                  select_samples: int = 0, batch_size: int = 32, seed: int = 0, transform: Callable | None = None,
-                 test_samples: int | None = None, num_workers: int = 0):
-        super().__init__(tasks, calib_samples, select_samples, test_samples, batch_size, seed, num_workers)
+                 test_samples: int | None = None, num_workers: int | str = "auto", **loading):
+        super().__init__(tasks, calib_samples, select_samples, test_samples, batch_size, seed, num_workers, **loading)
         root = local_path(root_or_hub)
         if root is None and isinstance(root_or_hub, (str, Path)) and written_as_path(root_or_hub):
             raise ValueError(f"root_or_hub: no folder {root_or_hub!r} (hub ids look like 'tanganke')")
@@ -135,12 +135,18 @@ class TaskDataModule(PerTaskDataModule):
         self.select_rows: dict[str, list[int]] = {}
         self.test_rows: dict[str, list[int]] = {}
         self.num_classes: dict[str, int] = {}
+        self._declare_rows()  # before anything loads a dataset (a suite's heads read the class labels first)
 
     def prepare_data(self) -> None:
         """Download hub datasets once (rank 0); local folders need nothing."""
         if local_path(self.root_or_hub) is None:
             for task in self.tasks:
                 load_task_dataset(task, self.root_or_hub)
+
+    def _declare_rows(self) -> None:
+        """Tell a suite's loader that can check split sizes before downloading (DatasetSource) what the run reads."""
+        if hasattr(self.root_or_hub, "require"):
+            self.root_or_hub.require(self.calib_samples + self.select_samples, self.test_samples)
 
     def setup(self, stage: str | None = None) -> None:
         """Load every task and draw its calibration, selection and test rows (once; later calls are no-ops)."""

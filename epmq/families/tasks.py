@@ -5,7 +5,12 @@ Each family fills, in its `setup`, three lists of datasets in task order: calibr
 selection and held-out test. Calibration batches never mix tasks (E-PMQ weighs tokens per task) and
 come in the same fixed order on every rank: BlockwiseCalibration keeps batch b on rank
 b % world_size, an exact split with no padding (DistributedSampler's padding would repeat samples
-and bias H). Selection and test data come as one loader per task.
+and bias H). Selection and test data come as one loader per task, in batches of eval_batch_size (forward
+passes only, so they can be larger than the calibration's).
+
+Loading: num_workers="auto" (the default) uses worker processes only where there is an accelerator (a CPU
+run's cores are busy with the model, and workers would compete for them); pin_memory="auto" pins host
+memory for a CUDA device's copies.
 
 Every random draw has its own generator per (seed, task, stream), so one task's rows never depend
 on which other tasks are in the run.
@@ -18,6 +23,7 @@ selection needs.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, Mapping
@@ -60,29 +66,54 @@ def check_integers(**options: tuple[object, int]) -> None:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def loader_workers(num_workers: int | str) -> int:
+    """DataLoader worker processes: an integer as given; "auto": half the CPU cores (at most 8) when CUDA is
+    available, else 0 (the loading runs in the main process, between the model's forward passes)."""
+    if num_workers == "auto":
+        return min(8, (os.cpu_count() or 2) // 2) if torch.cuda.is_available() else 0
+    check_integers(num_workers=(num_workers, 0))
+    return num_workers
+
+
+def pinned(pin_memory: bool | str) -> bool:
+    """Whether loaders pin host memory: as given, or "auto": when CUDA is available."""
+    if pin_memory == "auto":
+        return torch.cuda.is_available()
+    if not isinstance(pin_memory, bool):
+        raise ValueError(f"pin_memory must be true, false or 'auto', got {pin_memory!r}")
+    return pin_memory
+
+
 class PerTaskDataModule(L.LightningDataModule):
     """Base of the families' DataModules.
 
     tasks: task names, in the order that defines the task index. calib_samples / select_samples:
     samples per task for calibration / anchor selection (disjoint). test_samples: None for the whole
-    held-out split, else that many per task. Subclasses fill `_calib`, `_select` and `_test` (one
-    dataset per task, in task order) in `setup`, and may set `collate_fn`.
+    held-out split, else that many per task. batch_size: calibration batches; eval_batch_size:
+    selection and test batches (None: batch_size). num_workers, pin_memory: the loaders' (int or
+    "auto", bool or "auto": see loader_workers and pinned). Subclasses fill `_calib`, `_select` and
+    `_test` (one dataset per task, in task order) in `setup`, and may set `collate_fn`.
     """
 
     collate_fn = None
 
     def __init__(self, tasks: Sequence[str], calib_samples: int, select_samples: int, test_samples: int | None,
-                 batch_size: int, seed: int, num_workers: int):
+                 batch_size: int, seed: int, num_workers: int | str = "auto", eval_batch_size: int | None = None,
+                 pin_memory: bool | str = "auto"):
         super().__init__()
         if isinstance(tasks, str) or not tasks or len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks must be a non-empty list of distinct task names, got {tasks!r}")
         check_integers(calib_samples=(calib_samples, 1), select_samples=(select_samples, 0),
-                       batch_size=(batch_size, 1), num_workers=(num_workers, 0))
+                       batch_size=(batch_size, 1))
+        if eval_batch_size is not None:
+            check_integers(eval_batch_size=(eval_batch_size, 1))
         if test_samples is not None and (not isinstance(test_samples, int) or test_samples < 1):
             raise ValueError(f"test_samples must be None or a positive integer, got {test_samples!r}")
         self.tasks = list(tasks)
         self.calib_samples, self.select_samples, self.test_samples = calib_samples, select_samples, test_samples
-        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.batch_size, self.seed = batch_size, seed
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+        self.num_workers, self.pin_memory = loader_workers(num_workers), pinned(pin_memory)
         self._calib: list[Dataset] = []
         self._select: list[Dataset] = []
         self._test: list[Dataset] = []
@@ -118,7 +149,8 @@ class PerTaskDataModule(L.LightningDataModule):
         return batches
 
     def _loader(self, ds: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(ds, num_workers=self.num_workers, collate_fn=self.collate_fn, **kwargs)
+        return DataLoader(ds, num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=self.collate_fn,
+                          **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """The calibration batches (see calibration_batches), in a fixed order on every rank."""
@@ -128,7 +160,7 @@ class PerTaskDataModule(L.LightningDataModule):
     def select_dataloader(self) -> list[DataLoader]:
         """One loader per task (task order) over its anchor-selection samples."""
         self.setup()
-        return [self._loader(ds, batch_size=self.batch_size) for ds in self._select]
+        return [self._loader(ds, batch_size=self.eval_batch_size) for ds in self._select]
 
     def select_halves_dataloaders(self) -> tuple[list[DataLoader], list[DataLoader]]:
         """The selection samples of each task cut in two halves (A: the first ⌊n/2⌋, B: the rest; the rows
@@ -138,12 +170,12 @@ class PerTaskDataModule(L.LightningDataModule):
         self.setup()
         halves = ([Subset(ds, range(len(ds) // 2)) for ds in self._select],
                   [Subset(ds, range(len(ds) // 2, len(ds))) for ds in self._select])
-        return tuple([self._loader(ds, batch_size=self.batch_size) for ds in half] for half in halves)
+        return tuple([self._loader(ds, batch_size=self.eval_batch_size) for ds in half] for half in halves)
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per task (task order) over its held-out samples."""
         self.setup()
-        return [self._loader(ds, batch_size=self.batch_size) for ds in self._test]
+        return [self._loader(ds, batch_size=self.eval_batch_size) for ds in self._test]
 
 
 class PerTaskEvaluator(L.LightningModule):

@@ -372,3 +372,40 @@ def test_command_line_without_network_prints_one_line_naming_the_id(tmp_path):
     assert "[epmq][ERROR]" in lines[0] and "'openai/clip-vit-base-patch32'" in lines[0]
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "train.log"]  # Hydra's own files only
     print(f"failed after {seconds:.1f} s")
+
+
+def test_hub_dataset_sizes_are_checked_from_the_card_before_any_download(hub_server, tmp_path):
+    from datasets import load_from_disk
+
+    from epmq.families.clip.data import DatasetSource, dataset_spec
+
+    dd = load_from_disk(str(clip_zoo_data(tmp_path) / "shapes"))
+    files = {"README.md": "---\ndataset_info:\n  features:\n  - name: image\n    dtype: image\n  - name: label\n"
+                          "    dtype:\n      class_label:\n        names:\n          '0': circle\n          '1': square\n"
+                          "          '2': triangle\n  splits:\n  - name: train\n    num_examples: 24\n  - name: test\n"
+                          "    num_examples: 12\n---\n"}
+    for split, ds in dd.items():
+        ds.to_parquet(str(tmp_path / f"{split}.parquet"))
+        files[f"data/{split}-00000-of-00001.parquet"] = (tmp_path / f"{split}.parquet").read_bytes()
+    hub_server.add_repo("org/shapes", files, repo_type="dataset")
+    defaults = {"train_split": "train", "test_split": "test", "image_column": "image", "label_column": "label"}
+    source = DatasetSource({"shapes": dataset_spec("shapes", "org/{task}", defaults, None)})
+    source.require(train=30, test=None)
+    with pytest.raises(ValueError, match=r"task 'shapes': calib_samples \+ select_samples = 30 exceed the 24 rows "
+                                         r"of its 'train' split.*nothing downloaded"):
+        source("shapes")
+    assert not [path for _, path in hub_server.requested(".parquet")]
+    source.require(train=24, test=12)
+    source.expect_classes({"shapes": (5, "suite.classnames.shapes")})
+    with pytest.raises(ValueError, match=r"task 'shapes': 5 class names \(suite.classnames.shapes\) but its dataset's "
+                                         r"label has 3 classes.*nothing downloaded"):
+        source("shapes")
+    assert not [path for _, path in hub_server.requested(".parquet")]
+    source.expect_classes({"shapes": (3, "suite.classnames.shapes")})
+    assert {split: len(ds) for split, ds in source("shapes").items()} == {"train": 24, "test": 12}
+
+
+def clip_zoo_data(root: Path) -> Path:
+    """The tiny zoo's datasets alone (save_to_disk folders under root/data)."""
+    clip_zoo.save_datasets(root)
+    return root / "data"

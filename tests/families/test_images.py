@@ -102,6 +102,23 @@ def test_test_and_select_loaders_are_per_task(zoo_root):
     assert dm.num_classes == {"mnist": 10, "textures": 3, "digits": 10}
 
 
+def test_evaluation_loaders_take_their_own_batch_size(zoo_root, monkeypatch):
+    dm = TaskDataModule(TASKS, root_or_hub=zoo_root, calib_samples=6, select_samples=6, batch_size=2,
+                        eval_batch_size=5, test_samples=10, seed=0)
+    assert {len(b["label"]) for b in dm.train_dataloader()} == {2}
+    for loaders in (dm.test_dataloader(), dm.select_dataloader(), *dm.select_halves_dataloaders()):
+        sizes = [len(b["label"]) for b in loaders[0]]
+        assert sizes[0] == min(5, len(loaders[0].dataset)) and sum(sizes) == len(loaders[0].dataset)
+    assert TaskDataModule(TASKS, root_or_hub=zoo_root, batch_size=3).eval_batch_size == 3  # default: batch_size
+    # workers and pinned memory only with an accelerator ("auto")
+    cpu = TaskDataModule(TASKS, root_or_hub=zoo_root)
+    assert (cpu.num_workers, cpu.pin_memory) == (0, False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    accelerated = TaskDataModule(TASKS, root_or_hub=zoo_root)
+    assert accelerated.pin_memory and accelerated.num_workers >= 1
+    assert TaskDataModule(TASKS, root_or_hub=zoo_root, num_workers=0, pin_memory=False).num_workers == 0
+
+
 @pytest.mark.parametrize("transform", [to_tensor, processor_like])
 def test_hub_format_takes_calibration_from_train(hub_root, transform):
     dm = TaskDataModule(["toy"], root_or_hub=hub_root, calib_samples=5, select_samples=4, batch_size=10,
@@ -126,6 +143,12 @@ def test_hub_ids():
 def test_bad_inputs_name_the_fault(zoo_root, hub_root):
     with pytest.raises(ValueError, match="calib_samples"):
         TaskDataModule(TASKS, root_or_hub=zoo_root, calib_samples=0)
+    with pytest.raises(ValueError, match="eval_batch_size"):
+        TaskDataModule(TASKS, root_or_hub=zoo_root, eval_batch_size=0)
+    with pytest.raises(ValueError, match="num_workers"):
+        TaskDataModule(TASKS, root_or_hub=zoo_root, num_workers="many")
+    with pytest.raises(ValueError, match="pin_memory"):
+        TaskDataModule(TASKS, root_or_hub=zoo_root, pin_memory="yes")
     with pytest.raises(ValueError, match="'cifar10'"):
         TaskDataModule(["mnist", "cifar10"], root_or_hub=zoo_root)
     with pytest.raises(ValueError, match="tasks"):

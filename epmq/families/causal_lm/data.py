@@ -42,7 +42,7 @@ def load_text_dataset(source: str, split_names: Sequence[str]) -> DatasetDict:
         raise ValueError(f"dataset folder {source!r} does not exist")
     else:  # a hub id: refused within seconds, naming it, when the hub does not answer
         name, _, config = str(source).partition(":")
-        data = load_dataset(name, config or None, what="suite.datasets")
+        data = load_dataset(name, config or None, what="suite.datasets", splits=list(split_names))
     if not isinstance(data, DatasetDict):
         raise ValueError(f"dataset {source!r} must have splits (a DatasetDict), got {type(data).__name__}")
     missing = [s for s in split_names if s not in data]
@@ -90,8 +90,9 @@ class TextWindowDataModule(PerTaskDataModule):
 
     def __init__(self, tasks: Sequence[str], sources: Mapping[str, str], text_columns: Mapping[str, str], tokenizer,
                  seq_len: int = 512, calib_samples: int = 64, select_samples: int = 16, test_samples: int | None = 64,
-                 batch_size: int = 8, seed: int = 0, num_workers: int = 0, splits: tuple[str, str] = ("train", "test")):
-        super().__init__(tasks, calib_samples, select_samples, test_samples, batch_size, seed, num_workers)
+                 batch_size: int = 8, seed: int = 0, num_workers: int | str = "auto",
+                 splits: tuple[str, str] = ("train", "test"), **loading):
+        super().__init__(tasks, calib_samples, select_samples, test_samples, batch_size, seed, num_workers, **loading)
         check_integers(seq_len=(seq_len, 2))
         self.sources, self.text_columns, self.tokenizer = sources, text_columns, tokenizer
         self.seq_len, self.splits = seq_len, tuple(splits)

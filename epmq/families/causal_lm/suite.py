@@ -114,11 +114,11 @@ class CausalLMSuite(Suite):
         return model.eval()
 
     def datamodule(self, calib_samples: int = 64, select_samples: int = 16, batch_size: int = 8, seed: int = 0,
-                   test_samples: int | None = 64, num_workers: int = 0) -> TextWindowDataModule:
+                   test_samples: int | None = 64, num_workers: int | str = "auto", **loading) -> TextWindowDataModule:
         """Windows of seq_len tokens per task (epmq.families.causal_lm.data)."""
         return TextWindowDataModule(self.tasks, self.sources, self.text_columns, self.tokenizer, self.seq_len,
                                     calib_samples, select_samples, test_samples, batch_size, seed, num_workers,
-                                    self.splits)
+                                    self.splits, **loading)
 
     regmean_unsupported = ("RegMean's Gram pass (epmq.jobs.compare.regmean_merge) sums every token of a batch and "
                            "would count padded tokens")

@@ -20,7 +20,7 @@ from epmq.io.hub import is_hub_id, load_dataset, local_path
 TASK_DATA = json.loads(resources.files("epmq.families.clip").joinpath("tasks.json").read_text(encoding="utf-8"))
 TASK_SETS: dict[str, list[str]] = TASK_DATA["task_sets"]
 HUB_NAMESPACE: str = TASK_DATA["hub_namespace"]  # the default dataset pattern, tanganke/{task}
-DATASET_KEYS = ("path", "name", "train_split", "test_split", "image_column", "label_column")
+DATASET_KEYS = ("path", "name", "revision", "train_split", "test_split", "image_column", "label_column")
 
 
 def dataset_spec(task: str, pattern: str, defaults: dict, override) -> dict:
@@ -72,13 +72,26 @@ def image_processor(folder: Path):
 class DatasetSource:
     """Loads one task's data as a DatasetDict {"train", "test"} with columns "image" and "label".
 
-    spec: path (hub id or save_to_disk folder), name (hub config), train_split, test_split,
-    image_column, label_column. Loaded datasets are kept, so the DataModule's repeated calls are free.
+    spec: path (hub id or save_to_disk folder), name (hub config), revision (hub branch, tag or commit),
+    train_split, test_split, image_column, label_column. From the hub only those two splits are downloaded,
+    after the rows the run needs (`require`) were checked against the dataset card's split sizes. Loaded
+    datasets are kept, so the DataModule's repeated calls are free.
     """
 
     def __init__(self, specs: Mapping[str, dict]):
         self.specs = dict(specs)
         self._loaded: dict = {}
+        self.rows_needed: dict[str, int | None] = {"train": None, "test": None}
+        self.classes: dict[str, tuple[int, str]] = {}  # task -> (class names the head has, where they come from)
+
+    def require(self, train: int, test: int | None) -> None:
+        """Rows the run reads: `train` from the training split (calibration + selection), `test` from the test
+        split (None: all of it)."""
+        self.rows_needed = {"train": train, "test": test}
+
+    def expect_classes(self, classes: Mapping[str, tuple[int, str]]) -> None:
+        """task -> (number of class names of its head, where they come from), checked against the card's label."""
+        self.classes = dict(classes)
 
     def __repr__(self) -> str:
         return f"DatasetSource({ {t: s['path'] for t, s in self.specs.items()} })"
@@ -88,8 +101,7 @@ class DatasetSource:
             self._loaded[task] = self._load(task, self.specs[task])
         return self._loaded[task]
 
-    @staticmethod
-    def _load(task: str, spec: dict):
+    def _load(self, task: str, spec: dict):
         from datasets import Dataset, DatasetDict, load_from_disk
 
         path = str(spec["path"])
@@ -104,7 +116,8 @@ class DatasetSource:
                 raise ValueError(f"{what}: {path} holds one Dataset; save a DatasetDict with "
                                  f"'{spec['train_split']}' and '{spec['test_split']}' splits")
         elif folder is None and is_hub_id(path):
-            dd = load_dataset(path, spec.get("name"), what=what)
+            dd = load_dataset(path, spec.get("name"), what=what, splits=[spec["train_split"], spec["test_split"]],
+                              revision=spec.get("revision"), check=lambda sizes, features: self._check(task, spec, sizes, features))
         else:
             raise ValueError(f"{what}: '{path}' is neither a folder nor a hub id")
         splits = {"train": spec["train_split"], "test": spec["test_split"]}
@@ -122,3 +135,19 @@ class DatasetSource:
             ds = ds.select_columns(list(columns))
             out[ours] = ds.rename_columns({k: v for k, v in columns.items() if k != v})
         return DatasetDict(out)
+
+    def _check(self, task: str, spec: dict, sizes: dict | None, features) -> None:
+        """Refuse, from the dataset card, a run that needs more rows than a split has, or a head with another
+        number of classes than the label column."""
+        label = (features or {}).get(spec["label_column"])
+        if task in self.classes and getattr(label, "num_classes", None) not in (None, self.classes[task][0]):
+            count, where = self.classes[task]
+            raise ValueError(f"task {task!r}: {count} class names ({where}) but its dataset's label has "
+                             f"{label.num_classes} classes ({spec['path']}, from the hub's dataset card; nothing "
+                             f"downloaded); give the right ones with suite.classnames.{task}")
+        options = {"train": "calib_samples + select_samples", "test": "test_samples"}
+        for ours, need in self.rows_needed.items():
+            split = spec[f"{ours}_split"]
+            if sizes and need and sizes.get(split) is not None and sizes[split] < need:
+                raise ValueError(f"task {task!r}: {options[ours]} = {need} exceed the {sizes[split]} rows of its "
+                                 f"{split!r} split ({spec['path']}, from the hub's dataset card; nothing downloaded)")

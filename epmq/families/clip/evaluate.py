@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 PLACEHOLDER = "{}"
@@ -38,17 +39,18 @@ def prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
 @torch.no_grad()
 def text_embeddings(text_model: nn.Module, text_projection: nn.Module, tokenizer, classnames: Sequence[str],
                     templates: Sequence[str], batch_size: int = 256,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
+                    device: torch.device | str = "cpu", desc: str | None = None) -> torch.Tensor:
     """The head's class embeddings E (K, P), float32, each row of unit L2 norm.
 
     text_model: a CLIPTextModel (its pooler_output is the end-of-text token's state, (N, width));
     text_projection: nn.Linear(width, P); tokenizer: the base's CLIP tokenizer. Prompts longer than
-    the text tower's positions are truncated.
+    the text tower's positions are truncated. desc: a progress bar's label (None: no bar).
     """
     texts = prompts(classnames, templates)
     max_length = text_model.config.max_position_embeddings
     rows = []
-    for start in range(0, len(texts), batch_size):
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None, dynamic_ncols=True):
         tokens = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
                            max_length=max_length, return_tensors="pt").to(device)
         pooled = text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output

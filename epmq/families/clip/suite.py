@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -318,8 +319,12 @@ class ClipSuite(ImageSuite):
             if embeds is None:
                 text_model, text_projection, tokenizer = base["text"]
                 device = "cuda" if torch.cuda.is_available() else "cpu"  # thousands of prompts for TALL20
+                log.info("zero-shot head of %s: %d classes x %d templates = %d prompts through the text tower ...",
+                         task, len(names), len(templates), len(names) * len(templates))
+                t0 = time.perf_counter()
                 embeds = text_embeddings(text_model.to(device), text_projection.to(device), tokenizer, names,
-                                         templates, self.text_batch_size, device)
+                                         templates, self.text_batch_size, device, desc=f"head {task}")
+                log.info("zero-shot head of %s: done in %.1f s (cached for later runs)", task, time.perf_counter() - t0)
                 cache.save(key, embeds, {"task": task, "base": self.base_source, "classnames": names,
                                          "templates": templates})
             self._heads[task] = embeds
@@ -353,6 +358,8 @@ class ClipSuite(ImageSuite):
         the class names), so that a mismatch fails before the merge."""
         base = self._open_base()
         transform = ImageTransform(base["processor"], base["vision_config"].num_channels)
+        named = [t for t in self.tasks if t in self.classname_overrides or t in TASK_DATA["prompts"]]
+        self._data.expect_classes({t: (len(self.prompts(t)[0]), self.prompts(t)[2]) for t in named})
         datamodule = TaskDataModule(self.tasks, root_or_hub=self._data, transform=transform, **data)
         self.heads()
         return datamodule

@@ -60,9 +60,10 @@ def load_glue(task: str, data: str | Path = DEFAULT_DATA) -> DatasetDict:
                              f"data/{task}/ with dataset_dict.json); available: {available}")
         return load_from_disk(str(path))
     data = str(data)  # a hub id: refused within seconds, naming it, when the hub does not answer
+    splits = ["train", glue_task(task).eval_split]  # GLUE's test splits have no labels: never downloaded
     if "{task}" in data:
-        return load_dataset(data.format(task=task), what="suite.data")
-    return load_dataset(data, task, what="suite.data")
+        return load_dataset(data.format(task=task), what="suite.data", splits=splits)
+    return load_dataset(data, task, what="suite.data", splits=splits)
 
 
 def _encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -132,9 +133,9 @@ class GlueDataModule(PerTaskDataModule):
 
     def __init__(self, tasks: Sequence[str], tokenizer, data: str | Path = DEFAULT_DATA, calib_samples: int = 64,
                  select_samples: int = 0, batch_size: int = 32, seed: int = 0, test_samples: int | None = None,
-                 num_workers: int = 0, max_source_length: int = 512, max_target_length: int = 16,
-                 decoder_start_token_id: int | None = None):
-        super().__init__(tasks, calib_samples, select_samples, test_samples, batch_size, seed, num_workers)
+                 num_workers: int | str = "auto", max_source_length: int = 512, max_target_length: int = 16,
+                 decoder_start_token_id: int | None = None, **loading):
+        super().__init__(tasks, calib_samples, select_samples, test_samples, batch_size, seed, num_workers, **loading)
         for task in tasks:
             glue_task(task)  # unknown names fail here
         check_integers(max_source_length=(max_source_length, 1), max_target_length=(max_target_length, 1))
