@@ -302,6 +302,20 @@ def test_sums_hold_one_gram_per_distinct_input_whatever_the_number_of_tasks():
     assert sizes == [(2, 3), (2, 3)]
 
 
+def test_float32_sums_solve_as_float64_sums_do():
+    Ws, Gs = weights(6, seed=4), [gram(inputs(40, seed=10 + t)) for t in range(6)]
+    solved = {}
+    for dtype in (torch.float64, torch.float32):
+        sums = RegMeanSums(alpha=0.8, dtype=dtype)
+        for t, (W, G) in enumerate(zip(Ws, Gs)):
+            sums.add(f"task{t}", {KEY: W.float()}, {KEY: G.float()})
+        assert sums.S[KEY].dtype == sums.B[KEY].dtype == dtype
+        solved[dtype] = dict(sums.solutions(mean_weight=lambda key: None))[KEY]
+        assert solved[dtype].dtype == torch.float64  # the solve itself runs in float64
+    error = (solved[torch.float32] - solved[torch.float64]).norm() / solved[torch.float64].norm()
+    assert 0 < error < 1e-5
+
+
 def test_sums_refuse_a_task_whose_grams_are_shared_differently():
     model = SharedInput()
     layers = {"a.weight": model.a, "b.weight": model.b, "c.weight": model.c}

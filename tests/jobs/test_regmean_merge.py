@@ -8,7 +8,7 @@ import torch
 from epmq.core.regmean import gram_matrices, regmean
 from epmq.families.clip.suite import ClipSuite
 from epmq.io.pool import ExpertPool
-from epmq.jobs.compare import regmean_merge, task_batches
+from epmq.jobs.compare import regmean_layers, regmean_merge, task_batches
 
 from helpers import clip_zoo
 from helpers.clip_zoo import TASKS
@@ -28,11 +28,7 @@ def test_streamed_regmean_matches_the_in_memory_merge(tmp_path):
     experts, grams = {}, {}
     for t, task in enumerate(TASKS):
         tower = suite.model(pool.expert_state_dict(task))
-        adapter = suite.adapter(tower)
-        layers = {adapter.block_prefix(stage, i) + name + ".weight": linear
-                  for stage in adapter.stages(tower)
-                  for i, block in enumerate(adapter.blocks(tower, stage))
-                  for name, linear in adapter.linear_layers(block, stage).items()}
+        layers = regmean_layers(suite, tower)
         shared = gram_matrices(tower, layers, [suite.regmean_inputs(b) for b in by_task[t]])
         q, k = (next(key for key in layers if key.endswith(f"layers.0.self_attn.{n}.weight")) for n in ("q_proj", "k_proj"))
         assert shared[q] is shared[k]  # one input, one Gram
