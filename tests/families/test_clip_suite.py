@@ -30,6 +30,7 @@ from helpers import clip_zoo
 from helpers import openclip_reference as ref
 from helpers.clip_zoo import CLASSES, TASKS
 from helpers.config import ROOT, make_cfg
+from helpers.hub_server import dataset_card, parquet_files
 
 
 @pytest.fixture(scope="module")
@@ -380,13 +381,8 @@ def test_hub_dataset_sizes_are_checked_from_the_card_before_any_download(hub_ser
     from epmq.families.clip.data import DatasetSource, dataset_spec
 
     dd = load_from_disk(str(clip_zoo_data(tmp_path) / "shapes"))
-    files = {"README.md": "---\ndataset_info:\n  features:\n  - name: image\n    dtype: image\n  - name: label\n"
-                          "    dtype:\n      class_label:\n        names:\n          '0': circle\n          '1': square\n"
-                          "          '2': triangle\n  splits:\n  - name: train\n    num_examples: 24\n  - name: test\n"
-                          "    num_examples: 12\n---\n"}
-    for split, ds in dd.items():
-        ds.to_parquet(str(tmp_path / f"{split}.parquet"))
-        files[f"data/{split}-00000-of-00001.parquet"] = (tmp_path / f"{split}.parquet").read_bytes()
+    files = {"README.md": dataset_card({"default": dd}, "data/{split}-*"),
+             **parquet_files(dd, tmp_path, "data/{split}-00000-of-00001.parquet")}
     hub_server.add_repo("org/shapes", files, repo_type="dataset")
     defaults = {"train_split": "train", "test_split": "test", "image_column": "image", "label_column": "label"}
     source = DatasetSource({"shapes": dataset_spec("shapes", "org/{task}", defaults, None)})

@@ -34,6 +34,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pytest
+import yaml
 
 # What the hub stores with git LFS: tree entries get an "lfs" field and the ETag is the sha256, as on the hub.
 LFS_SUFFIXES = {".bin", ".safetensors", ".parquet", ".pt", ".pth", ".ckpt", ".arrow", ".npz", ".onnx", ".zip"}
@@ -336,3 +337,27 @@ def serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer
         patch(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
         patch(datasets.config, "USE_PARQUET_EXPORT", False)
         yield server
+
+
+def dataset_card(configs: dict, layout: str) -> str:
+    """A dataset card as the hub's parquet repositories have it: features, split sizes and data files per
+    config (layout: where a config's split files are, e.g. "data/{split}-*")."""
+    meta = {"dataset_info": [], "configs": []}
+    for name, dd in configs.items():
+        first = next(iter(dd.values()))
+        meta["dataset_info"].append({"config_name": name, "features": first.features._to_yaml_list(),
+                                     "splits": [{"name": s, "num_bytes": 1000, "num_examples": len(ds)}
+                                                for s, ds in dd.items()]})
+        meta["configs"].append({"config_name": name, "data_files": [
+            {"split": s, "path": layout.format(config=name, split=s)} for s in dd]})
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def parquet_files(dd, tmp: Path, layout: str) -> dict[str, bytes]:
+    """split path (layout with {split}) -> the split written as a parquet file, for add_repo."""
+    out = {}
+    for split, ds in dd.items():
+        path = tmp / f"{split}.parquet"
+        ds.to_parquet(str(path))
+        out[layout.format(split=split)] = path.read_bytes()
+    return out

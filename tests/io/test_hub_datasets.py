@@ -8,37 +8,24 @@ import logging
 
 import datasets
 import pytest
-from datasets import ClassLabel, Dataset, Features, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from epmq.io import hub
 
+from helpers.hub_server import dataset_card, parquet_files
+
 FEATURES = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"])})
 ROWS = {"train": 6, "test": 3, "extra": 9}
-README = """---
-dataset_info:
-  features:
-  - name: text
-    dtype: string
-  - name: label
-    dtype:
-      class_label:
-        names:
-          '0': neg
-          '1': pos
-  splits:
-{splits}
-configs:
-- config_name: default
-  data_files:
-{files}
----
-"""
 
 
-def card(rows: dict) -> str:
-    splits = "\n".join(f"  - name: {s}\n    num_bytes: 100\n    num_examples: {n}" for s, n in rows.items())
-    files = "\n".join(f"  - split: {s}\n    path: data/{s}-*" for s in rows)
-    return README.format(splits=splits, files=files)
+def add_dataset(server, tmp_path, repo_id="org/tiny", rows=ROWS, revision="main"):
+    """A parquet dataset repository: a card with features, split sizes and data files, one file per split."""
+    dd = DatasetDict({split: Dataset.from_dict({"text": [f"row {100 * k + i}" for i in range(n)],
+                                                "label": [i % 2 for i in range(n)]}, features=FEATURES)
+                      for k, (split, n) in enumerate(rows.items())})
+    files = parquet_files(dd, tmp_path, "data/{split}-00000-of-00001.parquet")
+    server.add_repo(repo_id, {"README.md": dataset_card({"default": dd}, "data/{split}-*"), **files},
+                    repo_type="dataset", revision=revision)
 
 
 def parquet(tmp_path, rows: int, first: int = 0) -> bytes:
@@ -46,13 +33,6 @@ def parquet(tmp_path, rows: int, first: int = 0) -> bytes:
     Dataset.from_dict({"text": [f"row {first + i}" for i in range(rows)], "label": [i % 2 for i in range(rows)]},
                       features=FEATURES).to_parquet(path)
     return path.read_bytes()
-
-
-def add_dataset(server, tmp_path, repo_id="org/tiny", rows=ROWS, revision="main"):
-    files = {"README.md": card(rows)}
-    for k, (split, n) in enumerate(rows.items()):
-        files[f"data/{split}-00000-of-00001.parquet"] = parquet(tmp_path, n, 100 * k)
-    server.add_repo(repo_id, files, repo_type="dataset", revision=revision)
 
 
 def fetched(server) -> list[str]:

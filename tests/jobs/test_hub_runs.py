@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from datasets import DatasetDict, load_from_disk
 from safetensors.torch import load_file
 
@@ -21,6 +20,7 @@ from epmq.jobs.run import run
 from helpers import clip_zoo, t5_glue_zoo
 from helpers.clip_zoo import TASKS
 from helpers.config import make_cfg
+from helpers.hub_server import dataset_card, parquet_files
 
 pytestmark = pytest.mark.slow
 
@@ -28,29 +28,6 @@ pytestmark = pytest.mark.slow
 def folder_files(folder: Path, skip=()) -> dict[str, Path]:
     return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name not in skip}
-
-
-def card(configs: dict[str, DatasetDict], layout: str) -> str:
-    """A dataset card as the hub's parquet repositories have it: features, split sizes and data files per
-    config (layout: where a config's split files are, e.g. "data/{split}-*")."""
-    meta = {"dataset_info": [], "configs": []}
-    for name, dd in configs.items():
-        first = next(iter(dd.values()))
-        meta["dataset_info"].append({"config_name": name, "features": first.features._to_yaml_list(),
-                                     "splits": [{"name": s, "num_bytes": 1000, "num_examples": len(ds)}
-                                                for s, ds in dd.items()]})
-        meta["configs"].append({"config_name": name, "data_files": [
-            {"split": s, "path": layout.format(config=name, split=s)} for s in dd]})
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
-
-
-def parquet_files(dd: DatasetDict, tmp: Path, layout: str) -> dict[str, bytes]:
-    out = {}
-    for split, ds in dd.items():
-        path = tmp / f"{split}.parquet"
-        ds.to_parquet(str(path))
-        out[layout.format(split=split)] = path.read_bytes()
-    return out
 
 
 def http_lines(caplog) -> list[str]:
@@ -86,7 +63,7 @@ def test_clip_run_from_the_hub(hub_server, tmp_path, caplog):
             hub_server.add_repo(f"tanganke/{task}", parquet_files(dd, tmp_path, "default/{split}/0000.parquet"),
                                 repo_type="dataset", revision="refs/convert/parquet")
         else:
-            hub_server.add_repo(f"tanganke/{task}", {"README.md": card({"default": dd}, "data/{split}-*"), **data},
+            hub_server.add_repo(f"tanganke/{task}", {"README.md": dataset_card({"default": dd}, "data/{split}-*"), **data},
                                 repo_type="dataset")
 
     out = tmp_path / "run"
@@ -117,7 +94,7 @@ def test_flan_t5_run_from_the_hub(hub_server, tmp_path, caplog):
         dd = zoo["datasets"][task]
         configs[task] = DatasetDict({**dd, "test": dd["validation"]})
         files.update(parquet_files(configs[task], tmp_path, f"{task}/{{split}}-00000-of-00001.parquet"))
-    hub_server.add_repo("nyu-mll/glue", {"README.md": card(configs, "{config}/{split}-*"), **files},
+    hub_server.add_repo("nyu-mll/glue", {"README.md": dataset_card(configs, "{config}/{split}-*"), **files},
                         repo_type="dataset")
 
     out = tmp_path / "run"
