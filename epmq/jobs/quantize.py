@@ -28,8 +28,8 @@ from epmq.io.export import check_exportable, checkpoint_size, save_quantized
 from epmq.io.files import write_json_atomic
 from epmq.jobs.report import accuracy_table
 from epmq.jobs.steps import (calibrate, calibration_record, candidate_label, claim_run_folder, evaluate,
-                             evaluate_experts, logging_to, prepare, quiet_libraries, resolved_config, run_folder_store,
-                             select_scores, solvers, target_provider)
+                             evaluate_experts, logging_to, phase, prepare, quiet_libraries, resolved_config,
+                             run_folder_store, select_scores, solvers, target_provider)
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,11 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
     metrics: dict[str, dict[str, float]] = {}
     if cfg.evaluate_references:
         t0 = time.perf_counter()
-        metrics["experts"] = evaluate_experts(cfg, prepared)
-        metrics["merged"] = evaluate(cfg, prepared, suite.model(prepared.merged_state), data.test_dataloader(),
-                                     "merged/test").results
+        with phase("references (each expert on its task, the FP merge)"):
+            metrics["experts"] = evaluate_experts(cfg, prepared)
+            metrics["merged"] = evaluate(cfg, prepared, suite.model(prepared.merged_state), data.test_dataloader(),
+                                         "merged/test").results
         timings["reference_eval_s"] = time.perf_counter() - t0
-        log.info("references (each expert on its task, the FP merge): done in %.1f s", timings["reference_eval_s"])
 
     t0 = time.perf_counter()
     selection, best = [], None
@@ -74,7 +74,8 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
         label = candidate_label(solver)
         store = run_folder_store(out_dir, label, prepared)
         shown = f"{label} ({k + 1}/{len(candidates)})" if len(candidates) > 1 else ""
-        calib = calibrate(cfg, prepared, solver, label=shown, targets=targets, store=store)
+        with phase(f"calibration {shown or label}"):
+            calib = calibrate(cfg, prepared, solver, label=shown, targets=targets, store=store)
         if len(candidates) == 1:
             best = (None, solver, calib)
             continue
@@ -145,10 +146,11 @@ def publish(cfg, report: dict, tasks: list[str], calib, out_dir: Path) -> None:
         print(f"anchor: strength {chosen['strength']:g}, form {chosen['form']}"
               + (" (chosen on held-out calibration samples)" if report["selection"] else ""))
     if cfg.save_model:
-        model_dir = save_quantized(calib.model, calib.module.quant_results, out_dir / "quantized_model",
-                                   chosen["spec"], method=report["method"], strength=chosen["strength"],
-                                   form=chosen["form"], true_sequential=calib.module.true_sequential,
-                                   checkpoint_format=cfg.get("checkpoint_format") or "gptq")
+        with phase("saving the quantized model"):
+            model_dir = save_quantized(calib.model, calib.module.quant_results, out_dir / "quantized_model",
+                                       chosen["spec"], method=report["method"], strength=chosen["strength"],
+                                       form=chosen["form"], true_sequential=calib.module.true_sequential,
+                                       checkpoint_format=cfg.get("checkpoint_format") or "gptq")
         report["model_dir"] = str(model_dir)
         report["model_size"] = checkpoint_size(model_dir)
         print(f"quantized model: {model_dir}")

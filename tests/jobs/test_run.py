@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import subprocess
@@ -50,10 +51,19 @@ def test_every_config_file_composes_and_instantiates(tmp_path, zoo_cache, group)
         assert cfg.seed == 0 and cfg.quant.bits == 4
 
 
-def test_epmq_run_writes_report_model_table_and_csv_metrics(tmp_path, zoo_cache, capsys):
+def test_epmq_run_writes_report_model_table_and_csv_metrics(tmp_path, zoo_cache, capsys, caplog):
     cfg = make_cfg(tmp_path, zoo_cache, "quant.strength=1.0", "quant.form=output", "logger=csv")
-    report = run(cfg)
+    with caplog.at_level(logging.INFO):
+        report = run(cfg)
     printed = capsys.readouterr().out
+    # every phase a user waits on starts and ends with a line in the log, in order, each end with its time
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith(("epmq", "callbacks"))]
+    phases = ["merge", "references (each expert on its task, the FP merge)", "calibration epmq/output/strength_1",
+              "saving the quantized model"]
+    starts = [lines.index(f"{p} ...") for p in phases]
+    ends = [next(i for i, line in enumerate(lines) if line.startswith(f"{p}: done in ")) for p in phases]
+    assert starts == sorted(starts) and all(a < b for a, b in zip(starts, ends))
+    assert any(line.startswith("test: 192 samples in ") for line in lines)  # the quantized model's evaluation
     for row in ("experts (each on its task)", "merged (FP)", "epmq 4-bit"):
         assert row in printed
 
