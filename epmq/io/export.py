@@ -65,9 +65,9 @@ def save_quantized(model: nn.Module, results: Mapping[str, QuantizedLayer], out_
     spec = _spec_dict(spec)
     limit = _parse_size(max_shard_size)
     if checkpoint_format == "gptq" and not spec["sym"]:
-        log.info("asymmetric grids in checkpoint_format 'gptq': epmq.load_quantized reads them, but GPTQModel "
-                 "refuses asymmetric v1 checkpoints it did not write; save with checkpoint_format 'gptq_v2' "
-                 "for GPTQModel (README, Deploying)")
+        log.warning("asymmetric grids in checkpoint_format 'gptq' (v1), as asked: epmq.load_quantized reads them, "
+                    "but GPTQModel refuses asymmetric v1 checkpoints it did not write, and a zero point of 0 borrows "
+                    "from the next field; checkpoint_format 'gptq_v2' (the default for asymmetric grids) avoids both")
     tensors, desc_act = state_tensors(model, results, spec, checkpoint_format)
     quant_config = quantization_config(spec, desc_act=desc_act, checkpoint_format=checkpoint_format,
                                        method=method, strength=strength, form=form,
@@ -110,6 +110,15 @@ def _swap_in(new: Path, out_dir: Path) -> None:
         old.rmdir()
         raise
     shutil.rmtree(old)
+
+
+def chosen_format(checkpoint_format: str, sym: bool) -> str:
+    """The checkpoint format to write: as given, or for "auto" the one every GPTQ client reads for these grids:
+    "gptq" for symmetric grids, "gptq_v2" for asymmetric ones (v1 stores zero points minus one, so a zero
+    point of 0 borrows from the next field, and GPTQModel refuses asymmetric v1 checkpoints it did not write)."""
+    if checkpoint_format == "auto":
+        return "gptq" if sym else "gptq_v2"
+    return check_format(checkpoint_format)
 
 
 def check_exportable(bits: int, checkpoint_format: str) -> None:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from callbacks.block_metrics import peak_memory_mb
 from epmq.core.anchor_choice import selection_key
-from epmq.io.export import check_exportable, checkpoint_size, save_quantized
+from epmq.io.export import check_exportable, checkpoint_size, chosen_format, save_quantized
 from epmq.io.files import write_json_atomic
 from epmq.jobs.report import accuracy_table
 from epmq.jobs.steps import (calibrate, calibration_record, candidate_label, claim_run_folder, evaluate,
@@ -46,7 +46,7 @@ def quantize(cfg: DictConfig) -> dict:
         raise ValueError(f"quant._target_={cfg.quant._target_} does not quantize (the FP calibrated merge): it is a "
                          f"row of experiment=compare, not a job of its own")
     if cfg.save_model:  # refused now, not after the calibration
-        check_exportable(cfg.quant.bits, cfg.get("checkpoint_format") or "gptq")
+        check_exportable(cfg.quant.bits, chosen_format(cfg.checkpoint_format, cfg.quant.sym))
     out_dir = Path(cfg.paths.output_dir)
     prepared = prepare(cfg)
     with logging_to(prepared.loggers):
@@ -150,7 +150,7 @@ def publish(cfg, report: dict, tasks: list[str], calib, out_dir: Path) -> None:
             model_dir = save_quantized(calib.model, calib.module.quant_results, out_dir / "quantized_model",
                                        chosen["spec"], method=report["method"], strength=chosen["strength"],
                                        form=chosen["form"], true_sequential=calib.module.true_sequential,
-                                       checkpoint_format=cfg.get("checkpoint_format") or "gptq")
+                                       checkpoint_format=chosen_format(cfg.checkpoint_format, cfg.quant.sym))
         report["model_dir"] = str(model_dir)
         report["model_size"] = checkpoint_size(model_dir)
         print(f"quantized model: {model_dir}")

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,6 +282,19 @@ def test_the_saved_model_scores_the_reports_accuracy(tmp_path, zoo_cache, option
     scores = evaluate(cfg, prepared, loaded, prepared.data.test_dataloader(), "exported").results
     assert scores == report["metrics"]["quantized"]
     assert report["model_size"]["quantized_layers_ratio"] <= (0.3 if cfg.quant.bits == 4 else 0.25)
+    # the default format is the one GPTQ clients load for these grids: v2 for asymmetric ones, v1 for symmetric
+    written = json.loads((Path(report["model_dir"]) / "quantize_config.json").read_text())["checkpoint_format"]
+    asked = next((o.split("=")[1] for o in options if o.startswith("checkpoint_format=")), None)
+    assert written == (asked or ("gptq" if cfg.quant.sym else "gptq_v2"))
+
+
+def test_format_choice():
+    from epmq.io.export import chosen_format
+
+    assert (chosen_format("auto", sym=True), chosen_format("auto", sym=False)) == ("gptq", "gptq_v2")
+    assert (chosen_format("gptq", sym=False), chosen_format("gptq_v2", sym=True)) == ("gptq", "gptq_v2")
+    with pytest.raises(ValueError, match="checkpoint_format must be one of"):
+        chosen_format("v2", sym=True)
 
 
 def test_the_main_job_refuses_what_it_could_not_save_before_calibrating(tmp_path, zoo_cache):
