@@ -8,6 +8,16 @@ __version__ = "0.2.0"
 OmegaConf.register_new_resolver("epmq.either", lambda a, b: b if a is None else a, replace=True)
 
 
+def _suite_default(name: str, _root_):
+    """`${epmq.suite_default:symmetric}`: a default the run's suite class sets (epmq.families.base.Suite)."""
+    from epmq.families.base import suite_class
+
+    return getattr(suite_class(_root_.suite), name)
+
+
+OmegaConf.register_new_resolver("epmq.suite_default", _suite_default, replace=True)
+
+
 def __getattr__(name: str):
     # `from epmq import load_quantized` without importing torch and transformers at `import epmq`
     # (train.py imports the package before Hydra starts)

@@ -42,6 +42,7 @@ class Suite:
     higher_is_better = True     # False for perplexity: a choice by the metric then takes the lowest
     metric_scale = 100          # how tables print the metric (100: percent; 1: as it is)
     merged: str | None = None   # a merged model to quantize instead of merging (merge=none)
+    symmetric = False           # quant.sym's default: asymmetric min-max grids, unless the family deploys symmetric ones
     #: why compare's RegMean → GPTQ is not offered for this suite (None: it is; see regmean_inputs)
     regmean_unsupported: str | None = "its batches have no RegMean inputs (Suite.regmean_inputs)"
 

@@ -71,7 +71,7 @@ def compare_plan(cfg: DictConfig):
         rest = ",".join(m for m in methods if m != "regmean_gptq")
         raise ValueError(f"compare.methods: regmean_gptq is not available for suite {cfg.suite._target_}: {why}; "
                          f"leave it out: compare.methods=[{rest}]")
-    quant = OmegaConf.merge(cfg.quant, {"_target_": "epmq.core.solvers.EPMQ"})
+    quant = OmegaConf.merge(OmegaConf.to_container(cfg.quant, resolve=True), {"_target_": "epmq.core.solvers.EPMQ"})
     run_level = OmegaConf.merge(cfg.anchor, {"select": "run"})  # the epmq rows: one calibration per setting
     selection = [(s.strength, s.form) for s in solvers(quant, run_level)]
     bits = list(opts.bits)

@@ -124,6 +124,7 @@ def solvers(quant: DictConfig, anchor: DictConfig) -> list:
         raise ValueError(f"anchor.select must be one of {SELECT}, got {anchor.select!r}")
     if anchor.select_by not in SELECT_BY:
         raise ValueError(f"anchor.select_by must be one of {SELECT_BY}, got {anchor.select_by!r}")
+    quant = OmegaConf.create(OmegaConf.to_container(quant, resolve=True))  # family defaults filled in, detached
     if "strength" not in quant:
         return [build(quant, "quant")]
     if anchor.select != "run" and quant.strength == "auto":  # one calibration, the anchor chosen as it goes

@@ -66,6 +66,10 @@ def test_true_sequential_epmq_and_perplexity_of_every_model(llm_zoo, zoo_cache, 
     assert [s["layers"][0].rsplit(".", 1)[-1] for s in steps["steps"][:4]] == ["q_proj", "o_proj", "gate_proj", "down_proj"]
     assert len(steps["steps"]) == 8  # two layers
     assert report["calibration"][0]["layers"]["self_attn.q_proj"]["anchor_shift"] > 0
+    # the family deploys symmetric grids by default, saved as the v1 layout every GPTQ client reads
+    assert report["quant"]["spec"]["sym"] is True and report["config"]["quant"]["sym"] is True
+    saved = json.loads((tmp_path / "quantized_model" / "quantize_config.json").read_text())
+    assert (saved["sym"], saved["checkpoint_format"]) == (True, "gptq")
 
 
 def test_block_choice_scores_each_true_sequential_step_by_the_selection_perplexity(llm_zoo, zoo_cache, tmp_path):

@@ -64,6 +64,7 @@ def test_epmq_run_writes_report_model_table_and_csv_metrics(tmp_path, zoo_cache,
     ends = [next(i for i, line in enumerate(lines) if line.startswith(f"{p}: done in ")) for p in phases]
     assert starts == sorted(starts) and all(a < b for a, b in zip(starts, ends))
     assert any(line.startswith("test: 192 samples in ") for line in lines)  # the quantized model's evaluation
+    assert report["quant"]["spec"]["sym"] is False  # the image families' default grids: asymmetric min-max
     for row in ("experts (each on its task)", "merged (FP)", "epmq 4-bit"):
         assert row in printed
 

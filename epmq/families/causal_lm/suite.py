@@ -70,6 +70,7 @@ class CausalLMSuite(Suite):
     metric = "perplexity"
     higher_is_better = False
     metric_scale = 1  # tables print perplexity as it is (accuracies print in percent)
+    symmetric = True  # quant.sym's default: vLLM's GPTQ kernels are symmetric only, GPTQModel reads asymmetric v2 only
 
     def __init__(self, base: str, experts, tasks: Sequence[str] | None = None, datasets=None, text_columns="text",
                  splits: Sequence[str] = ("train", "test"), seq_len: int = 512, dtype: str = "float32",
