@@ -8,6 +8,7 @@ Suite subclass), data.py and evaluate.py (its DataModule and evaluator), and a c
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
@@ -65,6 +66,10 @@ class Suite:
     def extra_evaluation(self, model: nn.Module) -> dict:
         """More scores of the quantized model for report.json's "extra_metrics" (e.g. lm-eval tasks); none here."""
         return {}
+
+    def save_companions(self, folder: Path) -> None:
+        """Write into a saved quantized model's folder what its clients load beside the weights (a text family's
+        tokenizer files); nothing by default."""
 
     def regmean_inputs(self, batch: Mapping) -> dict:
         """The model's forward arguments of a calibration batch, for RegMean's Gram pass over each expert."""

@@ -8,6 +8,8 @@ The folder (written under a temporary name beside `out_dir`, then renamed, so it
                              checkpoint_format, pack_dtype "int32", true_sequential, damp_percent,
                              static_groups, and "meta" (epmq and its version, the method, the anchor)
     generation_config.json   when the model has one
+    tokenizer files          what the suite saves beside the weights (its tokenizer, with any chat template), so
+                             that a GPTQ client loads the folder as it is
     model.safetensors        or model-00001-of-0000N.safetensors ... + model.safetensors.index.json
 
 Every quantized linear L is stored as L.qweight, L.qzeros, L.scales, L.g_idx (epmq.io.packing) and
@@ -48,7 +50,7 @@ DEFAULT_SHARD_SIZE = "4GB"
 def save_quantized(model: nn.Module, results: Mapping[str, QuantizedLayer], out_dir: str | Path, spec,
                    *, method: str = "gptq", strength: float | None = None, form: str | None = None,
                    true_sequential: bool | None = None, checkpoint_format: str = "gptq",
-                   max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+                   max_shard_size: int | str = DEFAULT_SHARD_SIZE, companions=None) -> Path:
     """Write the quantized `model` (a transformers PreTrainedModel) to `out_dir` in the GPTQ layout.
 
     results: full layer name -> QuantizedLayer of every quantized nn.Linear (BlockwiseCalibration.quant_results);
@@ -59,6 +61,8 @@ def save_quantized(model: nn.Module, results: Mapping[str, QuantizedLayer], out_
     true_sequential: how calibration walked the blocks (recorded; None: unknown).
     checkpoint_format: "gptq" (zero points stored minus one, the historical layout) or "gptq_v2".
     max_shard_size: bytes per safetensors file (an int, or "500MB", "4GB", "2GiB", ...).
+    companions: companions(folder) writes what a client loads beside the weights (the tokenizer's files, a chat
+        template: Suite.save_companions), into the folder before it is put in place.
     Replaces an existing `out_dir` only once the new folder is complete. Returns `out_dir`.
     """
     check_format(checkpoint_format)
@@ -87,6 +91,8 @@ def save_quantized(model: nn.Module, results: Mapping[str, QuantizedLayer], out_
         generation = getattr(model, "generation_config", None)
         if generation is not None and _can_generate(model):
             generation.save_pretrained(str(tmp))
+        if companions is not None:
+            companions(tmp)
         _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -123,12 +123,14 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
         "config": resolved_config(cfg),
     }
     if rank_zero_only.rank == 0:
-        publish(cfg, report, suite.tasks, calib, out_dir)
+        publish(cfg, report, suite, calib, out_dir)
     return report
 
 
-def publish(cfg, report: dict, tasks: list[str], calib, out_dir: Path) -> None:
-    """Rank 0: the terminal table, report.json and (optionally) the quantized model."""
+def publish(cfg, report: dict, suite, calib, out_dir: Path) -> None:
+    """Rank 0: the terminal table, report.json and (optionally) the quantized model with what its clients load
+    beside it (suite.save_companions)."""
+    tasks = suite.tasks
     metrics = report["metrics"]
     names = {"experts": "experts (each on its task)", "merged": "merged (FP)",
              "quantized": f"{report['method']} {report['quant']['spec']['bits']}-bit"}
@@ -150,7 +152,8 @@ def publish(cfg, report: dict, tasks: list[str], calib, out_dir: Path) -> None:
             model_dir = save_quantized(calib.model, calib.module.quant_results, out_dir / "quantized_model",
                                        chosen["spec"], method=report["method"], strength=chosen["strength"],
                                        form=chosen["form"], true_sequential=calib.module.true_sequential,
-                                       checkpoint_format=chosen_format(cfg.checkpoint_format, cfg.quant.sym))
+                                       checkpoint_format=chosen_format(cfg.checkpoint_format, cfg.quant.sym),
+                                       companions=suite.save_companions)
         report["model_dir"] = str(model_dir)
         report["model_size"] = checkpoint_size(model_dir)
         print(f"quantized model: {model_dir}")

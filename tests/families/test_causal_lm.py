@@ -70,6 +70,13 @@ def test_true_sequential_epmq_and_perplexity_of_every_model(llm_zoo, zoo_cache, 
     assert report["quant"]["spec"]["sym"] is True and report["config"]["quant"]["sym"] is True
     saved = json.loads((tmp_path / "quantized_model" / "quantize_config.json").read_text())
     assert (saved["sym"], saved["checkpoint_format"]) == (True, "gptq")
+    # a GPTQ client needs the tokenizer beside the weights: the folder holds it, and it tokenizes as the suite's
+    from transformers import AutoTokenizer
+
+    folder, text = tmp_path / "quantized_model", "the quick brown fox"
+    assert (folder / "tokenizer_config.json").is_file()
+    assert AutoTokenizer.from_pretrained(str(folder))(text)["input_ids"] == \
+        AutoTokenizer.from_pretrained(str(llm_zoo / "base"))(text)["input_ids"]
 
 
 def test_block_choice_scores_each_true_sequential_step_by_the_selection_perplexity(llm_zoo, zoo_cache, tmp_path):

@@ -108,3 +108,4 @@ def test_flan_t5_run_from_the_hub(hub_server, tmp_path, caplog):
     assert hub_server.requested("sst2/validation-00000") and hub_server.requested("rte/train-00000")
     assert not hub_server.requested("/test-00000")  # GLUE's test splits: never fetched
     assert http_lines(caplog)  # asked for: the clients' request lines are back
+    assert (out / "quantized_model" / "tokenizer_config.json").is_file()  # saved beside the weights for clients
