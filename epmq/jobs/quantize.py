@@ -136,7 +136,9 @@ def publish(cfg, report: dict, suite, calib, out_dir: Path) -> None:
              "quantized": f"{report['method']} {report['quant']['spec']['bits']}-bit"}
     table = accuracy_table({names[k]: v for k, v in metrics.items()}, tasks, scale=report["metric_scale"])
     chosen = report["quant"]
-    print(f"\n{table}\n")
+    unit = " (%)" if report["metric_scale"] == 100 else ""
+    print(f"\n{suite.metric}{unit}, {'higher' if suite.higher_is_better else 'lower'} is better; avg: the mean over "
+          f"tasks\n{table}\n")
     if report["method"] == "epmq" and chosen.get("select") == "layer":
         counts = Counter(chosen["layer_strengths"].values())
         print(f"anchor: form {chosen['form']}, strength chosen per layer by {chosen['folds']}-fold cross-validation "

@@ -35,30 +35,42 @@ def options(root, *extra):
             "data.batch_size=3", "quant.bits=3", "quant.group_size=16", *extra]
 
 
-def independent_perplexity(model_dir, task: str) -> float:
-    """exp(mean NLL) of the expert's next-token predictions on the task's held-out windows, computed
-    from the texts here: tokens of the test texts in order, joined by EOS, cut into SEQ_LEN windows."""
+def reference_windows(task: str, protocol: str, n: int = 4) -> torch.Tensor:
+    """The first n held-out windows (n, SEQ_LEN) of a task, cut here from its texts by the protocol."""
     tok = tiny_tokenizer()
-    stream = []
-    for text in TEXTS[task][45:]:
-        stream += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    windows = torch.tensor(stream[: 4 * SEQ_LEN]).view(4, SEQ_LEN)
+    texts = TEXTS[task][45:]
+    if protocol == "gptq":
+        stream = tok("\n\n".join(texts))["input_ids"]
+    else:
+        stream = [i for text in texts for i in tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    return torch.tensor(stream[: n * SEQ_LEN]).view(n, SEQ_LEN)
+
+
+def independent_perplexity(model_dir, task: str, protocol: str = "gptq") -> float:
+    """exp(mean NLL) of the expert's next-token predictions on the task's first four held-out windows, computed
+    from the texts here. gptq: the GPTQ reference's protocol (datautils.get_wikitext2 and its eval loop): the
+    test texts joined with "\n\n", tokenised once with special tokens, cut into SEQ_LEN windows; packed: each
+    text tokenised alone, EOS after each."""
+    windows = reference_windows(task, protocol)
     model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    nlls = []
     with torch.no_grad():
-        logits = model(input_ids=windows).logits
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
-    return math.exp(nll.item())
+        for window in windows:  # one window at a time, as the reference loops
+            logits = model(input_ids=window[None]).logits[0]
+            nlls.append(F.cross_entropy(logits[:-1], window[1:]))
+    return math.exp(torch.stack(nlls).mean().item())
 
 
-def test_true_sequential_epmq_and_perplexity_of_every_model(llm_zoo, zoo_cache, tmp_path):
+def test_true_sequential_epmq_and_perplexity_of_every_model(llm_zoo, zoo_cache, tmp_path, capsys):
     report = run(make_cfg(tmp_path, zoo_cache, *options(llm_zoo, "quant.strength=1.0", "quant.form=output")))
+    assert "perplexity, lower is better; avg: the mean over tasks" in capsys.readouterr().out
     assert report["metric"] == "perplexity" and report["suite"]["higher_is_better"] is False
     metrics = report["metrics"]
     for model in ("experts", "merged", "quantized"):
         assert set(metrics[model]) == {"alpha", "beta", "avg"}
         assert all(v > 1 for v in metrics[model].values())
         assert metrics[model]["avg"] == pytest.approx((metrics[model]["alpha"] + metrics[model]["beta"]) / 2)
-    for task in ("alpha", "beta"):  # the reported perplexity is exp(mean token NLL), computed independently
+    for task in ("alpha", "beta"):  # the reported perplexity is the GPTQ reference's, computed independently
         assert metrics["experts"][task] == pytest.approx(independent_perplexity(llm_zoo / task, task), rel=1e-4)
         assert metrics["experts"][task] < metrics["merged"][task]  # each expert knows its own text best
     # true-sequential by default for this family: four steps (q/k/v, o, gate/up, down) per decoder layer
@@ -98,8 +110,18 @@ def test_block_choice_scores_each_true_sequential_step_by_the_selection_perplexi
             assert len({v for k, v in strengths.items() if f"layers.{layer}." in k and k.rsplit(".", 1)[-1] in group}) == 1
 
 
+@pytest.mark.parametrize("protocol", ["gptq", "packed"])
+def test_held_out_windows_follow_the_perplexity_protocol(llm_zoo, zoo_cache, tmp_path, protocol):
+    cfg = make_cfg(tmp_path, zoo_cache, *options(llm_zoo, f"suite.perplexity={protocol}"))
+    data = prepare(cfg).data
+    assert torch.equal(data._test[1].ids, reference_windows("beta", protocol))
+    other = reference_windows("beta", "packed" if protocol == "gptq" else "gptq")
+    assert not torch.equal(data._test[1].ids, other)  # the two protocols cut different windows here
+
+
 def test_bad_causal_lm_options_are_refused_by_name(llm_zoo, zoo_cache, tmp_path):
     for override, match in (("suite.dtype=int8", "suite.dtype"), ("suite.text_columns=body", "text column 'body'"),
+                            ("suite.perplexity=wikitext", "suite.perplexity must be one of"),
                             (f"suite.base={llm_zoo / 'nowhere'}", "does not exist"),
                             ("suite.seq_len=4096", "fewer than calib_samples")):
         with pytest.raises(ValueError, match=match):

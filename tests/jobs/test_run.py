@@ -65,7 +65,7 @@ def test_epmq_run_writes_report_model_table_and_csv_metrics(tmp_path, zoo_cache,
     assert starts == sorted(starts) and all(a < b for a, b in zip(starts, ends))
     assert any(line.startswith("test: 192 samples in ") for line in lines)  # the quantized model's evaluation
     assert report["quant"]["spec"]["sym"] is False  # the image families' default grids: asymmetric min-max
-    for row in ("experts (each on its task)", "merged (FP)", "epmq 4-bit"):
+    for row in ("experts (each on its task)", "merged (FP)", "epmq 4-bit", "acc (%), higher is better"):
         assert row in printed
 
     on_disk = json.loads((tmp_path / "report.json").read_text())

@@ -10,6 +10,13 @@ tokens are there; the stream is cut into consecutive, non-overlapping windows:
     test split   the first `test_samples` windows, in order (all of the split when None), for
                  perplexity: every token of a window but its first is predicted from those before it
 
+The test windows follow one of two protocols (`perplexity`):
+
+    gptq     the GPTQ reference's, which published WikiText-2 perplexities use: the split's texts joined
+             with "\n\n" in their order, tokenised once (with the tokenizer's special tokens, so a BOS
+             token opens the stream), cut into non-overlapping windows, the tail dropped (the default)
+    packed   as the calibration windows: each text tokenised alone, EOS after every text
+
 Batches: {"input_ids": (B, seq_len) int64, "attention_mask": (B, seq_len) ones, "task": (B,)}; every
 calibration batch holds one task's windows. Datasets come from a hub id (`datasets.load_dataset`) or
 a folder written by `DatasetDict.save_to_disk`, one source per task, with a text column per task.
@@ -66,6 +73,17 @@ def token_windows(texts: Sequence[str], tokenizer, seq_len: int, windows: int, o
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def joined_windows(texts: Sequence[str], tokenizer, seq_len: int, windows: int) -> torch.Tensor:
+    """(n, seq_len) int64: the GPTQ reference's evaluation windows: "\n\n".join(texts) tokenised once, the
+    first min(windows, tokens // seq_len) non-overlapping windows (the tail is dropped)."""
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt")["input_ids"][0]
+    n = min(windows, len(ids) // seq_len)
+    return ids[: n * seq_len].view(n, seq_len).long()
+
+
+PERPLEXITY = ("gptq", "packed")
+
+
 class _Windows(Dataset):
     def __init__(self, ids: torch.Tensor, task_id: int):
         self.ids, self.task_id = ids, task_id
@@ -85,15 +103,18 @@ class TextWindowDataModule(PerTaskDataModule):
     text_columns: task -> column holding the text. tokenizer: the base's tokenizer. seq_len: tokens
     per window. calib_samples / select_samples: windows per task from the train split (disjoint).
     test_samples: windows per task from the test split (None: the whole split). splits: names of the
-    train and test splits.
+    train and test splits. perplexity: how the test windows are cut, "gptq" or "packed" (module docstring).
     """
 
     def __init__(self, tasks: Sequence[str], sources: Mapping[str, str], text_columns: Mapping[str, str], tokenizer,
                  seq_len: int = 512, calib_samples: int = 64, select_samples: int = 16, test_samples: int | None = 64,
                  batch_size: int = 8, seed: int = 0, num_workers: int | str = "auto",
-                 splits: tuple[str, str] = ("train", "test"), **loading):
+                 splits: tuple[str, str] = ("train", "test"), perplexity: str = "gptq", **loading):
         super().__init__(tasks, calib_samples, select_samples, test_samples, batch_size, seed, num_workers, **loading)
         check_integers(seq_len=(seq_len, 2))
+        if perplexity not in PERPLEXITY:
+            raise ValueError(f"perplexity must be one of {PERPLEXITY}, got {perplexity!r}")
+        self.perplexity = perplexity
         self.sources, self.text_columns, self.tokenizer = sources, text_columns, tokenizer
         self.seq_len, self.splits = seq_len, tuple(splits)
 
@@ -121,7 +142,10 @@ class TextWindowDataModule(PerTaskDataModule):
             self._select.append(_Windows(windows[self.calib_samples: need], t))
             test_texts = data[test][column]
             limit = self.test_samples if self.test_samples is not None else (1 << 40) // self.seq_len  # all of it
-            held_out = token_windows(test_texts, self.tokenizer, self.seq_len, limit, torch.arange(len(test_texts)))
+            if self.perplexity == "gptq":
+                held_out = joined_windows(test_texts, self.tokenizer, self.seq_len, limit)
+            else:
+                held_out = token_windows(test_texts, self.tokenizer, self.seq_len, limit, torch.arange(len(test_texts)))
             if len(held_out) == 0:
                 raise ValueError(f"task {task!r}: its {test!r} split holds fewer than seq_len = {self.seq_len} tokens")
             self._test.append(_Windows(held_out, t))

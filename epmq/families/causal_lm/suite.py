@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from epmq.engine.adapters import ModelAdapter
 from epmq.families.base import Suite
 from epmq.families.causal_lm.adapter import LlamaAdapter
-from epmq.families.causal_lm.data import TextWindowDataModule
+from epmq.families.causal_lm.data import PERPLEXITY, TextWindowDataModule
 from epmq.families.causal_lm.evaluate import PerplexityEvaluator
 from epmq.io.weights import resolve_source
 
@@ -58,6 +58,9 @@ class CausalLMSuite(Suite):
         text_columns: task -> text column, or one column name for every task.
         splits: names of the train split (calibration, selection) and the held-out split (perplexity).
         seq_len: tokens per window (calibration and evaluation).
+        perplexity: how the held-out windows are cut: "gptq" (the GPTQ reference's protocol, which published
+            perplexities use: texts joined with "\n\n", tokenised once, non-overlapping windows) or "packed"
+            (each text tokenised alone, EOS between texts, as the calibration windows); lower is better.
         dtype: "float32", "bfloat16" or "float16": the weights' dtype while calibrating and evaluating
             (statistics and solves stay in float32/float64).
         tokenizer: where the tokenizer lives (default: the base).
@@ -76,7 +79,7 @@ class CausalLMSuite(Suite):
     def __init__(self, base: str, experts, tasks: Sequence[str] | None = None, datasets=None, text_columns="text",
                  splits: Sequence[str] = ("train", "test"), seq_len: int = 512, dtype: str = "float32",
                  tokenizer: str | None = None, merged: str | None = None, lm_eval_tasks: Sequence[str] = (),
-                 lm_eval_limit: int | None = None):
+                 lm_eval_limit: int | None = None, perplexity: str = "gptq"):
         if tasks is None:
             if not isinstance(experts, Mapping):
                 raise ValueError("suite.tasks is needed when suite.experts is a pattern")
@@ -94,6 +97,9 @@ class CausalLMSuite(Suite):
         self.text_columns = _per_task(text_columns, self.tasks, "text_columns")
         self.splits, self.seq_len, self.dtype, self.merged = tuple(splits), int(seq_len), DTYPES[dtype], merged
         self.lm_eval_tasks, self.lm_eval_limit = list(lm_eval_tasks or ()), lm_eval_limit
+        if perplexity not in PERPLEXITY:
+            raise ValueError(f"suite.perplexity must be one of {PERPLEXITY}, got {perplexity!r}")
+        self.perplexity = perplexity
         base_dir = resolve_source(self.base, "suite.base")
         self.config = AutoConfig.from_pretrained(str(base_dir))
         self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_source(tokenizer, "suite.tokenizer") if tokenizer else base_dir))
@@ -120,7 +126,7 @@ class CausalLMSuite(Suite):
         """Windows of seq_len tokens per task (epmq.families.causal_lm.data)."""
         return TextWindowDataModule(self.tasks, self.sources, self.text_columns, self.tokenizer, self.seq_len,
                                     calib_samples, select_samples, test_samples, batch_size, seed, num_workers,
-                                    self.splits, **loading)
+                                    self.splits, self.perplexity, **loading)
 
     regmean_unsupported = ("RegMean's Gram pass (epmq.jobs.compare.regmean_merge) sums every token of a batch and "
                            "would count padded tokens")
@@ -153,7 +159,7 @@ class CausalLMSuite(Suite):
 
     def describe(self) -> dict:
         return {"name": self.name, "base": self.base, "experts": self.experts, "tasks": self.tasks,
-                "datasets": self.sources, "seq_len": self.seq_len, "dtype": str(self.dtype).removeprefix("torch."),
+                "datasets": self.sources, "seq_len": self.seq_len, "perplexity": self.perplexity, "dtype": str(self.dtype).removeprefix("torch."),
                 "metric": self.metric, "higher_is_better": self.higher_is_better}
 
 
