@@ -9,10 +9,11 @@ OmegaConf.register_new_resolver("epmq.either", lambda a, b: b if a is None else 
 
 
 def _suite_default(name: str, _root_):
-    """`${epmq.suite_default:symmetric}`: a default the run's suite class sets (epmq.families.base.Suite)."""
-    from epmq.families.base import suite_class
+    """`${epmq.suite_default:symmetric}`: a default the run's suite class sets (epmq.families.base.Suite), read from
+    the class `suite._target_` names, without making the suite."""
+    from hydra.utils import get_class
 
-    return getattr(suite_class(_root_.suite), name)
+    return getattr(get_class(_root_.suite._target_), name)
 
 
 OmegaConf.register_new_resolver("epmq.suite_default", _suite_default, replace=True)
