@@ -95,7 +95,15 @@ def peak_memory_gib() -> float | None:
 
 def build(node: DictConfig, where: str = "", **kwargs):
     """hydra.utils.instantiate, re-raising a ValueError of the target itself (bad options)
-    unwrapped and prefixed with the config group it came from."""
+    unwrapped and prefixed with the config group it came from; options left at `???` are named, all of them,
+    before anything is built."""
+    missing = sorted(k for k in OmegaConf.missing_keys(node) if k.rsplit(".", 1)[-1] not in kwargs) \
+        if isinstance(node, DictConfig) else []  # keys given here as keyword arguments are not missing
+    if missing:
+        names = ", ".join(k if not where or k.startswith(f"{where}.") else f"{where}.{k}" for k in missing)
+        raise ValueError(f"{names} {'is' if len(missing) == 1 else 'are'} not set and {'has' if len(missing) == 1 else 'have'} "
+                         f"no default: give {'it' if len(missing) == 1 else 'them'} on the command line "
+                         f"(e.g. {names.split(', ')[0]}=...)")
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:

@@ -130,6 +130,13 @@ def test_bad_options_fail_fast_naming_the_option(tmp_path, zoo_cache, override, 
     assert not (tmp_path / "report.json").exists() and not (tmp_path / "calibration").exists()
 
 
+def test_options_without_a_value_are_all_named_in_one_error(tmp_path, zoo_cache):
+    cfg = make_cfg(tmp_path, zoo_cache, "suite=causal_lm", "merge=none", "suite.merged=/nowhere", "quant=gptq")
+    with pytest.raises(ValueError, match=r"^suite\.base, suite\.datasets, suite\.experts are not set and have no "
+                                         r"default: give them on the command line \(e\.g\. suite\.base=\.\.\.\)$"):
+        run(cfg)
+
+
 def test_command_line_errors_are_one_line_with_a_nonzero_status(tmp_path, zoo_cache):
     """At the command line a bad option prints one line and exits 1; HYDRA_FULL_ERROR=1 shows the stack."""
     def train(*overrides, **env):
