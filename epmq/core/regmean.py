@@ -23,9 +23,9 @@ squared input j. Every W above minimises Σ_t tr((W − W_t) G̃_t (W − W_t)�
 
 Memory. Both sums are linear in the tasks, so RegMeanSums adds one task at a time and the solve needs
 only S = Σ_t G̃_t, one per distinct layer input (a block's query, key and value projections read one
-tensor, so they share one Gram and one S), and B = Σ_t W_t G̃_t, one per weight, both in float64:
-memory independent of T. A task's Grams may be stored in float32 (gram_matrices' dtype); each G̃_t
-is formed in float64 as it is added.
+tensor, so they share one Gram and one S), and B = Σ_t W_t G̃_t, one per weight: memory independent
+of T. A task's Grams may be stored in float32 (gram_matrices' dtype), and the sums too (RegMeanSums'
+dtype); each task's terms are formed and added in float64, and the solve runs in float64.
 
 Only the weights of linear layers whose Grams were collected are merged this way; every other
 floating entry (biases, layer norms, embeddings) is the simple average of the experts, and integer

@@ -44,6 +44,7 @@ class Suite:
     metric_scale = 100          # how tables print the metric (100: percent; 1: as it is)
     merged: str | None = None   # a merged model to quantize instead of merging (merge=none)
     symmetric = False           # quant.sym's default: asymmetric min-max grids, unless the family deploys symmetric ones
+    tokenizer = None            # a text family's tokenizer (saved beside a quantized model: save_companions)
     #: why compare's RegMean → GPTQ is not offered for this suite (None: it is; see regmean_inputs)
     regmean_unsupported: str | None = "its batches have no RegMean inputs (Suite.regmean_inputs)"
 
@@ -68,8 +69,10 @@ class Suite:
         return {}
 
     def save_companions(self, folder: Path) -> None:
-        """Write into a saved quantized model's folder what its clients load beside the weights (a text family's
-        tokenizer files); nothing by default."""
+        """Write into a saved quantized model's folder what its clients load beside the weights: the suite's
+        tokenizer files (with its chat template, when it has one), so that GPTQ clients load the folder."""
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(folder))
 
     def regmean_inputs(self, batch: Mapping) -> dict:
         """The model's forward arguments of a calibration batch, for RegMean's Gram pass over each expert."""

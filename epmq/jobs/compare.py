@@ -264,9 +264,9 @@ def regmean_merge(suite, pool, data, alpha: float) -> dict:
         del tower, layers, grams
         log.info("RegMean: expert %d/%d (%s): Grams of %d layer inputs in %.1f s", t + 1, len(suite.tasks), task,
                  len(sums.S), time.perf_counter() - t0)
-    merged = pool.merge(simple_average)
-    for key, W in sums.solutions(lambda key: sum(pool.lazy_expert(t)[key].to(torch.float64) for t in pool.tasks)
-                                 / len(pool.tasks)):
+    merged = pool.merge(simple_average, tasks=suite.tasks)
+    for key, W in sums.solutions(lambda key: sum(pool.lazy_expert(t)[key].to(torch.float64) for t in suite.tasks)
+                                 / len(suite.tasks)):
         merged[key] = W.to(merged[key].dtype)
     return merged
 

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.block_metrics import BlockMetrics
+from callbacks.block_metrics import BlockMetrics, peak_memory_mb
 from callbacks.eval_progress import EvaluationProgress
 from callbacks.expert_cache import ExpertActivationCache
 from callbacks.step_saver import StepSaver
@@ -73,24 +73,12 @@ def quiet_libraries(log_http: bool = False) -> None:
 @contextmanager
 def phase(what: str):
     """Log a phase of a job as it starts and when it ends, with its wall time and the process's peak resident
-    memory so far where the system tells it (console and train.log)."""
+    memory so far (console and train.log)."""
     log.info("%s ...", what)
     t0 = time.perf_counter()
     yield
-    peak = peak_memory_gib()
-    log.info("%s: done in %.1f s%s", what, time.perf_counter() - t0,
-             f" (peak memory so far {peak:.2f} GiB)" if peak is not None else "")
-
-
-def peak_memory_gib() -> float | None:
-    """This process's peak resident set in GiB (Linux: VmHWM of /proc/self/status); None elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
-    return None
+    log.info("%s: done in %.1f s (peak memory so far %.2f GiB)", what, time.perf_counter() - t0,
+             peak_memory_mb(torch.device("cpu")) / 1024)
 
 
 def build(node: DictConfig, where: str = "", **kwargs):

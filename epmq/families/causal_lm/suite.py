@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -130,10 +129,6 @@ class CausalLMSuite(Suite):
 
     regmean_unsupported = ("RegMean's Gram pass (epmq.jobs.compare.regmean_merge) sums every token of a batch and "
                            "would count padded tokens")
-
-    def save_companions(self, folder: Path) -> None:
-        """The tokenizer's files (with its chat template, when it has one), so that GPTQ clients load the folder."""
-        self.tokenizer.save_pretrained(str(folder))
 
     def adapter(self, model: nn.Module) -> ModelAdapter:
         return LlamaAdapter()

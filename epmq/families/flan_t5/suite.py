@@ -9,7 +9,6 @@ by Spearman correlation (epmq.families.flan_t5.evaluate).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -146,10 +145,6 @@ class FlanT5Suite(Suite):
             raise ValueError(f"the weights do not fit {type(model).__name__} of {self.base}: "
                              f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
         return model.eval()
-
-    def save_companions(self, folder: Path) -> None:
-        """The tokenizer's files (with its chat template, when it has one), so that GPTQ clients load the folder."""
-        self.tokenizer.save_pretrained(str(folder))
 
     def adapter(self, model: nn.Module) -> ModelAdapter:
         return T5Adapter()
