@@ -358,8 +358,8 @@ class ClipSuite(ImageSuite):
         the class names), so that a mismatch fails before the merge."""
         base = self._open_base()
         transform = ImageTransform(base["processor"], base["vision_config"].num_channels)
-        named = [t for t in self.tasks if t in self.classname_overrides or t in TASK_DATA["prompts"]]
-        self._data.expect_classes({t: (len(self.prompts(t)[0]), self.prompts(t)[2]) for t in named})
+        named = {t: self.prompts(t) for t in self.tasks if t in self.classname_overrides or t in TASK_DATA["prompts"]}
+        self._data.expect_classes({t: (len(names), where) for t, (names, _, where) in named.items()})
         datamodule = TaskDataModule(self.tasks, root_or_hub=self._data, transform=transform, **data)
         self.heads()
         return datamodule
