@@ -23,6 +23,7 @@ selection needs.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,6 +65,13 @@ def check_integers(**options: tuple[object, int]) -> None:
     for name, (value, low) in options.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def shared(n: int, share: float) -> int:
+    """⌈share · n⌉ samples (at least one of n > 0); ValueError unless 0 < share <= 1."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ValueError(f"a share of the samples must be in (0, 1], got {share!r}")
+    return min(n, max(1, math.ceil(share * n)))
 
 
 def loader_workers(num_workers: int | str) -> int:
@@ -138,13 +146,15 @@ class PerTaskDataModule(L.LightningDataModule):
         return sorted(perm[:self.test_samples])
 
     # -- loaders ----------------------------------------------------------------------------
-    def calibration_batches(self) -> list[list[int]]:
-        """Index lists into the concatenated calibration datasets: each batch from one task, task-major."""
+    def calibration_batches(self, share: float = 1.0) -> list[list[int]]:
+        """Index lists into the concatenated calibration datasets: each batch from one task, task-major.
+        share: the first ⌈share · n_t⌉ samples of each task only (its rows are a seeded draw, so a random subset)."""
         self.setup()
         batches, offset = [], 0
         for ds in self._calib:
-            batches += [list(range(offset + k, offset + min(k + self.batch_size, len(ds))))
-                        for k in range(0, len(ds), self.batch_size)]
+            n = shared(len(ds), share)
+            batches += [list(range(offset + k, offset + min(k + self.batch_size, n)))
+                        for k in range(0, n, self.batch_size)]
             offset += len(ds)
         return batches
 
@@ -152,15 +162,16 @@ class PerTaskDataModule(L.LightningDataModule):
         return DataLoader(ds, num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=self.collate_fn,
                           **kwargs)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self, share: float = 1.0) -> DataLoader:
         """The calibration batches (see calibration_batches), in a fixed order on every rank."""
         self.setup()
-        return self._loader(ConcatDataset(self._calib), batch_sampler=self.calibration_batches())
+        return self._loader(ConcatDataset(self._calib), batch_sampler=self.calibration_batches(share))
 
-    def select_dataloader(self) -> list[DataLoader]:
-        """One loader per task (task order) over its anchor-selection samples."""
+    def select_dataloader(self, share: float = 1.0) -> list[DataLoader]:
+        """One loader per task (task order) over its anchor-selection samples (the first ⌈share · n⌉ of them)."""
         self.setup()
-        return [self._loader(ds, batch_size=self.eval_batch_size) for ds in self._select]
+        return [self._loader(Subset(ds, range(shared(len(ds), share))) if share < 1 else ds,
+                             batch_size=self.eval_batch_size) for ds in self._select]
 
     def select_halves_dataloaders(self) -> tuple[list[DataLoader], list[DataLoader]]:
         """The selection samples of each task cut in two halves (A: the first ⌊n/2⌋, B: the rest; the rows

@@ -114,7 +114,8 @@ def resolved_config(cfg: DictConfig) -> dict:
 # -- solvers and anchor candidates -----------------------------------------------------------------
 def solvers(quant: DictConfig, anchor: DictConfig) -> list:
     """The solver objects `cfg.quant` asks for: one, or, when E-PMQ's strength or form is `auto`, one per anchor
-    candidate of `cfg.anchor` (select=run; strongest anchor first, so that ties keep the setting closest to GPTQ)
+    candidate of `cfg.anchor` (select=run or staged; strongest anchor first, so that ties keep the setting
+    closest to GPTQ)
     or one that chooses as the calibration goes (select=block, layer). ValueError on bad options, before any work."""
     if anchor.select not in SELECT:
         raise ValueError(f"anchor.select must be one of {SELECT}, got {anchor.select!r}")
@@ -123,7 +124,7 @@ def solvers(quant: DictConfig, anchor: DictConfig) -> list:
     quant = OmegaConf.create(OmegaConf.to_container(quant, resolve=True))  # family defaults filled in, detached
     if "strength" not in quant:
         return [build(quant, "quant")]
-    if anchor.select != "run" and quant.strength == "auto":  # one calibration, the anchor chosen as it goes
+    if anchor.select in ("block", "layer") and quant.strength == "auto":  # one calibration, chosen as it goes
         if quant.form == "auto":
             raise ValueError(f"anchor.select={anchor.select} chooses the strength only: set quant.form=output or weight")
         node = OmegaConf.masked_copy(quant, [k for k in quant if k != "strength"])
@@ -241,12 +242,13 @@ def target_provider(cfg: DictConfig, pool, keep: bool = False) -> ExpertTargets:
 
 
 def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = None, label: str = "",
-              targets: ExpertTargets | None = None, store: StepStore | None = None) -> Calibration:
+              targets: ExpertTargets | None = None, store: StepStore | None = None, share: float = 1.0) -> Calibration:
     """Quantize a fresh copy of the merged model (or of `state`) with `solver`; one fit epoch per step.
 
-    targets: a provider to share the experts' targets between calibrations (None: a new one from the pool
-    when the solver needs targets or the base model's layers). store: where finished steps are saved and,
-    when it already holds some, where the calibration resumes from.
+    targets: a provider to share the experts' targets between calibrations on the same samples (None: a new
+    one from the pool when the solver needs targets or the base model's layers). store: where finished steps
+    are saved and, when it already holds some, where the calibration resumes from. share: calibrate on the
+    first share of each task's calibration samples only (a low-fidelity calibration of the staged choice).
     """
     suite, needs = prepared.suite, solver.requirements
     model = suite.model(prepared.merged_state if state is None else state)
@@ -266,8 +268,11 @@ def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = 
         callbacks.append(StepSaver(store))
     t0 = time.perf_counter()
     if module.remaining_steps:
-        trainer(cfg, prepared, max_epochs=module.remaining_steps, callbacks=callbacks).fit(
-            module, datamodule=prepared.data)
+        fit = trainer(cfg, prepared, max_epochs=module.remaining_steps, callbacks=callbacks).fit
+        if share < 1:
+            fit(module, train_dataloaders=prepared.data.train_dataloader(share))
+        else:
+            fit(module, datamodule=prepared.data)
     else:  # every step was finished by the run being resumed
         module.apply_finished(done)
     seconds = time.perf_counter() - t0
@@ -330,9 +335,10 @@ def evaluate_experts(cfg: DictConfig, prepared: Prepared) -> dict[str, float]:
     return evaluator.results
 
 
-def select_scores(cfg: DictConfig, prepared: Prepared, model, label: str) -> dict[str, float]:
-    """Average accuracy and cross-entropy on the held-out selection samples (never test data)."""
-    evaluator = evaluate(cfg, prepared, model, prepared.data.select_dataloader(), f"select/{label}")
+def select_scores(cfg: DictConfig, prepared: Prepared, model, label: str, share: float = 1.0) -> dict[str, float]:
+    """Average accuracy and cross-entropy on the held-out selection samples (never test data); share: on the
+    first share of each task's selection samples only."""
+    evaluator = evaluate(cfg, prepared, model, prepared.data.select_dataloader(share), f"select/{label}")
     return {"select_avg_acc": evaluator.results["avg"], "select_avg_nll": evaluator.nll["avg"]}
 
 
