@@ -1,8 +1,11 @@
-"""Choosing E-PMQ's anchor strength λ among candidates, three ways (`anchor.select`):
+"""Choosing E-PMQ's anchor strength λ among candidates, four ways (`anchor.select`):
 
     run    one whole calibration per candidate (strength, form), each model scored on the held-out
            selection samples by the task heads; the best score wins (the jobs do the runs; `candidate_grid`
            lists them, `selection_key` orders their scores)
+    staged rounds that score the candidates at low fidelity (OpenLoopEPMQ: all of them solved from one pass's
+           statistics; or calibrations on a share of the samples) and keep the best few, which are then
+           calibrated in full as `run` does (epmq.jobs.staged_choice)
     block  one calibration: at every step the engine solves each candidate from the same statistics and
            keeps the one whose model scores best on the selection samples (BlockChoiceEPMQ declares it,
            epmq.engine.block_choice does it)
@@ -15,14 +18,16 @@ Candidates come strongest first everywhere, so that a tie keeps the anchor close
 from __future__ import annotations
 
 import math
+import time
+from typing import Callable
 
 import torch
 
 from epmq.core.anchor import parse_strength
-from epmq.core.gptq import gptq
+from epmq.core.gptq import QuantResult, gptq
 from epmq.core.solvers import EPMQ, INGREDIENTS, Requirements, Solution, anchor_shift
 
-SELECT = ("run", "block", "layer")  # how `strength: auto` chooses
+SELECT = ("run", "staged", "block", "layer")  # how `strength: auto` chooses
 SELECT_BY = ("nll", "acc")          # what a run-level or per-step choice compares on the selection samples
 
 
@@ -178,3 +183,94 @@ class BlockChoiceEPMQ(ChosenEPMQ):
     @property
     def requirements(self) -> Requirements:
         return Requirements(targets=super().requirements.targets, per_step_choice=True)
+
+
+class OpenLoopEPMQ(ChosenEPMQ):
+    """The shared pass of the staged anchor choice: every candidate solved from the same statistics.
+
+    The engine gathers each layer's statistics as for plain E-PMQ and calls `solve` once per layer, which solves
+    every candidate from them and keeps each one's quantized layer in `solutions` (one dict λ -> keep(QuantResult)
+    per solved layer, in the engine's solve order); the caller assembles each candidate's model and scores it.
+    What `solve` writes into the model decides where the next block's inputs come from:
+
+        pivot None   the merged weight W_m itself (an FP result, no codes): every block's inputs are the FP
+                     merged model's, the open loop
+        pivot λ0     plain E-PMQ at λ0, exactly: the pass is that calibration (its codes kept), and every other
+                     candidate is solved from the statistics of the model quantized at λ0
+
+    Two shortcuts, both exact at λ = 0 and λ = inf, make a candidate cost little more than its rounding:
+
+        W*(λ) = W_m + (W*(0) − W_m) / (1+λ)
+            one relaxed solve per layer; the exact target damps with δ/(1+λ) where this one keeps δ (output
+            form; the weight form solves each λ exactly)
+        GPTQ of all candidates at once
+            the W*(λ) stacked along the output axis and rounded under the one H: in GPTQ each row has its own
+            grids and its own error feedback, so stacking changes no row (output form, whose H is shared)
+
+    Args:
+        candidates, form, spec: as ChosenEPMQ.
+        pivot: None (open loop) or the candidate λ0 the pass calibrates at.
+        keep: what is kept of each candidate's QuantResult (default: all of it; the jobs keep the packed
+            epmq.io.quantized_layer.QuantizedLayer, a quarter of the float32 weight at 8 bits or less).
+    """
+
+    select, unit = "staged", "shared-pass"
+
+    def __init__(self, candidates=(math.inf, 10.0, 3.0, 1.0, 0.3, 0.0), form: str = "output",
+                 pivot: float | str | None = None, keep: Callable[[QuantResult], object] | None = None, **spec):
+        super().__init__(candidates, form, **spec)
+        self.pivot = None if pivot is None else parse_strength(pivot)
+        if self.pivot is not None and self.pivot not in self.candidates:
+            raise ValueError(f"the pivot λ0 = {self.pivot:g} must be one of the candidates {self.candidates}")
+        self.keep = keep or (lambda result: result)
+        self.solutions: list[dict[float, object]] = []
+        self.seconds = 0.0  # spent in solve: where a pass's time goes besides its forwards
+
+    @property
+    def requirements(self) -> Requirements:
+        return Requirements(targets=super().requirements.targets, codes=self.pivot is not None)
+
+    def targets(self, W_m: torch.Tensor, stats) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(W*(λ) (out, in), H to round it under (in, in)) per candidate, in candidate order."""
+        H, C, residual = stats.H, stats.C, stats.residual
+        finite = [c for c in self.candidates if not math.isinf(c)]
+        if self.form != "output" or not finite:
+            return [self.plain.anchored(W_m, H, C, residual, lam) for lam in self.candidates]
+        W0 = self.plain.anchored(W_m, H, C, residual, 0.0)[0]
+        delta = W0 - W_m.to(W0)
+        return [(W_m, H) if math.isinf(lam) else (W0 if lam == 0 else W_m.to(W0) + delta / (1 + lam), H)
+                for lam in self.candidates]
+
+    def solve(self, W_m: torch.Tensor, stats=None) -> Solution:
+        if stats is None or stats.tokens == 0:
+            raise ValueError(f"{self.name}: no calibration tokens reached this layer")
+        t0 = time.perf_counter()
+        others = [lam for lam in self.candidates if lam != self.pivot]
+        targets = [t for lam, t in zip(self.candidates, self.targets(W_m, stats)) if lam != self.pivot]
+        out = W_m.shape[0]
+        if not targets:
+            results = []
+        elif all(H is stats.H for _, H in targets):  # one GPTQ over the stacked rows
+            stacked = gptq(torch.cat([W.to(torch.float32) for W, _ in targets]), stats.H, self.spec)
+            results = [rows_of(stacked, k * out, (k + 1) * out) for k in range(len(targets))]
+        else:
+            results = [gptq(W, H, self.spec) for W, H in targets]
+        kept = dict(zip(others, results))
+        if self.pivot is None:
+            none = W_m.new_empty(0)
+            solution = Solution(QuantResult(W_m.detach().float(), none.to(torch.uint8), none, none, none.long(), 0.0))
+        else:  # plain E-PMQ at the pivot, exactly as its own calibration solves it
+            solution = self.at(self.pivot).solve(W_m, stats)
+            kept[self.pivot] = solution.result
+        self.solutions.append({lam: self.keep(kept[lam]) for lam in self.candidates})
+        self.seconds += time.perf_counter() - t0
+        return solution
+
+    def describe(self) -> dict:
+        return {**super().describe(), "pivot": self.pivot}
+
+
+def rows_of(result: QuantResult, start: int, stop: int) -> QuantResult:
+    """Rows start..stop of a QuantResult (its loss is the whole result's: not split)."""
+    return QuantResult(result.weight[start:stop], result.qweight[start:stop], result.scales[start:stop],
+                       result.zeros[start:stop], result.g_idx, math.nan, result.damp)
