@@ -4,8 +4,8 @@
     2. the suite: base, experts, tasks, data; the pool validates every expert file; merge
     3. evaluate the experts (each on its own task) and the FP merged model
     4. calibrate the merged model step by step (RTN, GPTQ or E-PMQ); with `strength: auto` or
-       `form: auto`, once per candidate, keeping the one with the best score on held-out
-       calibration samples (never test data)
+       `form: auto`, choose the anchor on held-out calibration samples (never test data): once per
+       candidate (anchor.select=run), or after rounds at low fidelity (staged; epmq.jobs.staged_choice)
     5. evaluate the quantized model; print the table, write report.json, save the model
 
 Every finished calibration step is saved in the run folder (calibration/<candidate>/), so that
@@ -23,13 +23,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from callbacks.block_metrics import peak_memory_mb
-from epmq.core.anchor_choice import selection_key
 from epmq.io.export import check_exportable, checkpoint_size, chosen_format, save_quantized
 from epmq.io.files import write_json_atomic
 from epmq.jobs.report import accuracy_table
-from epmq.jobs.steps import (calibrate, calibration_record, candidate_label, claim_run_folder, evaluate,
-                             evaluate_experts, logging_to, phase, prepare, quiet_libraries, resolved_config,
-                             run_folder_store, select_scores, solvers, target_provider)
+from epmq.jobs.staged_choice import choose, open_loop_solvers, rounds_of
+from epmq.jobs.steps import (calibration_record, candidate_label, claim_run_folder, evaluate, evaluate_experts,
+                             logging_to, phase, prepare, quiet_libraries, resolved_config, solvers)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,9 @@ def quantize(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     quiet_libraries(cfg.log_http)
     candidates = solvers(cfg.quant, cfg.anchor)
+    rounds = rounds_of(cfg.anchor) if len(candidates) > 1 else []
+    if any(r.fidelity == "open_loop" for r in rounds):
+        open_loop_solvers(candidates, rounds[0].pivot)  # refuses options the shared pass cannot take, before the merge
     if not all(s.requirements.codes for s in candidates):
         raise ValueError(f"quant._target_={cfg.quant._target_} does not quantize (the FP calibrated merge): it is a "
                          f"row of experiment=compare, not a job of its own")
@@ -50,10 +52,10 @@ def quantize(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     prepared = prepare(cfg)
     with logging_to(prepared.loggers):
-        return _quantize(cfg, prepared, candidates, out_dir, start)
+        return _quantize(cfg, prepared, candidates, rounds, out_dir, start)
 
 
-def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
+def _quantize(cfg, prepared, candidates, rounds, out_dir: Path, start: float) -> dict:
     suite, data = prepared.suite, prepared.data
     claim_run_folder(out_dir, prepared, resume=cfg.get("resume"))
     timings = {"setup_s": time.perf_counter() - start}
@@ -67,33 +69,11 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
         timings["reference_eval_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    selection, best = [], None
-    # E-PMQ's targets do not depend on the anchor: record them once, replay them for every candidate
-    targets = target_provider(cfg, prepared.pool, keep=len(candidates) > 1)
-    for k, solver in enumerate(candidates):
-        label = candidate_label(solver)
-        store = run_folder_store(out_dir, label, prepared)
-        shown = f"{label} ({k + 1}/{len(candidates)})" if len(candidates) > 1 else ""
-        with phase(f"calibration {shown or label}"):
-            calib = calibrate(cfg, prepared, solver, label=shown, targets=targets, store=store)
-        if len(candidates) == 1:
-            best = (None, solver, calib)
-            continue
-        scores = store.extra.get("select") or select_scores(cfg, prepared, calib.model, label)
-        if rank_zero_only.rank == 0:
-            store.record(select=scores)
-        selection.append({"strength": solver.strength, "form": solver.form, **scores, "seconds": calib.seconds})
-        log.info("candidate %s: select %s %.4g, nll %.4f", label, suite.metric, scores["select_avg_acc"],
-                 scores["select_avg_nll"])
-        key = selection_key(scores, cfg.anchor.select_by, suite.higher_is_better)
-        if best is None or key > best[0]:  # candidates come strongest first: ties keep the stronger
-            best = (key, solver, calib)
-    del targets
-    _, chosen, calib = best
+    chosen, calib, selection, choice = choose(cfg, prepared, candidates, rounds, out_dir)
     timings["calibration_s"] = time.perf_counter() - t0
     timings["chosen_calibration_s"] = calib.seconds
-    log.info("calibration: %d candidate(s) done in %.1f s; kept %s", len(candidates), timings["calibration_s"],
-             candidate_label(chosen))
+    timings["rounds_s"] = sum(r["seconds"] for r in choice)
+    log.info("calibration done in %.1f s; kept %s", timings["calibration_s"], candidate_label(chosen))
 
     t0 = time.perf_counter()
     metrics["quantized"] = evaluate(cfg, prepared, calib.model, data.test_dataloader(), "test").results
@@ -115,6 +95,7 @@ def _quantize(cfg, prepared, candidates, out_dir: Path, start: float) -> dict:
                       "layer_strengths": {k: m["anchor_strength"] for k, m in calib.module.layer_metrics.items()}}
                      if described.get("select") in ("layer", "block") else {})},
         "selection": selection,
+        **({"anchor_rounds": choice} if choice else {}),
         "metrics": metrics,
         **({"extra_metrics": extra_metrics} if extra_metrics else {}),
         "calibration": calibration_record(calib),
@@ -148,7 +129,7 @@ def publish(cfg, report: dict, suite, calib, out_dir: Path) -> None:
               + ", ".join(f"{label} {strength:g}" for label, strength in calib.module.step_strengths))
     elif report["method"] == "epmq":
         print(f"anchor: strength {chosen['strength']:g}, form {chosen['form']}"
-              + (" (chosen on held-out calibration samples)" if report["selection"] else ""))
+              + (" (chosen on held-out calibration samples)" if report["selection"] or report.get("anchor_rounds") else ""))
     if cfg.save_model:
         with phase("saving the quantized model"):
             model_dir = save_quantized(calib.model, calib.module.quant_results, out_dir / "quantized_model",

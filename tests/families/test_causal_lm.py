@@ -20,6 +20,7 @@ from epmq.jobs.steps import prepare
 from helpers import llm_world
 from helpers.config import ROOT, make_cfg
 from helpers.llm_world import SEQ_LEN, TEXTS, tiny_tokenizer
+from helpers.staged import choice_is_plain_epmq
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,14 @@ def test_block_choice_scores_each_true_sequential_step_by_the_selection_perplexi
     for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):  # one choice per true-sequential step
         for layer in (0, 1):
             assert len({v for k, v in strengths.items() if f"layers.{layer}." in k and k.rsplit(".", 1)[-1] in group}) == 1
+
+
+def test_the_staged_choice_runs_true_sequentially_and_keeps_plain_epmq(llm_zoo, zoo_cache, tmp_path):
+    cfg = make_cfg(tmp_path, zoo_cache, *options(llm_zoo, "anchor.select=staged", "quant.form=output",
+                                                 "anchor.candidates.strength=[0.0,1.0,.inf]",
+                                                 "anchor.rounds=[{fidelity: open_loop, keep: 2}]"))
+    strength, (record,) = choice_is_plain_epmq(cfg, tmp_path)
+    assert len(record["scores"]) == 3 and f"epmq/output/strength_{strength:g}" in record["kept"]
 
 
 @pytest.mark.parametrize("protocol", ["gptq", "packed"])

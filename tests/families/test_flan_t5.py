@@ -39,6 +39,7 @@ from epmq.jobs.run import run
 from epmq.jobs.steps import calibrate, prepare
 
 from helpers.config import ROOT, make_cfg
+from helpers.staged import choice_is_plain_epmq
 from helpers.t5_glue_zoo import build_zoo
 from helpers.tiny import trainer_for
 
@@ -288,6 +289,13 @@ def test_strength_inf_is_gptq_exactly_on_t5(zoo, tmp_path):
         for field in ("qweight", "scales", "zeros", "g_idx"):
             assert torch.equal(getattr(gptq[key], field), getattr(inf[key], field)), (key, field)
         assert torch.equal(gptq[key].weight(), inf[key].weight()), key
+
+
+def test_the_staged_choice_runs_through_encoder_and_decoder_and_keeps_plain_epmq(zoo, tmp_path):
+    cfg = t5_cfg(tmp_path, zoo, "anchor.select=staged", "quant.form=output", "anchor.candidates.strength=[0.0,1.0,.inf]",
+                 "anchor.rounds=[{fidelity: open_loop, pivot: 1.0, select_share: 0.5, keep: 1}]")
+    strength, (record,) = choice_is_plain_epmq(cfg, tmp_path)
+    assert record["kept"] == [f"epmq/output/strength_{strength:g}"] and len(record["scores"]) == 3
 
 
 def test_epmq_layer_error_to_the_experts_targets_is_below_gptqs(zoo, tmp_path, monkeypatch):
