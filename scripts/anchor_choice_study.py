@@ -47,6 +47,11 @@ VARIANTS = {
         {"fidelity": "open_loop", "calib_share": 1.0, "select_share": 1.0, "keep": 1}]},
     "pivot_full": {"select": "staged", "rounds": [
         {"fidelity": "open_loop", "pivot": 3.0, "calib_share": 1.0, "select_share": 1.0, "keep": 1}]},
+    # the per-block choice (one calibration, each step's candidates solved from its statistics and scored),
+    # after the first step only the previous step's choice and its two neighbours in the grid
+    "block_nb1": {"select": "block", "block_neighbours": 1},
+    "block_nb1_s25": {"select": "block", "block_neighbours": 1, "block_select_share": 0.25},
+    "block_s25": {"select": "block", "block_select_share": 0.25},
     # successive halving with sequential calibrations on 1/8, then 1/2, of the calibration samples
     "halving": {"select": "staged", "rounds": [
         {"fidelity": "sequential", "calib_share": 0.125, "select_share": 0.25, "keep": 3},
@@ -91,7 +96,7 @@ def study(overrides: list[str], variants: list[str], out: Path) -> None:
     from epmq.jobs.staged_choice import choose, rounds_of
 
     tmp = tempfile.mkdtemp(prefix="anchor_choice_")
-    cfg = _config(overrides, tmp)
+    cfg = _config(["quant.form=output", *overrides], tmp)  # the grid's one form, as anchor.select=block needs
     steps.quiet_libraries()
     prepared = steps.prepare(cfg)
     half_b = prepared.data.select_halves_dataloaders()[1]
@@ -121,8 +126,9 @@ def study(overrides: list[str], variants: list[str], out: Path) -> None:
 def summarize(studies: Path, runs: Path) -> None:
     """Every variant against the run-level choice (chosen on half A by NLL), both judged on half B."""
     by_variant: dict[str, list] = {}
-    for path in sorted(studies.glob("*/*.jsonl")):
-        zoo, (stem, bits) = path.parent.name, path.stem.rsplit("_b", 1)
+    for path in sorted(studies.rglob("*.jsonl")):
+        zoo = next(p for p in path.parts[::-1] if p.startswith("zoo"))
+        stem, bits = path.stem.rsplit("_b", 1)
         lines = [json.loads(line) for line in path.read_text().splitlines()]
         run = json.loads((runs / zoo / stem / "results.json").read_text())
         candidates = {math.inf if s == "inf" else float(s) for s in run["config"]["quant"]["candidates"]["strength"]}
@@ -132,14 +138,14 @@ def summarize(studies: Path, runs: Path) -> None:
         ref = min(rows, key=lambda r: r["select_a_avg_nll"])
         for line in lines[1:]:
             by_variant.setdefault(line["variant"], []).append((f"{zoo}/{stem} {bits}b", line, ref))
-    zoos = sorted({p.parent.name for p in studies.glob("*/*.jsonl")})
+    zoos = sorted({next(q for q in p.parts[::-1] if q.startswith("zoo")) for p in studies.rglob("*.jsonl")})
     for variant, pairs in by_variant.items():
         print(f"\n{variant}")
         for label, group in [(z, [p for p in pairs if p[0].startswith(z + "/")]) for z in zoos] + [("all", pairs)]:
             if not group:
                 continue
             mean = lambda f: statistics.fmean(f(v, r) for _, v, r in group)  # noqa: E731
-            same = sum(float(v["strength"]) == float(r["strength"]) for _, v, r in group)
+            same = sum(float(v["strength"]) == float(r["strength"]) for _, v, r in group)  # nan (per block): never
             print(f"  {label} ({len(group)}): B acc {mean(lambda v, r: 100 * v['select_b_avg_acc']):.2f} vs "
                   f"{mean(lambda v, r: 100 * r['select_b_avg_acc']):.2f}, B NLL {mean(lambda v, r: v['select_b_avg_nll']):.4f} "
                   f"vs {mean(lambda v, r: r['select_b_avg_nll']):.4f}, test {mean(lambda v, r: 100 * v['test']['avg']):.2f} "

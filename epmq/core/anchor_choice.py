@@ -168,21 +168,44 @@ class BlockChoiceEPMQ(ChosenEPMQ):
     it (epmq.jobs.steps.calibrate).
 
     Compared with the run-level choice (one whole calibration per candidate) it calibrates once, but scores
-    every candidate of every step: K·S full forwards of the selection samples for K candidates and S steps.
+    every candidate of every step: K·S forwards of the selection samples for K candidates and S steps (the
+    blocks before the step's replayed). Two options cut that: `neighbours` k scores, after the first step, only
+    the previous step's choice and its k nearest candidates on either side of it in the grid; `select_share`
+    scores on the first share of each task's selection samples.
 
     Args:
         candidates: the anchor strengths to choose from (numbers >= 0 or inf).
         form, spec: as EPMQ. The calibration ingredients are not taken (each would need its own study here).
+        neighbours: None (every candidate at every step) or k >= 1.
+        select_share: in (0, 1]: the share of the selection samples each candidate is scored on.
     """
 
     select, unit = "block", "per-block"
 
-    def __init__(self, candidates=(math.inf, 10.0, 3.0, 1.0, 0.3, 0.0), form: str = "output", **spec):
+    def __init__(self, candidates=(math.inf, 10.0, 3.0, 1.0, 0.3, 0.0), form: str = "output",
+                 neighbours: int | None = None, select_share: float = 1.0, **spec):
         super().__init__(candidates, form, **spec)
+        if neighbours is not None and (isinstance(neighbours, bool) or not isinstance(neighbours, int)
+                                       or neighbours < 1):
+            raise ValueError(f"neighbours must be null or an integer >= 1, got {neighbours!r}")
+        if isinstance(select_share, bool) or not isinstance(select_share, (int, float)) or not 0 < select_share <= 1:
+            raise ValueError(f"select_share must be in (0, 1], got {select_share!r}")
+        self.neighbours, self.select_share = neighbours, float(select_share)
 
     @property
     def requirements(self) -> Requirements:
         return Requirements(targets=super().requirements.targets, per_step_choice=True)
+
+    def step_candidates(self, previous: float | None) -> list[float]:
+        """The candidates one step scores (strongest first): all of them, or with `neighbours` k and the previous
+        step's choice, that choice and the k candidates on either side of it."""
+        if self.neighbours is None or previous is None:
+            return list(self.candidates)
+        k = self.candidates.index(previous)
+        return self.candidates[max(0, k - self.neighbours):k + self.neighbours + 1]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "neighbours": self.neighbours, "select_share": self.select_share}
 
 
 class OpenLoopEPMQ(ChosenEPMQ):

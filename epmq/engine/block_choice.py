@@ -41,6 +41,7 @@ class StepChoice:
         self.chooser, self.selection = chooser, selection
         self.adapter, self.model, self.placement = adapter, model, placement
         self._replay: tuple = (None, [])  # ((stage, block), recorded outputs of the block before it)
+        self.previous: float | None = None  # the last step's choice (a neighbourhood search starts there)
 
     def choose(self, step: Step, block: nn.Module, solve: Callable, precision: Callable[[], AbstractContextManager],
                progress: Callable[[str], None] = lambda text: None) -> tuple[dict, dict]:
@@ -48,7 +49,8 @@ class StepChoice:
         each candidate is solved from the merged weights, scored, and the best one written back. Each layer's
         metrics gain anchor_strength and select_nll (the chosen model's loss)."""
         merged = {name: block.get_submodule(name).weight.detach().clone() for name in step.layers}
-        candidates = self.chooser.candidates
+        step_candidates = getattr(self.chooser, "step_candidates", None)
+        candidates = step_candidates(self.previous) if step_candidates else self.chooser.candidates
         best = None
         for k, strength in enumerate(candidates):
             progress(f"scoring λ = {strength:g} ({k + 1}/{len(candidates)})")
@@ -64,6 +66,7 @@ class StepChoice:
             if best is None or loss < best[0]:
                 best = (loss, strength, results, metrics)
         loss, strength, results, metrics = best
+        self.previous = strength
         for name in step.layers:
             block.get_submodule(name).weight.copy_(results[step.prefix + name].weight().to(merged[name]))
         return results, {k: {**m, "anchor_strength": strength, "select_nll": loss} for k, m in metrics.items()}

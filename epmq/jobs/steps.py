@@ -130,7 +130,8 @@ def solvers(quant: DictConfig, anchor: DictConfig) -> list:
         node = OmegaConf.masked_copy(quant, [k for k in quant if k != "strength"])
         if anchor.select == "block":
             return [build(node, "quant", _target_="epmq.core.anchor_choice.BlockChoiceEPMQ",
-                          candidates=list(anchor.candidates.strength))]
+                          candidates=list(anchor.candidates.strength), neighbours=anchor.get("block_neighbours"),
+                          select_share=anchor.get("block_select_share", 1.0))]
         return [build(node, "quant", _target_="epmq.core.anchor_choice.LayerwiseEPMQ",
                       candidates=list(anchor.candidates.strength), folds=anchor.folds)]
     strengths = anchor.candidates.strength if quant.strength == "auto" else [quant.strength]
@@ -257,7 +258,8 @@ def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = 
         targets = target_provider(cfg, prepared.pool)
     module = build(cfg.calibration, "calibration")(
         model, suite.adapter(model), solver, suite.tasks, targets=targets, resume=done,
-        selection=selection_loss(prepared, model) if needs.per_step_choice else None)
+        selection=selection_loss(prepared, model, getattr(solver, "select_share", 1.0)) if needs.per_step_choice
+        else None)
     module.label = label
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
@@ -280,11 +282,12 @@ def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = 
     return Calibration(model, module, metrics.history if metrics else [], seconds)
 
 
-def selection_loss(prepared: Prepared, model) -> Callable:
+def selection_loss(prepared: Prepared, model, share: float = 1.0) -> Callable:
     """selection(device) -> the mean NLL of `model` (as it stands when called) on the held-out selection
-    samples: the suite's evaluator over the model, scored without a Trainer (PerTaskEvaluator.mean_loss)."""
+    samples (the first share of each task's): the suite's evaluator over the model, scored without a Trainer
+    (PerTaskEvaluator.mean_loss)."""
     evaluator = prepared.suite.evaluator({t: model for t in prepared.suite.tasks}, "select")
-    loaders = prepared.data.select_dataloader()
+    loaders = prepared.data.select_dataloader(share)
 
     def selection(device) -> float:
         evaluator.to(device)  # the heads; the model itself is already there

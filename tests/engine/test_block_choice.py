@@ -113,6 +113,29 @@ def test_one_candidate_is_plain_epmq_at_that_strength(zoo):
         assert torch.equal(value, plain.model.state_dict()[name]), name
 
 
+def test_a_neighbourhood_scores_the_previous_choice_and_its_neighbours_only(zoo):
+    solver = BlockChoiceEPMQ(CANDIDATES, neighbours=1, **SPEC_ARGS)
+    assert solver.step_candidates(None) == CANDIDATES
+    assert solver.step_candidates(3.0) == [math.inf, 3.0, 0.3] and solver.step_candidates(0.0) == [0.3, 0.0]
+    loss, scored, model_of = held_out_loss(zoo), [], {}
+
+    def selection(device):
+        scored.append(len(model_of["module"].finished))  # the step being chosen
+        return loss(model_of["module"].model)
+
+    module = BlockwiseCalibration(load_state(zoo["merged"]), ADAPTER, solver, TASKS,
+                                  targets=ExpertPool(zoo["root"] / "base", zoo["paths"]), selection=selection)
+    model_of["module"] = module
+    trainer_for(module).fit(module, datamodule=CalibrationData(calibration_set()))
+    (_, first), (_, second) = module.step_strengths
+    assert scored.count(0) == len(CANDIDATES)
+    assert scored.count(1) == len(solver.step_candidates(first)) < len(CANDIDATES)
+    assert second in solver.step_candidates(first)
+    for bad in ({"neighbours": 0}, {"select_share": 0.0}, {"select_share": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            BlockChoiceEPMQ(CANDIDATES, **bad, **SPEC_ARGS)
+
+
 def test_a_block_choice_without_a_selection_is_refused(zoo):
     with pytest.raises(ValueError, match="give BlockwiseCalibration a `selection`"):
         fit(zoo, BlockChoiceEPMQ(CANDIDATES, **SPEC_ARGS))
@@ -129,6 +152,9 @@ def test_the_selection_loss_is_the_evaluators_nll_on_the_selection_samples(tmp_p
     model = prepared.suite.model(prepared.merged_state)
     expected = evaluate(cfg, prepared, model, prepared.data.select_dataloader(), "select/check").nll["avg"]
     assert selection_loss(prepared, model)(torch.device("cpu")) == pytest.approx(expected, rel=1e-5)
+    half = evaluate(cfg, prepared, model, prepared.data.select_dataloader(0.5), "select/half").nll["avg"]
+    assert selection_loss(prepared, model, 0.5)(torch.device("cpu")) == pytest.approx(half, rel=1e-5)
+    assert half != pytest.approx(expected, rel=1e-5)  # the share is the first half of each task's samples
     with torch.no_grad():  # and it follows the model as it stands
         next(model.parameters()).mul_(3.0)
     assert selection_loss(prepared, model)(torch.device("cpu")) != pytest.approx(expected, rel=1e-5)
