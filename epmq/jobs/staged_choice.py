@@ -32,7 +32,7 @@ from epmq.core.anchor_choice import OpenLoopEPMQ, selection_key
 from epmq.io.files import write_json_atomic
 from epmq.io.quantized_layer import QuantizedLayer
 from epmq.jobs.steps import (Prepared, calibrate, candidate_label, phase, run_folder_store, select_scores,
-                             target_provider)
+                             selection_loss, target_provider)
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,8 @@ def shortlist(cfg: DictConfig, prepared: Prepared, candidates: list, rounds: lis
                       "kept": [candidate_label(c) for c in ranked[:spec.keep]],
                       "seconds": time.perf_counter() - t0, **split}
             for c in ranked:
-                log.info("round %d, %s: select %s %.4g, nll %.4f", r + 1, candidate_label(c), prepared.suite.metric,
-                         scores[candidate_label(c)]["select_avg_acc"], scores[candidate_label(c)]["select_avg_nll"])
+                log.info("round %d, %s: select %s", r + 1, candidate_label(c), ", ".join(
+                    f"{k[len('select_avg_'):]} {v:.4f}" for k, v in scores[candidate_label(c)].items()))
             if rank_zero_only.rank == 0:
                 write_json_atomic(out_dir / "calibration" / ROUNDS_FILE, records + [record])
         kept = set(record["kept"])
@@ -190,6 +190,7 @@ def _open_loop_scores(cfg, prepared: Prepared, alive: list, spec: Round, r: int,
     Returns (label -> scores, label -> the pass's Calibration when it calibrated that candidate in full, where
     the time went: the passes' seconds, the part of them spent solving, the scoring's)."""
     scores, passes, split = {}, {}, {"pass_s": 0.0, "solve_s": 0.0, "scoring_s": 0.0}
+    batches = collated(prepared, spec.select_share)
     provider = targets if spec.calib_share == 1 else None  # the full-share pass records what the survivors replay
     for solver in open_loop_solvers(alive, spec.pivot):
         bits = solver.spec.bits
@@ -213,12 +214,27 @@ def _open_loop_scores(cfg, prepared: Prepared, alive: list, spec: Round, r: int,
             if c.strength != solver.pivot:
                 _write(model, names, solver.solutions, c.strength)
             label = candidate_label(c)
-            scores[label] = select_scores(cfg, prepared, model, f"round_{r + 1}/{label}", spec.select_share)
+            scores[label] = round_scores(cfg, prepared, model, f"round_{r + 1}/{label}", spec.select_share, batches)
         split["scoring_s"] += time.perf_counter() - t0
         if solver.pivot is not None and spec.calib_share == 1:
             _write(model, names, solver.solutions, solver.pivot)  # back to the pass's own calibration
             passes[candidate_label(next(c for c in alive if c.form == solver.form and c.strength == solver.pivot))] = calib
     return scores, passes, split
+
+
+def round_scores(cfg, prepared: Prepared, model, label: str, share: float, batches=None) -> dict[str, float]:
+    """A candidate's score in a round: with anchor.select_by=nll and the model on one device, its mean NLL on
+    the selection share computed there without a Trainer, over `batches` (per task, the share's batches collated
+    once for every candidate of the round); else select_scores (accuracy and NLL)."""
+    devices = {p.device for p in model.parameters()}
+    if cfg.anchor.select_by != "nll" or len(devices) != 1:
+        return select_scores(cfg, prepared, model, label, share)
+    return {"select_avg_nll": selection_loss(prepared, model, share, batches)(devices.pop())}
+
+
+def collated(prepared: Prepared, share: float) -> list[list]:
+    """Per task, the batches of the selection share, loaded and collated once (a round scores them many times)."""
+    return [list(loader) for loader in prepared.data.select_dataloader(share)]
 
 
 def _write(model, names: list[str], solutions: list[dict], strength: float) -> None:
@@ -233,6 +249,7 @@ def _sequential_scores(cfg, prepared: Prepared, alive: list, spec: Round, r: int
     """Each candidate calibrated on the calibration share (their targets shared), scored on the selection share.
     Returns (label -> scores, the calibrations' and the scoring's seconds)."""
     scores, split = {}, {"calibration_s": 0.0, "scoring_s": 0.0}
+    batches = collated(prepared, spec.select_share)
     targets = target_provider(cfg, prepared.pool, keep=len(alive) > 1)
     for k, c in enumerate(alive):
         label = candidate_label(c)
@@ -241,8 +258,9 @@ def _sequential_scores(cfg, prepared: Prepared, alive: list, spec: Round, r: int
         calib = calibrate(cfg, prepared, c, label=f"round {r + 1}/{n} · {label} ({k + 1}/{len(alive)})",
                           targets=targets, store=store, share=spec.calib_share)
         t1 = time.perf_counter()
-        scores[label] = store.extra.get("select") or select_scores(cfg, prepared, calib.model,
-                                                                    f"round_{r + 1}/{label}", spec.select_share)
+        scores[label] = store.extra.get("select") or round_scores(cfg, prepared, calib.model,
+                                                                   f"round_{r + 1}/{label}", spec.select_share,
+                                                                   batches)
         split["calibration_s"] += t1 - t0
         split["scoring_s"] += time.perf_counter() - t1
         if rank_zero_only.rank == 0:

@@ -282,12 +282,13 @@ def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = 
     return Calibration(model, module, metrics.history if metrics else [], seconds)
 
 
-def selection_loss(prepared: Prepared, model, share: float = 1.0) -> Callable:
+def selection_loss(prepared: Prepared, model, share: float = 1.0, loaders=None) -> Callable:
     """selection(device) -> the mean NLL of `model` (as it stands when called) on the held-out selection
     samples (the first share of each task's): the suite's evaluator over the model, scored without a Trainer
-    (PerTaskEvaluator.mean_loss)."""
+    (PerTaskEvaluator.mean_loss). loaders: per task, the batches to score instead (e.g. collated once for
+    many candidates)."""
     evaluator = prepared.suite.evaluator({t: model for t in prepared.suite.tasks}, "select")
-    loaders = prepared.data.select_dataloader(share)
+    loaders = prepared.data.select_dataloader(share) if loaders is None else loaders
 
     def selection(device) -> float:
         evaluator.to(device)  # the heads; the model itself is already there

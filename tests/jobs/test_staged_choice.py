@@ -80,7 +80,8 @@ def staged_cfg(tmp_path, zoo_cache, rounds: str, strengths: str = "[0.0,1.0,.inf
 def test_the_kept_model_is_plain_epmq_at_the_chosen_strength(tmp_path, zoo_cache, rounds, strengths):
     strength, records = choice_is_plain_epmq(staged_cfg(tmp_path, zoo_cache, rounds, strengths), tmp_path)
     assert [r["round"] for r in records] == list(range(1, len(records) + 1))
-    assert all(set(s) == {"select_avg_acc", "select_avg_nll"} for r in records for s in r["scores"].values())
+    # rounds score by the NLL alone (anchor.select_by=nll), without a Trainer
+    assert all(set(s) == {"select_avg_nll"} and s["select_avg_nll"] > 0 for r in records for s in r["scores"].values())
     assert f"epmq/output/strength_{strength:g}" in records[-1]["kept"]
 
 
@@ -89,6 +90,9 @@ def test_the_job_reports_its_rounds_and_a_resumed_run_skips_them(tmp_path, zoo_c
     report = run(staged_cfg(tmp_path, zoo_cache, rounds))
     (record,) = report["anchor_rounds"]
     assert record["fidelity"] == "open_loop" and len(record["scores"]) == 3 and len(record["kept"]) == 2
+    # the kept ones are the best two by the round's scores (ties: the stronger anchor)
+    nll = {k: v["select_avg_nll"] for k, v in record["scores"].items()}
+    assert sorted(record["kept"], key=nll.get) == sorted(nll, key=nll.get)[:2]
     assert record["seconds"] > 0 and report["timings"]["rounds_s"] == pytest.approx(record["seconds"])
     assert [s["strength"] for s in report["selection"]] == [float(k.rsplit("_", 1)[1]) for k in record["kept"]]
     assert "chosen on held-out calibration samples" in capsys.readouterr().out
