@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from block_choice_study import _config  # noqa: E402  (scripts/ is on the path when a script runs)
+
 # name -> anchor options; every variant chooses among anchor.candidates.strength of the config
 VARIANTS = {
     # the shared pass on the FP merged model; the best on a quarter of the selection samples is calibrated
@@ -57,21 +59,6 @@ VARIANTS = {
         {"fidelity": "sequential", "calib_share": 0.125, "select_share": 0.25, "keep": 3},
         {"fidelity": "sequential", "calib_share": 0.5, "select_share": 0.5, "keep": 1}]},
 }
-
-
-def _config(overrides: list[str], out: str):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", return_hydra_config=True, overrides=[
-            "logger=none", "trainer.enable_progress_bar=false", "suite.progress=false", *overrides])
-    with open_dict(cfg):
-        cfg.paths.output_dir = out
-        cfg.hydra.runtime.output_dir = out
-    HydraConfig().set_config(cfg)
-    return cfg
 
 
 def half_a_only(data) -> None:
@@ -106,9 +93,10 @@ def study(overrides: list[str], variants: list[str], out: Path) -> None:
     partial = out.with_name(out.name + ".partial")  # renamed when finished: no half-written study file
     with partial.open("w") as f:
         f.write(json.dumps({"overrides": overrides, "gptq_seconds": gptq_seconds}) + "\n")
+        anchor = cfg.anchor
         for name in variants:
-            with open_dict(cfg):
-                cfg.anchor = OmegaConf.merge(cfg.anchor, VARIANTS[name])
+            with open_dict(cfg):  # each variant on the configured anchor options, not on the previous variant's
+                cfg.anchor = OmegaConf.merge(anchor, VARIANTS[name])
             candidates = steps.solvers(cfg.quant, cfg.anchor)
             t0 = time.perf_counter()
             chosen, calib, selection, rounds = choose(cfg, prepared, candidates, rounds_of(cfg.anchor),
@@ -117,6 +105,8 @@ def study(overrides: list[str], variants: list[str], out: Path) -> None:
             b = steps.evaluate(cfg, prepared, calib.model, half_b, "study/select_b")
             test = steps.evaluate(cfg, prepared, calib.model, prepared.data.test_dataloader(), "study/test").results
             f.write(json.dumps({"variant": name, "strength": chosen.strength, "rounds": rounds, "final": selection,
+                                "step_strengths": [s for _, s in calib.module.step_strengths]
+                                if getattr(chosen, "select", "") == "block" else None,
                                 "select_b_avg_acc": b.results["avg"], "select_b_avg_nll": b.nll["avg"],
                                 "test": test, "seconds": seconds, "ratio": seconds / gptq_seconds}) + "\n")
             f.flush()

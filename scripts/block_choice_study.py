@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _config(overrides: list[str]):
-    """The train config with `overrides`, quiet, writing into a temporary folder."""
+def _config(overrides: list[str], out: str | None = None):
+    """The train config with `overrides`, quiet, writing into `out` (default: a new temporary folder)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -48,7 +48,7 @@ def _config(overrides: list[str]):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", return_hydra_config=True, overrides=[
             "logger=none", "trainer.enable_progress_bar=false", "suite.progress=false", *overrides])
-    out = tempfile.mkdtemp(prefix="block_choice_")
+    out = out or tempfile.mkdtemp(prefix="block_choice_")
     with open_dict(cfg):
         cfg.paths.output_dir = out
         cfg.hydra.runtime.output_dir = out
