@@ -1,15 +1,14 @@
 """The automatic anchor choice's calibration time against GPTQ's, side by side in one process.
 
-    python benchmarks/anchor_choice_cost.py                          # the default offline suite: about a minute
-    python benchmarks/anchor_choice_cost.py --world /tmp/b32 --experts 8 --calib-samples 32 --select-samples 64
-                                                                     # ViT-B/32 shapes, 12 blocks, 8 experts
-    python benchmarks/anchor_choice_cost.py --run-level              # also the run-level choice (ten calibrations)
+    python benchmarks/anchor_choice_cost.py --repeats 3             # the default offline suite: about 3 minutes
+    python benchmarks/anchor_choice_cost.py --world /tmp/b32 --experts 8 --calib-samples 32 --select-samples 64 \
+        --no-run-level                                               # ViT-B/32 shapes, 12 blocks, 8 experts
 
 What it runs, in this process, on one prepared suite (merged once): GPTQ's calibration; plain E-PMQ at one
-strength (--strength); the anchor choice as conf/anchor says by default (epmq.jobs.staged_choice.choose: its
-rounds, then the survivors' full calibrations), and with --run-level the choice that calibrates every candidate
-in full (anchor.select=run). Extra Hydra overrides after `--` change the suite or the choice, e.g.
-`-- 'anchor.rounds=[{fidelity: sequential, calib_share: 0.125, keep: 3}]'`.
+strength (--strength); the anchor choice with anchor.select=run (every candidate calibrated in full; skipped with
+--no-run-level), with anchor.select=staged and the configured rounds, and with each --rounds given (YAML lists of
+rounds, e.g. '[{fidelity: open_loop, pivot: 3.0, select_share: 0.25, keep: 1}]'), each through the job's own
+epmq.jobs.staged_choice.choose. Extra Hydra overrides after `--` change the suite or the options.
 
 --world builds (once) the clip suite's inputs at ViT-B/32's shapes as benchmarks/job_memory.py does: a random
 CLIPModel base (12 vision blocks of width 768, 224-pixel images in 32-pixel patches), experts = base + random
@@ -62,7 +61,7 @@ def world_options(args, out: str) -> list[str]:
     tasks = ",".join(f"task{t}" for t in range(args.experts))
     return ["suite=clip", f"suite.base={root}/base", f"suite.experts='{root}/experts/{{task}}'",
             f"suite.datasets='{root}/data/{{task}}'", f"suite.tasks=[{tasks}]", f"suite.cache_dir={out}/cache",
-            "suite.progress=false", "data.test_samples=4"]
+            "data.test_samples=4"]
 
 
 def main(argv=None) -> None:
@@ -73,13 +72,15 @@ def main(argv=None) -> None:
     parser.add_argument("--calib-samples", type=int, default=None, help="data.calib_samples (per task)")
     parser.add_argument("--select-samples", type=int, default=None, help="data.select_samples (per task)")
     parser.add_argument("--strength", type=float, default=1.0, help="λ of the plain E-PMQ row")
-    parser.add_argument("--run-level", action="store_true", help="also time anchor.select=run")
+    parser.add_argument("--no-run-level", action="store_true", help="leave out anchor.select=run (ten calibrations)")
+    parser.add_argument("--rounds", nargs="*", default=[], help="more staged choices to time: anchor.rounds values")
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs of each method")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config (after --)")
     args = parser.parse_args(argv)
 
     import torch
+    import yaml
     from omegaconf import OmegaConf, open_dict
 
     from epmq.core.solvers import GPTQ
@@ -111,22 +112,25 @@ def main(argv=None) -> None:
                 best, detail = seconds, result
         return best, detail
 
-    def choice(anchor):
+    def choice(base, options):
         def run():
             with open_dict(cfg):
-                cfg.anchor = OmegaConf.merge(cfg.anchor, anchor)
+                cfg.anchor = OmegaConf.merge(base, options)
             candidates = steps.solvers(cfg.quant, cfg.anchor)
             chosen, calib, _, records = choose(cfg, prepared, candidates, rounds_of(cfg.anchor),
                                                Path(tempfile.mkdtemp(dir=out)))
             return chosen, calib, records
         return run
 
-    default = OmegaConf.to_container(cfg.anchor, resolve=True)
+    anchor = cfg.anchor
     rows = [("gptq", lambda: steps.calibrate(cfg, prepared, GPTQ(**spec))),
-            (f"epmq λ={args.strength:g}", lambda: steps.calibrate(cfg, prepared, fixed(args.strength))),
-            (f"epmq, anchor.select={default['select']}", choice(default))]
-    if args.run_level:
-        rows.append(("epmq, anchor.select=run", choice({"select": "run"})))
+            (f"epmq λ={args.strength:g}", lambda: steps.calibrate(cfg, prepared, fixed(args.strength)))]
+    if not args.no_run_level:
+        rows.append(("epmq, select=run", choice(anchor, {"select": "run"})))
+    rows.append(("epmq, select=staged", choice(anchor, {"select": "staged"})))
+    for k, rounds in enumerate(args.rounds):
+        rows.append((f"epmq, select=staged ({k + 1})", choice(anchor, {"select": "staged", "rounds": yaml.safe_load(rounds)})))
+        print(f"staged ({k + 1}): anchor.rounds={rounds}")
     print(f"suite: {cfg.suite._target_.rsplit('.', 1)[-1]}, {len(prepared.suite.tasks)} tasks, "
           f"{cfg.data.calib_samples} calibration and {cfg.data.select_samples} selection samples per task, "
           f"{cfg.quant.bits} bits, {torch.get_num_threads()} thread(s)")
@@ -134,15 +138,15 @@ def main(argv=None) -> None:
     for name, method in rows:
         seconds, detail = timed(method)
         gptq_seconds = gptq_seconds or seconds
-        line = f"{name:32s} {seconds:8.1f} s  {seconds / gptq_seconds:5.2f}x GPTQ"
+        line = f"{name:28s} {seconds:8.1f} s  {seconds / gptq_seconds:5.2f}x GPTQ"
         if isinstance(detail, tuple):
             chosen, calib, records = detail
             line += f"   kept λ = {chosen.strength:g}"
             for record in records:
                 split = ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in record.items() if k.endswith("_s"))
-                line += f"\n{'':34s}round {record['round']} ({record['fidelity']}): {record['seconds']:.1f} s ({split})"
+                line += f"\n{'':30s}round {record['round']} ({record['fidelity']}): {record['seconds']:.1f} s ({split})"
             rest = seconds - sum(r["seconds"] for r in records)
-            line += f"\n{'':34s}after the rounds (final calibrations and their scoring): {rest:.1f} s"
+            line += f"\n{'':30s}after the rounds (final calibrations and their scoring): {rest:.1f} s"
         print(line, flush=True)
 
 
