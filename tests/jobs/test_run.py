@@ -137,6 +137,7 @@ def test_options_without_a_value_are_all_named_in_one_error(tmp_path, zoo_cache)
         run(cfg)
 
 
+@pytest.mark.slow  # several train.py processes: 15 s
 def test_command_line_errors_are_one_line_with_a_nonzero_status(tmp_path, zoo_cache):
     """At the command line a bad option prints one line and exits 1; HYDRA_FULL_ERROR=1 shows the stack."""
     def train(*overrides, **env):
