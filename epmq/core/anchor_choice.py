@@ -31,6 +31,13 @@ SELECT = ("run", "staged", "block", "layer")  # how `strength: auto` chooses
 SELECT_BY = ("nll", "acc")          # what a run-level or per-step choice compares on the selection samples
 
 
+def check_share(value, name: str) -> float:
+    """A share of the calibration or selection samples, in (0, 1]; ValueError naming the option otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
 def candidate_grid(strengths, forms) -> list[tuple[float, str]]:
     """(strength, form) pairs to calibrate, strongest first. λ = inf (W* = W_m) and λ = 0 are the same model
     whatever the form: tried once, in the first form. ValueError on an empty list or a bad strength."""
@@ -188,9 +195,7 @@ class BlockChoiceEPMQ(ChosenEPMQ):
         if neighbours is not None and (isinstance(neighbours, bool) or not isinstance(neighbours, int)
                                        or neighbours < 1):
             raise ValueError(f"neighbours must be null or an integer >= 1, got {neighbours!r}")
-        if isinstance(select_share, bool) or not isinstance(select_share, (int, float)) or not 0 < select_share <= 1:
-            raise ValueError(f"select_share must be in (0, 1], got {select_share!r}")
-        self.neighbours, self.select_share = neighbours, float(select_share)
+        self.neighbours, self.select_share = neighbours, check_share(select_share, "select_share")
 
     @property
     def requirements(self) -> Requirements:
@@ -256,8 +261,7 @@ class OpenLoopEPMQ(ChosenEPMQ):
     def targets(self, W_m: torch.Tensor, stats) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(W*(λ) (out, in), H to round it under (in, in)) per candidate, in candidate order."""
         H, C, residual = stats.H, stats.C, stats.residual
-        finite = [c for c in self.candidates if not math.isinf(c)]
-        if self.form != "output" or not finite:
+        if self.form != "output" or all(math.isinf(c) for c in self.candidates):
             return [self.plain.anchored(W_m, H, C, residual, lam) for lam in self.candidates]
         W0 = self.plain.anchored(W_m, H, C, residual, 0.0)[0]
         delta = W0 - W_m.to(W0)

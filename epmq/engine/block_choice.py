@@ -31,7 +31,8 @@ class StepChoice:
     """Scores and keeps one candidate per step.
 
     Args:
-        chooser: the solver declaring the choice: `candidates` (strongest first) and `at(λ)` -> a plain solver.
+        chooser: the solver declaring the choice: `step_candidates(previous choice)` -> the λ a step scores
+            (strongest first) and `at(λ)` -> a plain solver.
         selection: selection(device) -> the mean loss of the model as it stands on the selection samples.
         adapter, model: where the blocks before the step's block are found (to record and replay them).
         placement: the device and the sum over ranks (every rank must keep the same candidate).
@@ -49,8 +50,7 @@ class StepChoice:
         each candidate is solved from the merged weights, scored, and the best one written back. Each layer's
         metrics gain anchor_strength and select_nll (the chosen model's loss)."""
         merged = {name: block.get_submodule(name).weight.detach().clone() for name in step.layers}
-        step_candidates = getattr(self.chooser, "step_candidates", None)
-        candidates = step_candidates(self.previous) if step_candidates else self.chooser.candidates
+        candidates = self.chooser.step_candidates(self.previous)
         best = None
         for k, strength in enumerate(candidates):
             progress(f"scoring λ = {strength:g} ({k + 1}/{len(candidates)})")

@@ -36,6 +36,8 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchmetrics import Metric
 
+from epmq.core.anchor_choice import check_share
+
 
 def saved_task_dir(root: Path, task: str) -> Path | None:
     """The DatasetDict of `task` saved under root with save_to_disk: <root>/<task>, else <root>/data/<task> (a
@@ -69,9 +71,7 @@ def check_integers(**options: tuple[object, int]) -> None:
 
 def shared(n: int, share: float) -> int:
     """⌈share · n⌉ samples (at least one of n > 0); ValueError unless 0 < share <= 1."""
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-        raise ValueError(f"a share of the samples must be in (0, 1], got {share!r}")
-    return min(n, max(1, math.ceil(share * n)))
+    return min(n, max(1, math.ceil(check_share(share, "a share of the samples") * n)))
 
 
 def loader_workers(num_workers: int | str) -> int:

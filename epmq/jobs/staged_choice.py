@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from epmq.core.anchor import parse_strength
-from epmq.core.anchor_choice import OpenLoopEPMQ, selection_key
+from epmq.core.anchor_choice import OpenLoopEPMQ, check_share, selection_key
 from epmq.io.files import write_json_atomic
 from epmq.io.quantized_layer import QuantizedLayer
 from epmq.jobs.steps import (Prepared, calibrate, candidate_label, phase, run_folder_store, select_scores,
@@ -78,9 +78,7 @@ def rounds_of(anchor: DictConfig) -> list[Round]:
         if r.fidelity not in FIDELITIES:
             raise ValueError(f"{where}.fidelity must be one of {FIDELITIES}, got {r.fidelity!r}")
         for name in ("calib_share", "select_share"):
-            value = getattr(r, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise ValueError(f"{where}.{name} must be in (0, 1], got {value!r}")
+            check_share(getattr(r, name), f"{where}.{name}")
         if isinstance(r.keep, bool) or not isinstance(r.keep, int) or r.keep < 1:
             raise ValueError(f"{where}.keep must be an integer >= 1, got {r.keep!r}")
         if r.pivot is not None and (r.fidelity != "open_loop" or k > 0):
@@ -190,7 +188,7 @@ def _open_loop_scores(cfg, prepared: Prepared, alive: list, spec: Round, r: int,
     Returns (label -> scores, label -> the pass's Calibration when it calibrated that candidate in full, where
     the time went: the passes' seconds, the part of them spent solving, the scoring's)."""
     scores, passes, split = {}, {}, {"pass_s": 0.0, "solve_s": 0.0, "scoring_s": 0.0}
-    batches = collated(prepared, spec.select_share)
+    batches = collated(cfg, prepared, spec.select_share)
     provider = targets if spec.calib_share == 1 else None  # the full-share pass records what the survivors replay
     for solver in open_loop_solvers(alive, spec.pivot):
         bits = solver.spec.bits
@@ -207,9 +205,8 @@ def _open_loop_scores(cfg, prepared: Prepared, alive: list, spec: Round, r: int,
         log.info("shared pass: %d layers, %d candidates each, in %.1f s (%.1f s of it solving)", len(names),
                  len(solver.candidates), time.perf_counter() - t0, solver.seconds)
         model, t0 = calib.model, time.perf_counter()
-        order = [c for c in alive if c.form == solver.form and c.strength != solver.pivot]
-        if solver.pivot is not None:  # the model holds the pivot's own calibration: score it first, as it is
-            order = [c for c in alive if c.form == solver.form and c.strength == solver.pivot] + order
+        # the model holds the pivot's own calibration: it is scored first, as it is (a stable sort)
+        order = sorted((c for c in alive if c.form == solver.form), key=lambda c: c.strength != solver.pivot)
         for c in order:
             if c.strength != solver.pivot:
                 _write(model, names, solver.solutions, c.strength)
@@ -218,7 +215,7 @@ def _open_loop_scores(cfg, prepared: Prepared, alive: list, spec: Round, r: int,
         split["scoring_s"] += time.perf_counter() - t0
         if solver.pivot is not None and spec.calib_share == 1:
             _write(model, names, solver.solutions, solver.pivot)  # back to the pass's own calibration
-            passes[candidate_label(next(c for c in alive if c.form == solver.form and c.strength == solver.pivot))] = calib
+            passes[candidate_label(order[0])] = calib
     return scores, passes, split
 
 
@@ -232,8 +229,11 @@ def round_scores(cfg, prepared: Prepared, model, label: str, share: float, batch
     return {"select_avg_nll": selection_loss(prepared, model, share, batches)(devices.pop())}
 
 
-def collated(prepared: Prepared, share: float) -> list[list]:
-    """Per task, the batches of the selection share, loaded and collated once (a round scores them many times)."""
+def collated(cfg, prepared: Prepared, share: float) -> list[list] | None:
+    """Per task, the batches of the selection share, loaded and collated once (a round scores them many times);
+    None when round_scores goes through select_scores, which loads its own (anchor.select_by=acc)."""
+    if cfg.anchor.select_by != "nll":
+        return None
     return [list(loader) for loader in prepared.data.select_dataloader(share)]
 
 
@@ -249,7 +249,7 @@ def _sequential_scores(cfg, prepared: Prepared, alive: list, spec: Round, r: int
     """Each candidate calibrated on the calibration share (their targets shared), scored on the selection share.
     Returns (label -> scores, the calibrations' and the scoring's seconds)."""
     scores, split = {}, {"calibration_s": 0.0, "scoring_s": 0.0}
-    batches = collated(prepared, spec.select_share)
+    batches = collated(cfg, prepared, spec.select_share)
     targets = target_provider(cfg, prepared.pool, keep=len(alive) > 1)
     for k, c in enumerate(alive):
         label = candidate_label(c)

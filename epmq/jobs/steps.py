@@ -258,8 +258,7 @@ def calibrate(cfg: DictConfig, prepared: Prepared, solver, state: dict | None = 
         targets = target_provider(cfg, prepared.pool)
     module = build(cfg.calibration, "calibration")(
         model, suite.adapter(model), solver, suite.tasks, targets=targets, resume=done,
-        selection=selection_loss(prepared, model, getattr(solver, "select_share", 1.0)) if needs.per_step_choice
-        else None)
+        selection=selection_loss(prepared, model, solver.select_share) if needs.per_step_choice else None)
     module.label = label
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
