@@ -183,8 +183,14 @@ class PerTaskDataModule(L.LightningDataModule):
                   [Subset(ds, range(len(ds) // 2, len(ds))) for ds in self._select])
         return tuple([self._loader(ds, batch_size=self.eval_batch_size) for ds in half] for half in halves)
 
+    @property
+    def held_out(self) -> bool:
+        """Whether the tasks have held-out samples to score (False: e.g. a causal LM calibrated on a text file)."""
+        self.setup()
+        return bool(self._test)
+
     def test_dataloader(self) -> list[DataLoader]:
-        """One loader per task (task order) over its held-out samples."""
+        """One loader per task (task order) over its held-out samples (none when `held_out` is False)."""
         self.setup()
         return [self._loader(ds, batch_size=self.eval_batch_size) for ds in self._test]
 

@@ -46,9 +46,10 @@ class ExpertPool:
 
     Args:
         base: the reference for keys/shapes/dtypes: a folder / file / hub id, an nn.Module, or a
-            state dict.
-        experts: task name -> folder / file / hub id of the expert fine-tuned on that task.
-        merged: optional merged model (same kinds as base).
+            state dict; None: `merged` is the reference (one model to quantize, nothing to merge).
+        experts: task name -> folder / file / hub id of the expert fine-tuned on that task; empty or
+            None: no experts (then nothing can be merged, and no solver that reads experts can run).
+        merged: optional merged model (same kinds as base); needed when base is None.
         allow_pickle: permit full unpickling of .bin/.pt files that torch.load(weights_only=True)
             refuses. Off by default: such files can run code when loaded.
         check_finite: read every expert tensor once up front and refuse NaN/Inf weights.
@@ -64,12 +65,16 @@ class ExpertPool:
     with merged_state_dict() as before.
     """
 
-    def __init__(self, base, experts: Mapping[str, object], merged=None, allow_pickle: bool = False,
+    def __init__(self, base, experts: Mapping[str, object] | None, merged=None, allow_pickle: bool = False,
                  check_finite: bool = True):
-        if not isinstance(experts, Mapping) or not experts:
-            raise ValueError("experts must be a non-empty mapping task -> path or hub id")
+        experts = {} if experts is None else experts
+        if not isinstance(experts, Mapping):
+            raise ValueError("experts must be a mapping task -> path or hub id")
+        if base is None and merged is None:
+            raise ValueError("the pool needs a base model or a merged model")
         self.allow_pickle = allow_pickle
-        self._base_sd, self._base_ckpt = self._open(base, "base")
+        self.has_base = base is not None
+        self._base_sd, self._base_ckpt = self._open(base, "base") if self.has_base else self._open(merged, "merged")
         self.base_meta = self._meta(self._base_sd, self._base_ckpt)  # key -> (shape, dtype)
         self.experts: dict[str, WeightFiles] = {}
         self._maps: dict[str, dict[str, str]] = {}  # task -> base key -> key in file
@@ -79,8 +84,11 @@ class ExpertPool:
             self.experts[task] = ckpt
             if check_finite:
                 self._check_finite(ckpt, self._maps[task])
-        self._merged_sd, self._merged_ckpt = (None, None) if merged is None else self._open(merged, "merged")
-        self._merged_map = None if self._merged_ckpt is None else self._validate(self._merged_ckpt, "merged")
+        if not self.has_base:  # the merged model is the reference itself: its own keys
+            self._merged_sd, self._merged_ckpt, self._merged_map = self._base_sd, self._base_ckpt, None
+        else:
+            self._merged_sd, self._merged_ckpt = (None, None) if merged is None else self._open(merged, "merged")
+            self._merged_map = None if self._merged_ckpt is None else self._validate(self._merged_ckpt, "merged")
 
     # -- opening and validating ----------------------------------------------------------
     def _open(self, source, what):
@@ -140,7 +148,12 @@ class ExpertPool:
         return list(self.base_meta)
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
+        self._need_base()
         return self._load(self._base_sd, self._base_ckpt, None, self.keys())
+
+    def _need_base(self) -> None:
+        if not self.has_base:
+            raise ValueError("the pool holds no base model (suite.base): it was given a merged model alone")
 
     def merged_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The merged model's weights when the pool was given one, else None."""
@@ -164,6 +177,7 @@ class ExpertPool:
         """The base as a read-only Mapping: a LazyStateDict when it is a file; a read-only view of the
         in-memory state dict (no copy: merges never write into their inputs) when it was given as
         an nn.Module or a state dict."""
+        self._need_base()
         if self._base_sd is not None:
             return MappingProxyType(self._base_sd)
         return LazyStateDict(self._base_ckpt, {k: k for k in self.base_meta})
@@ -177,6 +191,8 @@ class ExpertPool:
         Returns a new state dict in the base's key space, order and dtypes.
         """
         tasks = self.tasks if tasks is None else list(tasks)
+        if not tasks:
+            raise ValueError("the pool holds no experts to merge (suite.experts)")
         return merger(self.lazy_base(), {t: self.lazy_expert(t) for t in tasks})
 
     def expert_subset(self, task: str, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:

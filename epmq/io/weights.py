@@ -30,6 +30,11 @@ FOLDER_FILES = ("model.safetensors.index.json", "model.safetensors",
 SAVED_BUFFERS = (".position_ids",)
 
 
+# a hub model's files that epmq reads: configs, weights, and the tokenizer's files (a sentencepiece model, BPE merges,
+# a chat template saved as chat_template.jinja), so that a causal LM's tokenizer and its chat template come along
+MODEL_FILES = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja"]
+
+
 def resolve_source(source, what: str = "model source") -> Path:
     """Local path of a model source: an existing file/folder, or a hub id downloaded to the HF cache.
 
@@ -39,7 +44,7 @@ def resolve_source(source, what: str = "model source") -> Path:
     if path is not None:
         return path
     if isinstance(source, str) and is_hub_id(source):  # fails within seconds, naming the id, when the hub is silent
-        return snapshot(source, allow_patterns=["*.json", "*.safetensors", "*.bin"], what=what)
+        return snapshot(source, allow_patterns=MODEL_FILES, what=what)
     raise ValueError(f"{what} '{source}' does not exist (not a file, folder or hub id)")
 
 

@@ -48,9 +48,9 @@ from epmq.families.base import suite_class
 from epmq.io.files import write_json_atomic
 from epmq.io.fingerprint import resume_refusal
 from epmq.jobs import compare_report
-from epmq.jobs.steps import (calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to, phase,
-                             prepare, quiet_libraries, resolved_config, select_half_scores, select_scores, solvers,
-                             target_provider)
+from epmq.jobs.steps import (Needs, calibrate, claim_run_folder, evaluate, evaluate_experts, layer_losses, logging_to,
+                             phase, prepare, quiet_libraries, resolved_config, select_half_scores, select_scores,
+                             solvers, target_provider)
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def compare(cfg: DictConfig) -> dict:
     quiet_libraries(cfg.log_http)
     plan = compare_plan(cfg)
     out_dir = Path(cfg.paths.output_dir)
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, Needs(experts="experiment=compare scores the experts and the methods that read them"))
     with logging_to(prepared.loggers):
         return _compare(cfg, prepared, plan, out_dir, start)
 

@@ -1,12 +1,15 @@
 """quantize(cfg): the main job behind `python train.py` (`job._target_: epmq.jobs.quantize.quantize`).
 
     1. check the quantization options (before any long work)
-    2. the suite: base, experts, tasks, data; the pool validates every expert file; merge
-    3. evaluate the experts (each on its own task) and the FP merged model
+    2. the suite: base, experts, tasks, data; the pool validates every expert file; merge (or the one model
+       brought with merge=none suite.merged=..., without base or experts when the solver reads none)
+    3. evaluate the experts (each on its own task) and the FP merged model (evaluate_references; auto: when
+       there are experts)
     4. calibrate the merged model step by step (RTN, GPTQ or E-PMQ); with `strength: auto` or
        `form: auto`, choose the anchor on held-out calibration samples (never test data): once per
        candidate (anchor.select=run), or after rounds at low fidelity (staged; epmq.jobs.staged_choice)
-    5. evaluate the quantized model; print the table, write report.json, save the model
+    5. evaluate the quantized model (when the data holds held-out samples); print the table, write report.json,
+       save the model
 
 Every finished calibration step is saved in the run folder (calibration/<candidate>/), so that
 `python train.py <same options> resume=<run folder>` continues a killed run where it stopped.
@@ -27,7 +30,7 @@ from epmq.io.export import check_exportable, checkpoint_size, chosen_format, sav
 from epmq.io.files import write_json_atomic
 from epmq.jobs.report import accuracy_table
 from epmq.jobs.staged_choice import choose, open_loop_solvers, rounds_of
-from epmq.jobs.steps import (calibration_record, candidate_label, claim_run_folder, evaluate, evaluate_experts,
+from epmq.jobs.steps import (Needs, calibration_record, candidate_label, claim_run_folder, evaluate, evaluate_experts,
                              logging_to, phase, prepare, quiet_libraries, resolved_config, solvers)
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,8 @@ log = logging.getLogger(__name__)
 def quantize(cfg: DictConfig) -> dict:
     """Merge, quantize and evaluate as `cfg` says; returns the report (also written to report.json).
 
-    The report's "objective" is the quantized model's average test accuracy, for sweepers.
+    The report's "objective" is the quantized model's average test metric, for sweepers (None when the data
+    holds no held-out samples: then nothing is evaluated).
     """
     start = time.perf_counter()
     quiet_libraries(cfg.log_http)
@@ -49,21 +53,52 @@ def quantize(cfg: DictConfig) -> dict:
                          f"row of experiment=compare, not a job of its own")
     if cfg.save_model:  # refused now, not after the calibration
         check_exportable(cfg.quant.bits, chosen_format(cfg.checkpoint_format, cfg.quant.sym))
+    if cfg.evaluate_references not in REFERENCES:
+        raise ValueError(f"evaluate_references must be one of {REFERENCES}, got {cfg.evaluate_references!r}")
     out_dir = Path(cfg.paths.output_dir)
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, needs_of(candidates))
     with logging_to(prepared.loggers):
         return _quantize(cfg, prepared, candidates, rounds, out_dir, start)
 
 
+REFERENCES = (True, False, "auto")
+
+
+def needs_of(candidates: list) -> Needs:
+    """What the solvers read besides the model they quantize: E-PMQ the experts (and the base to extrapolate);
+    a choice among several candidates, or per step, the selection samples."""
+    needs = [s.requirements for s in candidates]
+    name = "E-PMQ" if candidates[0].name == "epmq" else candidates[0].name
+    return Needs(experts=f"{name} needs the experts, its anchor is their outputs (quant=gptq or quant=rtn "
+                         f"quantize one model without them)" if any(r.targets for r in needs) else "",
+                 base=f"{name} reads the base model's layers (quant.extrapolate)" if any(r.base for r in needs) else "",
+                 selection=len(candidates) > 1 or any(r.per_step_choice for r in needs))
+
+
+def references_asked(cfg, prepared) -> bool:
+    """evaluate_references: true, false, or auto (when the suite has experts: one model quantized without them
+    is scored alone unless asked). True needs held-out samples to score them on."""
+    asked = bool(prepared.pool.tasks) if cfg.evaluate_references == "auto" else cfg.evaluate_references
+    if asked and not prepared.data.held_out:
+        if cfg.evaluate_references is True:
+            raise ValueError("evaluate_references=true needs held-out samples, and the data holds none (e.g. a "
+                             "causal LM's calibration file: give a dataset with a held-out split)")
+        return False
+    return asked
+
+
 def _quantize(cfg, prepared, candidates, rounds, out_dir: Path, start: float) -> dict:
     suite, data = prepared.suite, prepared.data
+    references = references_asked(cfg, prepared)
     claim_run_folder(out_dir, prepared, resume=cfg.get("resume"))
     timings = {"setup_s": time.perf_counter() - start}
     metrics: dict[str, dict[str, float]] = {}
-    if cfg.evaluate_references:
+    if references:
         t0 = time.perf_counter()
-        with phase("references (each expert on its task, the FP merge)"):
-            metrics["experts"] = evaluate_experts(cfg, prepared)
+        what = "each expert on its task, the FP merge" if prepared.pool.tasks else "the FP model"
+        with phase(f"references ({what})"):
+            if prepared.pool.tasks:
+                metrics["experts"] = evaluate_experts(cfg, prepared)
             metrics["merged"] = evaluate(cfg, prepared, suite.model(prepared.merged_state), data.test_dataloader(),
                                          "merged/test").results
         timings["reference_eval_s"] = time.perf_counter() - t0
@@ -76,15 +111,20 @@ def _quantize(cfg, prepared, candidates, rounds, out_dir: Path, start: float) ->
     log.info("calibration done in %.1f s; kept %s", timings["calibration_s"], candidate_label(chosen))
 
     t0 = time.perf_counter()
-    metrics["quantized"] = evaluate(cfg, prepared, calib.model, data.test_dataloader(), "test").results
+    if data.held_out:
+        metrics["quantized"] = evaluate(cfg, prepared, calib.model, data.test_dataloader(), "test").results
+    else:
+        log.info("no held-out samples in the data (a text file, a list of samples, a dataset without a held-out "
+                 "split): the quantized model's %s is not evaluated; report.json's objective is null", suite.metric)
     extra_metrics = suite.extra_evaluation(calib.model)  # e.g. lm-eval tasks of a causal LM
     timings["quantized_eval_s"] = time.perf_counter() - t0
-    log.info("quantized model evaluated in %.1f s", timings["quantized_eval_s"])
+    if metrics.get("quantized") or extra_metrics:
+        log.info("quantized model evaluated in %.1f s", timings["quantized_eval_s"])
     timings["total_s"] = time.perf_counter() - start
 
     described = chosen.describe()
     report = {
-        "objective": metrics["quantized"]["avg"],
+        "objective": metrics["quantized"]["avg"] if "quantized" in metrics else None,
         "suite": suite.describe(),
         "method": described["method"],
         "metric": suite.metric,
@@ -113,13 +153,16 @@ def publish(cfg, report: dict, suite, calib, out_dir: Path) -> None:
     beside it (suite.save_companions)."""
     tasks = suite.tasks
     metrics = report["metrics"]
-    names = {"experts": "experts (each on its task)", "merged": "merged (FP)",
+    names = {"experts": "experts (each on its task)", "merged": "merged (FP)" if "experts" in metrics else "FP model",
              "quantized": f"{report['method']} {report['quant']['spec']['bits']}-bit"}
-    table = accuracy_table({names[k]: v for k, v in metrics.items()}, tasks, scale=report["metric_scale"])
     chosen = report["quant"]
     unit = " (%)" if report["metric_scale"] == 100 else ""
-    print(f"\n{suite.metric}{unit}, {'higher' if suite.higher_is_better else 'lower'} is better; avg: the mean over "
-          f"tasks\n{table}\n")
+    if metrics:
+        table = accuracy_table({names[k]: v for k, v in metrics.items()}, tasks, scale=report["metric_scale"])
+        print(f"\n{suite.metric}{unit}, {'higher' if suite.higher_is_better else 'lower'} is better; avg: the mean "
+              f"over tasks\n{table}\n")
+    else:
+        print(f"\nno held-out samples: no {suite.metric} evaluated\n")
     if report["method"] == "epmq" and chosen.get("select") == "layer":
         counts = Counter(chosen["layer_strengths"].values())
         print(f"anchor: form {chosen['form']}, strength chosen per layer by {chosen['folds']}-fold cross-validation "

@@ -153,7 +153,21 @@ def candidate_label(solver) -> str:
 
 
 # -- preparing ------------------------------------------------------------------------------------
-def prepare(cfg: DictConfig) -> Prepared:
+@dataclass(frozen=True)
+class Needs:
+    """What a job's calibrations need beyond the model to quantize, known before the suite is built.
+
+    experts / base: what needs suite.experts / suite.base, in words for the refusal ('' : nothing does).
+    selection: held-out selection samples (an anchor choice); without it none are drawn (data.select_samples
+    is not used), so that all the text a user brings can calibrate.
+    """
+
+    experts: str = ""
+    base: str = ""
+    selection: bool = True
+
+
+def prepare(cfg: DictConfig, needs: Needs = Needs()) -> Prepared:
     """Seed, then the suite, the expert pool (every file validated), the data (options and splits
     checked), the merged weights and the loggers: every check before the merge, the long part."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -162,13 +176,19 @@ def prepare(cfg: DictConfig) -> Prepared:
     suite = build(cfg.suite, "suite")
     if not isinstance(suite, Suite):
         raise ValueError(f"suite._target_={cfg.suite._target_} is not an epmq.families.base.Suite")
+    check_models(cfg, suite, needs)
     pool = ExpertPool(suite.base, suite.experts, merged=suite.merged)
+    options = OmegaConf.to_container(cfg.data, resolve=True)
+    if not needs.selection and options.get("select_samples"):
+        log.info("no anchor choice: no selection samples drawn (data.select_samples=%s unused)",
+                 options["select_samples"])
+        options["select_samples"] = 0
     try:
-        data = suite.datamodule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
+        data = suite.datamodule(**options, seed=cfg.seed)
         data.setup("fit")
     except ValueError as e:
         raise ValueError(_in("data", e)) from None
-    log.info("suite, %d experts (files, keys, shapes, values) and data checked in %.1f s", len(suite.tasks),
+    log.info("suite, %d experts (files, keys, shapes, values) and data checked in %.1f s", len(pool.tasks),
              time.perf_counter() - t0)
     with phase("merge"):
         merged_state = merge(cfg, pool, suite)
@@ -176,6 +196,23 @@ def prepare(cfg: DictConfig) -> Prepared:
     prepared.fingerprint = run_fingerprint(resolved_config(cfg), prepared)
     prepared.loggers = make_loggers(cfg)
     return prepared
+
+
+def check_models(cfg: DictConfig, suite, needs: Needs) -> None:
+    """One line naming each model option the run lacks, before anything is loaded: a merge needs suite.base and
+    suite.experts, merge=none needs suite.merged, and `needs` says what the calibrations read besides."""
+    merging = bool(cfg.merge and "_target_" in cfg.merge)
+    if not merging and suite.merged is None:
+        raise ValueError("merge=none needs a merged model: set suite.merged to its folder or hub id")
+    reasons = {"suite.base": needs.base, "suite.experts": needs.experts}
+    if merging:
+        reasons = {k: f"merge._target_={cfg.merge._target_} merges the experts into their base (to quantize one "
+                      f"model: merge=none suite.merged=<folder or hub id> quant=gptq)" for k in reasons}
+    given = {"suite.base": suite.base is not None, "suite.experts": bool(suite.experts)}
+    missing = [name for name, why in reasons.items() if why and not given[name]]
+    if missing:
+        why = "; ".join(dict.fromkeys(reasons[name] for name in missing))
+        raise ValueError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: {why}")
 
 
 def merge(cfg: DictConfig, pool: ExpertPool, suite) -> dict[str, torch.Tensor]:

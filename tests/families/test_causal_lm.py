@@ -132,7 +132,8 @@ def test_bad_causal_lm_options_are_refused_by_name(llm_zoo, zoo_cache, tmp_path)
     for override, match in (("suite.dtype=int8", "suite.dtype"), ("suite.text_columns=body", "text column 'body'"),
                             ("suite.perplexity=wikitext", "suite.perplexity must be one of"),
                             (f"suite.base={llm_zoo / 'nowhere'}", "does not exist"),
-                            ("suite.seq_len=4096", "fewer than calib_samples")):
+                            ("suite.seq_len=4096", "gives 0 windows of suite.seq_len = 4096 tokens, fewer than "
+                                                   "data.calib_samples")):
         with pytest.raises(ValueError, match=match):
             run(make_cfg(tmp_path, zoo_cache, *options(llm_zoo, override)))
 

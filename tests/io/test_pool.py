@@ -72,6 +72,22 @@ def test_base_and_experts_from_modules_files_and_shards(zoo, tmp_path):
     assert torch.equal(pool.merged_state_dict()["post_layernorm.bias"], zoo["merged"]["post_layernorm.bias"])
 
 
+def test_a_merged_model_alone_is_its_own_reference(zoo, tmp_path):
+    """One model to quantize, no base and no experts: its own keys, and nothing to merge or extrapolate from."""
+    single = tmp_path / "merged.safetensors"
+    save_file(_sd(zoo["experts"]["svhn"]), str(single))
+    pool = ExpertPool(None, None, merged=single)
+    merged, expected = pool.merged_state_dict(), _sd(zoo["experts"]["svhn"])
+    assert pool.tasks == [] and merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    with pytest.raises(ValueError, match="no base model"):
+        pool.base_state_dict()
+    with pytest.raises(ValueError, match="no experts to merge"):
+        pool.merge(SimpleAverage())
+    with pytest.raises(ValueError, match="a base model or a merged model"):
+        ExpertPool(None, {"svhn": single})
+
+
 def test_wrapper_prefix_of_older_checkpoints_is_matched(zoo, tmp_path):
     """transformers 4 saved CLIPVisionModel keys as 'vision_model.*'; transformers 5 has none."""
     old = tmp_path / "old.safetensors"

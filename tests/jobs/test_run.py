@@ -132,8 +132,12 @@ def test_bad_options_fail_fast_naming_the_option(tmp_path, zoo_cache, override, 
 
 def test_options_without_a_value_are_all_named_in_one_error(tmp_path, zoo_cache):
     cfg = make_cfg(tmp_path, zoo_cache, "suite=causal_lm", "merge=none", "suite.merged=/nowhere", "quant=gptq")
-    with pytest.raises(ValueError, match=r"^suite\.base, suite\.datasets, suite\.experts are not set and have no "
-                                         r"default: give them on the command line \(e\.g\. suite\.base=\.\.\.\)$"):
+    with pytest.raises(ValueError, match=r"^suite\.datasets is not set and has no default: give it on the command "
+                                         r"line \(e\.g\. suite\.datasets=\.\.\.\)$"):
+        run(cfg)  # one model to quantize: no base, no experts, only its calibration text is missing
+    cfg = make_cfg(tmp_path, zoo_cache, "suite=causal_lm", "suite.tokenizer=???", "suite.merged=/nowhere")
+    with pytest.raises(ValueError, match=r"^suite\.datasets, suite\.tokenizer are not set and have no "
+                                         r"default: give them on the command line \(e\.g\. suite\.datasets=\.\.\.\)$"):
         run(cfg)
 
 

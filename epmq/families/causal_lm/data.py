@@ -18,8 +18,11 @@ The test windows follow one of two protocols (`perplexity`):
     packed   as the calibration windows: each text tokenised alone, EOS after every text
 
 Batches: {"input_ids": (B, seq_len) int64, "attention_mask": (B, seq_len) ones, "task": (B,)}; every
-calibration batch holds one task's windows. Datasets come from a hub id (`datasets.load_dataset`) or
-a folder written by `DatasetDict.save_to_disk`, one source per task, with a text column per task.
+calibration batch holds one task's windows. Text comes from a .txt or .jsonl file, a list of strings, a hub
+dataset id or a `save_to_disk` folder, one source per task (epmq.families.causal_lm.sources). A task needs
+calib_samples + select_samples full windows of train text (ValueError saying how many its text gives). Files
+and lists hold no held-out text: then no task has test windows (`held_out` is False) and nothing is scored on
+perplexity; a run's tasks have held-out text all or none.
 """
 
 from __future__ import annotations
@@ -27,35 +30,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from datasets import DatasetDict, load_from_disk
 from torch.utils.data import Dataset
 
+from epmq.families.causal_lm.sources import load_text
 from epmq.families.tasks import PerTaskDataModule, check_integers, task_generator
-from epmq.io.hub import load_dataset, local_path, written_as_path
-
-
-def load_text_dataset(source: str, split_names: Sequence[str]) -> DatasetDict:
-    """A DatasetDict from a save_to_disk folder, or a hub id with an optional config after a colon
-    ("Salesforce/wikitext:wikitext-2-raw-v1"); ValueError naming the source otherwise."""
-    path = local_path(source)
-    if path is not None and path.is_dir():
-        try:
-            data = load_from_disk(str(path))
-        except Exception as e:  # not a saved dataset
-            raise ValueError(f"{path}: not a dataset saved with save_to_disk ({type(e).__name__}: {e})") from None
-    elif path is not None:
-        raise ValueError(f"dataset {source!r} is a file, not a folder saved with save_to_disk")
-    elif written_as_path(source):
-        raise ValueError(f"dataset folder {source!r} does not exist")
-    else:  # a hub id: refused within seconds, naming it, when the hub does not answer
-        name, _, config = str(source).partition(":")
-        data = load_dataset(name, config or None, what="suite.datasets", splits=list(split_names))
-    if not isinstance(data, DatasetDict):
-        raise ValueError(f"dataset {source!r} must have splits (a DatasetDict), got {type(data).__name__}")
-    missing = [s for s in split_names if s not in data]
-    if missing:
-        raise ValueError(f"dataset {source!r} has no split(s) {missing} (splits: {list(data)})")
-    return data
 
 
 def token_windows(texts: Sequence[str], tokenizer, seq_len: int, windows: int, order: torch.Tensor) -> torch.Tensor:
@@ -99,8 +77,9 @@ class _Windows(Dataset):
 class TextWindowDataModule(PerTaskDataModule):
     """Token windows per task for causal-LM calibration, anchor selection and perplexity.
 
-    tasks: task names (the task index order). sources: task -> dataset source (hub id or folder).
-    text_columns: task -> column holding the text. tokenizer: the base's tokenizer. seq_len: tokens
+    tasks: task names (the task index order). sources: task -> text source (a .txt / .jsonl file, a list of
+    strings, a hub id or a save_to_disk folder: epmq.families.causal_lm.sources). text_columns: task -> column
+    (or JSONL field) holding the text. tokenizer: the base's tokenizer. seq_len: tokens
     per window. calib_samples / select_samples: windows per task from the train split (disjoint).
     test_samples: windows per task from the test split (None: the whole split). splits: names of the
     train and test splits. perplexity: how the test windows are cut, "gptq" or "packed" (module docstring).
@@ -122,30 +101,36 @@ class TextWindowDataModule(PerTaskDataModule):
         """Tokenise and cut every task's windows (once)."""
         if self._calib:
             return
-        train, test = self.splits
+        held_out = {}
         for t, task in enumerate(self.tasks):
-            data = load_text_dataset(self.sources[task], self.splits)
-            column = self.text_columns[task]
-            for split in self.splits:
-                if column not in data[split].column_names:
-                    raise ValueError(f"task {task!r}: split {split!r} has no text column {column!r} "
-                                     f"(columns: {data[split].column_names})")
-            texts = data[train][column]
+            text = load_text(self.sources[task], self.text_columns[task], self.tokenizer, self.splits)
             need = self.calib_samples + self.select_samples
-            order = torch.randperm(len(texts), generator=task_generator(self.seed, task, "train"))
-            windows = token_windows(texts, self.tokenizer, self.seq_len, need, order)
+            order = torch.randperm(len(text.train), generator=task_generator(self.seed, task, "train"))
+            windows = token_windows(text.train, self.tokenizer, self.seq_len, need, order)
             if len(windows) < need:
-                raise ValueError(f"task {task!r}: its {train!r} split gives {len(windows)} windows of {self.seq_len} "
-                                 f"tokens, fewer than calib_samples + select_samples = {need}")
+                asked = (f"data.calib_samples + data.select_samples = {need}" if self.select_samples
+                         else f"data.calib_samples = {need}")
+                raise ValueError(f"task {task!r}: {text.what} gives {len(windows)} windows of suite.seq_len = "
+                                 f"{self.seq_len} tokens, fewer than {asked}")
             windows = windows[torch.randperm(len(windows), generator=task_generator(self.seed, task, "windows"))]
             self._calib.append(_Windows(windows[: self.calib_samples], t))
             self._select.append(_Windows(windows[self.calib_samples: need], t))
-            test_texts = data[test][column]
-            limit = self.test_samples if self.test_samples is not None else (1 << 40) // self.seq_len  # all of it
-            if self.perplexity == "gptq":
-                held_out = joined_windows(test_texts, self.tokenizer, self.seq_len, limit)
-            else:
-                held_out = token_windows(test_texts, self.tokenizer, self.seq_len, limit, torch.arange(len(test_texts)))
-            if len(held_out) == 0:
-                raise ValueError(f"task {task!r}: its {test!r} split holds fewer than seq_len = {self.seq_len} tokens")
-            self._test.append(_Windows(held_out, t))
+            held_out[task] = text.test
+        lacking = [task for task, texts in held_out.items() if texts is None]
+        if lacking and len(lacking) < len(self.tasks):
+            raise ValueError(f"suite.datasets: task(s) {lacking} have no held-out text and the others have: give "
+                             f"every task a held-out split ({self.splits[1]!r}), or none")
+        if not lacking:
+            self._test = [self._held_out(task, t, texts) for t, (task, texts) in enumerate(held_out.items())]
+
+    def _held_out(self, task: str, t: int, texts: list[str]) -> _Windows:
+        """Task t's perplexity windows, cut by the protocol (module docstring)."""
+        limit = self.test_samples if self.test_samples is not None else (1 << 40) // self.seq_len  # all of it
+        if self.perplexity == "gptq":
+            windows = joined_windows(texts, self.tokenizer, self.seq_len, limit)
+        else:
+            windows = token_windows(texts, self.tokenizer, self.seq_len, limit, torch.arange(len(texts)))
+        if len(windows) == 0:
+            raise ValueError(f"task {task!r}: its {self.splits[1]!r} split holds fewer than seq_len = {self.seq_len} "
+                             f"tokens")
+        return _Windows(windows, t)
