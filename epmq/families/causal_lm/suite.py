@@ -1,4 +1,6 @@
-"""Causal language models of the Llama layout (Llama, Mistral, Qwen2): experts of one base, perplexity.
+"""Decoder-only causal language models of the Llama module names (the model types declared in
+epmq.families.causal_lm.architectures: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 text, Phi-3):
+experts of one base, perplexity.
 
     python train.py suite=causal_lm suite.base=<hub id or folder> \
         suite.experts='{math: <id or folder>, code: <id or folder>}' \
@@ -8,7 +10,8 @@ Experts are a mapping task -> source, or a pattern with `{task}` plus `suite.tas
 safetensors folders (model.safetensors.index.json) load one tensor at a time. Each task has its
 own text (a hub dataset id or a `save_to_disk` folder with train and test splits and a text column),
 or one shared source for every task. The engine calibrates the decoder layers true-sequentially
-(q/k/v, o, gate/up, down) unless `calibration.true_sequential=false`. Evaluation is each task's
+in the groups the model type declares (q/k/v, o, gate/up, down; Phi-3: qkv, o, gate_up, down) unless
+`calibration.true_sequential=false`. Evaluation is each task's
 perplexity on its own held-out text (epmq.families.causal_lm.evaluate; lower is better).
 """
 
@@ -24,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from epmq.engine.adapters import ModelAdapter
 from epmq.families.base import Suite
 from epmq.families.causal_lm.adapter import LlamaAdapter
+from epmq.families.causal_lm.architectures import architecture
 from epmq.families.causal_lm.data import PERPLEXITY, TextWindowDataModule
 from epmq.families.causal_lm.evaluate import PerplexityEvaluator
 from epmq.io.weights import resolve_source
@@ -31,7 +35,6 @@ from epmq.io.weights import resolve_source
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LLAMA_LAYOUT = ("llama", "mistral", "qwen2")  # the model types epmq.families.causal_lm.adapter.LlamaAdapter serves
 
 
 def _per_task(value, tasks: Sequence[str], what: str) -> dict[str, str]:
@@ -102,9 +105,7 @@ class CausalLMSuite(Suite):
         base_dir = resolve_source(self.base, "suite.base")
         self.config = AutoConfig.from_pretrained(str(base_dir))
         self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_source(tokenizer, "suite.tokenizer") if tokenizer else base_dir))
-        if self.config.model_type not in LLAMA_LAYOUT:
-            raise ValueError(f"suite.base {self.base}: model type {self.config.model_type!r} is not of the Llama "
-                             f"layout that the causal_lm suite calibrates ({', '.join(LLAMA_LAYOUT)})")
+        architecture(self.config.model_type, f"suite.base {self.base}")  # a declared type, or a ValueError
 
     def model(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
         """The base's architecture holding `state_dict` (None: the base's own weights), in eval mode."""
