@@ -38,8 +38,8 @@ class Architecture:
 _QKV, _GATE_UP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")
 #: separate q/k/v and gate/up projections (biases on q/k/v in Qwen2 are kept in float, as GPTQ keeps them)
 SEPARATE = Architecture((_QKV, ("self_attn.o_proj",), _GATE_UP, ("mlp.down_proj",)), shared_inputs=(_QKV, _GATE_UP))
-#: Phi-3's fused projections: qkv_proj ((q + 2 kv heads) x head_dim outputs) and gate_up_proj (2 x intermediate),
-#: each one linear layer with one H, quantized as it is stored
+#: Phi-3's fused projections: qkv_proj ((query heads + 2 x key/value heads) x head_dim outputs) and gate_up_proj
+#: (2 x intermediate outputs), each one linear layer with one H, quantized as it is stored
 FUSED = Architecture((("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)))
 
 ARCHITECTURES = {"llama": SEPARATE, "mistral": SEPARATE, "qwen2": SEPARATE, "qwen3": SEPARATE,
