@@ -22,6 +22,7 @@ report.json's "extra_metrics", e.g. lm-eval tasks).
 Families: `offline` (epmq.families.offline.suite.OfflineSuite, the embedded default); `flan_t5`
 (epmq.families.flan_t5.suite.FlanT5Suite: FLAN-T5 on GLUE as text to text, exact match and STS-B's Spearman);
 `clip` (epmq.families.clip.suite.ClipSuite: CLIP ViT experts from the hub or disk, TA8/TALL14/TALL20, zero-shot accuracy);
-`causal_lm` (epmq.families.causal_lm.suite.CausalLMSuite: Llama-layout experts, each task's perplexity on its own text).
+`causal_lm` (epmq.families.causal_lm.suite.CausalLMSuite: decoder-only experts of the model types that
+epmq.families.causal_lm.architectures declares, each task's perplexity on its own text).
 A new suite is a class with these members and a conf/suite/<name>.yaml whose `_target_` names it.
 """

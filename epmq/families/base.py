@@ -17,6 +17,7 @@ from torch import nn
 
 from epmq.engine.adapters import ModelAdapter
 from epmq.families.causal_lm.adapter import LlamaAdapter
+from epmq.families.causal_lm.architectures import model_classes
 from epmq.families.clip.adapter import CLIPVisionAdapter
 from epmq.families.flan_t5.adapter import T5Adapter
 
@@ -92,8 +93,7 @@ def suite_class(node) -> type[Suite]:
 
 ADAPTERS = {"CLIPVisionModel": CLIPVisionAdapter, "CLIPVisionModelWithProjection": CLIPVisionAdapter,
             "CLIPModel": CLIPVisionAdapter,
-            **{f"{family}{head}": LlamaAdapter for family in ("Llama", "Mistral", "Qwen2")
-               for head in ("Model", "ForCausalLM")},
+            **{name: LlamaAdapter for name in model_classes()},  # the declared decoder types (Model, ForCausalLM)
             **{name: T5Adapter for name in ("T5ForConditionalGeneration", "T5Model", "T5EncoderModel")}}
 
 

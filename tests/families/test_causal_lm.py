@@ -1,5 +1,6 @@
 """suite=causal_lm end to end on a tiny LlamaForCausalLM: sharded experts, two text tasks, true-sequential
-E-PMQ, perplexity that equals exp(mean token NLL) computed here independently."""
+E-PMQ, perplexity that equals exp(mean token NLL) computed here independently; and every declared model type
+(epmq.families.causal_lm.architectures) merged, calibrated with GPTQ, exported and reloaded."""
 
 from __future__ import annotations
 
@@ -12,15 +13,28 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
 from transformers import LlamaForCausalLM
 
+from epmq import load_quantized
+from epmq.core.merge import task_arithmetic
+from epmq.engine.calibration import BlockwiseCalibration
+from epmq.families.causal_lm.adapter import LlamaAdapter
+from epmq.families.causal_lm.architectures import ARCHITECTURES
+from epmq.families.causal_lm.suite import CausalLMSuite
+from epmq.io.export import save_quantized
+from epmq.io.load import QuantLinear
+from epmq.io.pool import ExpertPool
 from epmq.jobs.run import run
 from epmq.jobs.steps import prepare
 
 from helpers import llm_world
 from helpers.config import ROOT, make_cfg
-from helpers.llm_world import SEQ_LEN, TEXTS, tiny_tokenizer
+from helpers.families import DECODERS, llama_batches, loader
+from helpers.llm_world import SEQ_LEN, TEXTS, decoder_zoo, tiny_tokenizer
 from helpers.staged import choice_is_plain_epmq
+from helpers.tiny import SPEC, solver, trainer_for
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +181,69 @@ def test_choosing_by_the_metric_takes_the_lowest_perplexity():
     by_metric = max(candidates, key=lambda s: selection_key(s, "acc", higher_is_better=False))
     by_nll = max(candidates, key=lambda s: selection_key(s, "nll"))
     assert by_metric is by_nll is candidates[1]
+
+
+# -- every declared model type: merged, calibrated with GPTQ through the engine, exported, reloaded ------------
+def test_every_declared_type_has_a_tiny_model_here():
+    assert set(DECODERS) == set(ARCHITECTURES)
+
+
+def grid_levels(weight: torch.Tensor, group_size: int) -> int:
+    """The most distinct values in one (row, group of group_size inputs) of `weight` (out, in)."""
+    groups = weight.reshape(weight.shape[0], -1, group_size).flatten(0, 1)
+    return max(len(torch.unique(g)) for g in groups)
+
+
+@pytest.mark.parametrize("model_type", sorted(DECODERS))
+def test_each_declared_type_is_merged_calibrated_exported_and_reloaded(model_type, tmp_path):
+    root = decoder_zoo(model_type, tmp_path)
+    suite = CausalLMSuite(str(root / "base"), {t: str(root / t) for t in ("alpha", "beta")}, datasets="unused")
+    pool = ExpertPool(suite.base, suite.experts)
+    model = suite.model(pool.merge(task_arithmetic, tasks=suite.tasks))  # a tied head is tied again here
+    module = BlockwiseCalibration(model, suite.adapter(model), solver("gptq"), suite.tasks)
+    batches = llama_batches(torch.Generator().manual_seed(1))
+    trainer_for(module).fit(module, train_dataloaders=loader(batches))
+
+    # true-sequential in the declared groups, and every linear of the decoder is quantized onto its grid
+    groups = ARCHITECTURES[model_type].groups
+    assert [step.layers for step in module.schedule if step.block == 1] == list(groups)
+    declared = {f"model.layers.{i}.{name}" for i in range(2) for group in groups for name in group}
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    assert set(module.quant_results) == declared == linears
+    for name, r in module.quant_results.items():
+        weight = model.get_submodule(name).weight
+        assert torch.equal(weight, r.weight()) and grid_levels(weight, SPEC.group_size) <= 2 ** SPEC.bits, name
+
+    save_quantized(model, module.quant_results, tmp_path / "q", SPEC, checkpoint_format="gptq")
+    loaded = load_quantized(tmp_path / "q")
+    quantized = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
+    assert type(loaded) is type(model) and set(quantized) == declared
+    assert all(torch.equal(q.codes(), module.quant_results[n].codes().long()) for n, q in quantized.items())
+    if model_type == "phi3":  # the fused projections are one layer each: (q + k + v heads) x 8, and 2 x 64 outputs
+        attention, mlp = loaded.model.layers[0].self_attn, loaded.model.layers[0].mlp
+        assert (attention.qkv_proj.out_features, mlp.gate_up_proj.out_features) == ((4 + 2 + 2) * 8, 2 * 64)
+    if model.config.tie_word_embeddings:  # Gemma: the head is stored once, as the embeddings, and tied on loading
+        assert "lm_head.weight" not in load_file(str(tmp_path / "q" / "model.safetensors"))
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+    with torch.no_grad():
+        got = torch.cat([loaded(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches])
+        in_memory = torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                               for b in batches])
+    # the reloaded model computes the in-memory quantized one, up to the float16 rounding of its scales
+    assert (got - in_memory).abs().max() <= 4e-3 * in_memory.abs().max()
+
+
+def test_an_undeclared_model_type_is_refused_naming_the_known_ones(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=48, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    config.save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    known = ", ".join(sorted(ARCHITECTURES))
+    with pytest.raises(ValueError, match=f"suite.base .*: model type 'gpt2' is not declared .*known: {known}") as refused:
+        CausalLMSuite(str(tmp_path / "base"), {"alpha": str(tmp_path / "base")}, datasets="unused")
+    message = str(refused.value)
+    assert "\n" not in message and "ARCHITECTURES in epmq/families/causal_lm/architectures.py" in message
+    with pytest.raises(ValueError, match="GPT2LMHeadModel: model type 'gpt2' is not declared"):
+        LlamaAdapter().stages(GPT2LMHeadModel(config))

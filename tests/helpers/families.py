@@ -54,6 +54,31 @@ def llama_model() -> nn.Module:
                                         pad_token_id=0))
 
 
+#: model_type -> (config class, model class, type-specific config) of the tiny decoders of every declared type
+#: (epmq.families.causal_lm.architectures); short windows so that the sliding-window layers really slide
+DECODERS = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+            "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
+            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v with biases
+            "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),  # q_norm, k_norm
+            "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),  # lm_head tied to embed_tokens
+            "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": 4}),  # softcapping, sliding layers
+            "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                            {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]}),
+            "phi3": ("Phi3Config", "Phi3ForCausalLM", {})}  # fused qkv_proj and gate_up_proj
+
+
+def decoder_model(model_type: str, hidden: int = 32) -> nn.Module:
+    """A 2-layer decoder of `model_type` (hidden, MLP 2 x hidden, 4 heads of hidden / 4, 2 key/value heads,
+    48 tokens), as llama_model; hidden=64 makes every quantized dimension a multiple of 32 (GPTQModel's kernels)."""
+    import transformers
+
+    config, model, extra = DECODERS[model_type]
+    return getattr(transformers, model)(getattr(transformers, config)(
+        vocab_size=48, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, **extra))
+
+
 def clip_batches(gen: torch.Generator) -> list[dict]:
     """Three batches of 3 one-channel 16x16 images, tasks mixed within batches."""
     tasks = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 1])

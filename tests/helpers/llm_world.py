@@ -1,6 +1,7 @@
 """A tiny Llama world on disk: a word-level tokenizer, a 2-layer LlamaForCausalLM base, two experts
 fine-tuned from it for a few steps on their own texts (saved as sharded safetensors), and one text
-dataset per task saved with save_to_disk."""
+dataset per task saved with save_to_disk; and a smaller world (base with the tokenizer, two experts) of every
+declared decoder type."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from helpers.families import FAMILIES
+from epmq.families.causal_lm.adapter import LlamaAdapter
+
+from helpers.families import FAMILIES, Family, decoder_model, llama_batches
 
 WORDS = ("the a cat dog sat ran on under mat log big small red blue one two three four five six "
          "seven eight nine ten plus minus equals sum code loop if else return print").split()
@@ -63,4 +66,14 @@ def build(root: Path) -> Path:
         DatasetDict({"train": Dataset.from_dict({"text": texts[:45]}),
                      "test": Dataset.from_dict({"text": texts[45:]})}).save_to_disk(str(root / f"{task}_text"))
     assert (root / "alpha" / "model.safetensors.index.json").is_file()  # really sharded
+    return root
+
+
+def decoder_zoo(model_type: str, root: Path) -> Path:
+    """A tiny world of any declared decoder type (helpers.families.DECODERS): base/ with the tokenizer, and the
+    experts alpha/ and beta/ (base + small task vectors), under root; returns root."""
+    root = Path(root)
+    family = Family(model_type, lambda: decoder_model(model_type), llama_batches, LlamaAdapter())
+    family.save_zoo(root)
+    tiny_tokenizer().save_pretrained(root / "base")
     return root

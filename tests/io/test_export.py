@@ -32,7 +32,7 @@ from epmq.io.packing import pack_rows
 from epmq.io.quantized_layer import QuantizedLayer
 
 from helpers.config import ROOT, make_cfg
-from helpers.families import FAMILIES, model_inputs
+from helpers.families import FAMILIES, decoder_model, model_inputs
 
 
 def quantize(model, spec: QuantSpec, seed: int = 0) -> dict[str, QuantizedLayer]:
@@ -446,3 +446,37 @@ def test_a_real_gptq_client_loads_the_tiny_llama(tmp_path, case, how):
         logits = loaded(input_ids=torch.tensor(IDS)).logits
     # the client computes in float16, load_quantized in float32
     assert (client["logits"] - logits).abs().max() <= 4e-3 * logits.abs().max()
+
+
+#: declared decoder types beyond Llama (epmq.families.causal_lm.architectures) -> the client that loads them. Phi-3
+#: goes through transformers + optimum (GPTQModel's kernels): GPTQModel 7.7's own Phi-3 definition asks for a split
+#: mlp.gate_proj / mlp.up_proj that transformers' Phi3MLP (one fused gate_up_proj) does not have.
+CLIENT_TYPES = {"qwen3": "gptqmodel", "gemma2": "gptqmodel", "phi3": "optimum"}
+
+
+@pytest.mark.parametrize("model_type", sorted(CLIENT_TYPES))
+def test_a_real_gptq_client_loads_other_declared_types(tmp_path, model_type):
+    how = CLIENT_TYPES[model_type]
+    exe = client_python(how)
+    if exe is None:
+        pytest.skip(f"no {how} installed (see README, Deploying; EPMQ_GPTQ_PYTHON names a Python that has it)")
+    torch.manual_seed(0)
+    model = decoder_model(model_type, hidden=64).eval()
+    spec = QuantSpec(bits=4, group_size=32, sym=True)
+    results = quantize(model, spec)
+    save_quantized(model, results, tmp_path / "q", spec, true_sequential=True, checkpoint_format="gptq")
+    save_tokenizer(tmp_path / "q")
+    (tmp_path / "client.py").write_text(CLIENT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"GPTQMODEL_CPU_WORKERS": "2"}
+    proc = subprocess.run([exe, str(tmp_path / "client.py"), str(tmp_path / "q"), str(tmp_path / "out.pt"), how],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = torch.load(tmp_path / "out.pt")
+    loaded = load_quantized(tmp_path / "q")
+    # the client quantizes the layers epmq wrote, no more, no fewer: Phi-3's fused qkv_proj and gate_up_proj as one each
+    assert set(client["weights"]) == set(results), client["kernels"]
+    for layer, weight in client["weights"].items():  # the same float16 weights, bit for bit
+        assert torch.equal(loaded.get_submodule(layer).dequantize(torch.float16).float(), weight), layer
+    with torch.no_grad():
+        logits = loaded(input_ids=torch.tensor(IDS)).logits
+    assert (client["logits"] - logits).abs().max() <= 4e-3 * logits.abs().max()  # float16 there, float32 here

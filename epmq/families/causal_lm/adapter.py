@@ -1,20 +1,21 @@
-"""Llama-style decoders as the engine sees them: one stage of decoder layers, calibrated true-sequentially."""
+"""Decoders of the Llama module names as the engine sees them: one stage of decoder layers, calibrated
+true-sequentially in the groups their model type declares (epmq.families.causal_lm.architectures)."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from epmq.engine.adapters import ModelAdapter, Stage, mask_or_ones
+from epmq.families.causal_lm.architectures import architecture
 
 
 class LlamaAdapter(ModelAdapter):
-    """Llama-style decoders (Llama, Mistral, Qwen2): batches of token ids, "attention_mask" optional
-    (1 = real token); padded tokens never enter the statistics. The KV cache is off, so that running
-    a block again never appends to it. True-sequential by default, as GPTQ does for LMs."""
+    """Decoder-only models whose layers follow the Llama module names (every model type declared in
+    epmq.families.causal_lm.architectures: Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3): batches of token ids,
+    "attention_mask" optional (1 = real token); padded tokens never enter the statistics. The KV cache is
+    off, so that running a block again never appends to it. True-sequential by default, as GPTQ does for LMs."""
 
     true_sequential = True
-    GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-              ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
     @staticmethod
     def _decoder(model: nn.Module) -> tuple[nn.Module, str]:
@@ -22,10 +23,12 @@ class LlamaAdapter(ModelAdapter):
         return (inner, "model.") if isinstance(getattr(inner, "layers", None), nn.ModuleList) else (model, "")
 
     def stages(self, model):
+        config = getattr(model, "config", None)
+        declared = architecture(getattr(config, "model_type", None), type(model).__name__)
         decoder, prefix = self._decoder(model)
         if not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
             raise ValueError(f"{type(model).__name__} has no decoder layers ('model.layers')")
-        return [Stage("decoder", prefix + "layers", self.GROUPS, shared_inputs=(self.GROUPS[0], self.GROUPS[2]))]
+        return [Stage("decoder", prefix + "layers", declared.groups, shared_inputs=declared.shared_inputs)]
 
     def run_stage(self, model, stage, batch, context, device):
         self.require(batch, ("input_ids",), "causal LM")

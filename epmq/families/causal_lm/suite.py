@@ -1,4 +1,6 @@
-"""Causal language models of the Llama layout (Llama, Mistral, Qwen2): experts of one base, perplexity.
+"""Decoder-only causal language models of the Llama module names (the model types declared in
+epmq.families.causal_lm.architectures: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 text, Phi-3):
+experts of one base, perplexity.
 
     python train.py suite=causal_lm suite.base=<hub id or folder> \
         suite.experts='{math: <id or folder>, code: <id or folder>}' \
@@ -13,8 +15,9 @@ safetensors folders (model.safetensors.index.json) load one tensor at a time. Ea
 own text, or one shared source for every task: a .txt file (a sample per line), a .jsonl file (a text field
 or chat `messages`), a list of strings, or a dataset (a hub id or a `save_to_disk` folder with a train and a
 held-out split; epmq.families.causal_lm.sources). The engine calibrates the decoder layers true-sequentially
-(q/k/v, o, gate/up, down) unless `calibration.true_sequential=false`. Evaluation is each task's
-perplexity on its own held-out text (epmq.families.causal_lm.evaluate; lower is better), when it has some.
+in the groups the model type declares (epmq.families.causal_lm.architectures: q/k/v, o, gate/up, down; Phi-3:
+qkv, o, gate_up, down) unless `calibration.true_sequential=false`. Evaluation is each task's perplexity on its
+own held-out text (epmq.families.causal_lm.evaluate; lower is better), when it has some.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from epmq.engine.adapters import ModelAdapter
 from epmq.families.base import Suite
 from epmq.families.causal_lm.adapter import LlamaAdapter
+from epmq.families.causal_lm.architectures import architecture
 from epmq.families.causal_lm.data import PERPLEXITY, TextWindowDataModule
 from epmq.families.causal_lm.evaluate import PerplexityEvaluator
 from epmq.families.causal_lm.sources import is_sample_list
@@ -37,7 +41,6 @@ from epmq.io.weights import resolve_source
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LLAMA_LAYOUT = ("llama", "mistral", "qwen2")  # the model types epmq.families.causal_lm.adapter.LlamaAdapter serves
 
 
 ONE_TASK = "calibration"  # the task of one model quantized without experts, when nothing names it
@@ -134,9 +137,7 @@ class CausalLMSuite(Suite):
         base_dir = resolve_source(source, option)
         self.config = AutoConfig.from_pretrained(str(base_dir))
         self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_source(tokenizer, "suite.tokenizer") if tokenizer else base_dir))
-        if self.config.model_type not in LLAMA_LAYOUT:
-            raise ValueError(f"{option} {source}: model type {self.config.model_type!r} is not of the Llama "
-                             f"layout that the causal_lm suite calibrates ({', '.join(LLAMA_LAYOUT)})")
+        architecture(self.config.model_type, f"{option} {source}")  # a declared type, or a ValueError
 
     def model(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
         """The base's architecture (or the merged model's, without a base) holding `state_dict` (None: that
