@@ -48,7 +48,11 @@ def quantize(cfg: DictConfig) -> dict:
         raise ValueError(f"quant._target_={cfg.quant._target_} does not quantize (the FP calibrated merge): it is a "
                          f"row of experiment=compare, not a job of its own")
     if cfg.save_model:  # refused now, not after the calibration
-        check_exportable(cfg.quant.bits, chosen_format(cfg.checkpoint_format, cfg.quant.sym))
+        fmt = chosen_format(cfg.checkpoint_format, cfg.quant.sym)
+        check_exportable(cfg.quant.bits, fmt)
+        for rule in getattr(candidates[0], "overrides", None) or ():  # every width an override asks for, too
+            if rule.bits is not None:
+                check_exportable(rule.bits, fmt, f"quant.overrides[{rule.pattern!r}].bits")
     out_dir = Path(cfg.paths.output_dir)
     prepared = prepare(cfg)
     with logging_to(prepared.loggers):
@@ -90,6 +94,10 @@ def _quantize(cfg, prepared, candidates, rounds, out_dir: Path, start: float) ->
         "metric": suite.metric,
         "metric_scale": suite.metric_scale,  # how tables print it (100: percent)
         "quant": {"spec": described["spec"], "strength": described.get("strength"), "form": described.get("form"),
+                  **({"overrides": described["overrides"], "float_layers": calib.module.float_layers,
+                      "layer_specs": layer_specs(chosen, calib.module.quant_results)}
+                     if "overrides" in described else {}),
+                  "lm_head": described.get("lm_head", False),
                   **({"select": described["select"], "candidates": described["candidates"],
                       **({"folds": described["folds"]} if "folds" in described else {}),
                       "layer_strengths": {k: m["anchor_strength"] for k, m in calib.module.layer_metrics.items()}}
@@ -136,9 +144,18 @@ def publish(cfg, report: dict, suite, calib, out_dir: Path) -> None:
                                        chosen["spec"], method=report["method"], strength=chosen["strength"],
                                        form=chosen["form"], true_sequential=calib.module.true_sequential,
                                        checkpoint_format=chosen_format(cfg.checkpoint_format, cfg.quant.sym),
-                                       companions=suite.save_companions)
+                                       companions=suite.save_companions, overrides=chosen.get("overrides"),
+                                       lm_head=chosen["lm_head"])
         report["model_dir"] = str(model_dir)
         report["model_size"] = checkpoint_size(model_dir)
         print(f"quantized model: {model_dir}")
     path = write_json_atomic(out_dir / "report.json", report)
     print(f"report: {path}")
+
+
+def layer_specs(solver, names) -> dict:
+    """full layer name -> {bits, group_size} of every quantized layer among `names` whose options an override
+    changed (the report's record of what the rules did)."""
+    specs = {name: solver.for_module(name).spec for name in names}
+    return {name: {"bits": spec.bits, "group_size": spec.group_size} for name, spec in specs.items()
+            if spec != solver.spec}
