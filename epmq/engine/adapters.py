@@ -89,7 +89,6 @@ class HeadView(nn.Module):
         return self.get_submodule(self.name)(hidden)
 
 
-
 class ModelAdapter:
     """Family-independent helpers; subclasses define stages, run_stage and token_mask."""
 
@@ -132,7 +131,8 @@ class ModelAdapter:
         if stage.head_of:  # one view per head, kept on it (not as a submodule), so that a hook put on the view
             head = model.get_submodule(stage.blocks)  # (the capture's) sees the forwards of later calls
             if "_head_view" not in head.__dict__:
-                object.__setattr__(head, "_head_view", nn.ModuleList([HeadView(stage.blocks.rpartition(".")[2], head)]))
+                view = nn.ModuleList([HeadView(stage.blocks.rpartition(".")[2], head)])
+                object.__setattr__(head, "_head_view", view)
             return head.__dict__["_head_view"]
         blocks = model.get_submodule(stage.blocks)
         if not isinstance(blocks, nn.ModuleList):

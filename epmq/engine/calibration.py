@@ -38,7 +38,7 @@ from epmq.engine.adapters import ModelAdapter
 from epmq.engine.block_choice import Selection, StepChoice
 from epmq.engine.capture import BlockInputs, Trace, run_block, walk_to
 from epmq.engine.placement import Placement
-from epmq.engine.schedule import Step, build_schedule, describe_step
+from epmq.engine.schedule import Step, build_schedule, describe_step, layer_names
 from epmq.engine.solve import solve_layers, solve_norms
 from epmq.engine.targets import ExpertTargets, StepView, provider
 from epmq.io.pool import ExpertPool
@@ -102,9 +102,7 @@ class BlockwiseCalibration(L.LightningModule):
         self.automatic_optimization = False
         self.label = ""  # shown before the step in the progress bar, e.g. which anchor candidate
         self.stages = self.adapter.stages(model) + (self.head_stages(model) if self.requirements.head else [])
-        self.layer_names = [stage.prefix(i) + name for stage in self.stages
-                            for i, block in enumerate(self.adapter.blocks(model, stage))
-                            for name in self.adapter.linear_layers(block, stage)]  # every layer a solver may quantize
+        self.layer_names = layer_names(self.adapter, model, self.stages)  # every layer a solver may quantize
         if hasattr(solver, "check_modules"):
             solver.check_modules(self.layer_names)  # an override that matches no layer is refused now
         self.schedule: list[Step] = build_schedule(self.adapter, model, self.true_sequential, self.stages,

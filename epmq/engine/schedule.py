@@ -40,8 +40,14 @@ class Step:
         return self.stage.prefix(self.block)
 
 
-def build_schedule(adapter: ModelAdapter, model: nn.Module, true_sequential: bool,
-                   stages: list[Stage] | None = None, quantized: Callable[[str], bool] = lambda name: True) -> list[Step]:
+def layer_names(adapter: ModelAdapter, model: nn.Module, stages: list[Stage]) -> list[str]:
+    """The full name of every linear layer the stages place (every layer a solver may quantize), in model order."""
+    return [stage.prefix(i) + name for stage in stages for i, block in enumerate(adapter.blocks(model, stage))
+            for name in adapter.linear_layers(block, stage)]
+
+
+def build_schedule(adapter: ModelAdapter, model: nn.Module, true_sequential: bool, stages: list[Stage] | None = None,
+                   quantized: Callable[[str], bool] = lambda name: True) -> list[Step]:
     """Every step of `model`, in calibration order: stages (None: the adapter's), then blocks, then groups.
     quantized(full layer name): False leaves the layer out (it stays in float; a block left with no layer has no
     step, and its forward simply runs when a later block's inputs are captured)."""
@@ -50,7 +56,8 @@ def build_schedule(adapter: ModelAdapter, model: nn.Module, true_sequential: boo
     steps: list[Step] = []
     for s, stage in enumerate(stages):
         for i, block in enumerate(adapter.blocks(model, stage)):
-            groups = [tuple(n for n in group if quantized(stage.prefix(i) + n)) for group in adapter.groups(block, stage)]
+            groups = [tuple(n for n in group if quantized(stage.prefix(i) + n))
+                      for group in adapter.groups(block, stage)]
             groups = [g for g in groups if g]  # a group whose layers all stay in float is no step
             if not true_sequential and groups:
                 groups = [tuple(name for group in groups for name in group)]

@@ -16,8 +16,9 @@ from epmq.io.quantized_layer import QuantizedLayer
 def solve_layers(step: Step, block: nn.Module, solver, statistics: StepStatistics | None,
                  targets: ExpertTargets | None) -> tuple[dict, dict]:
     """Solve the step's layers with `solver` (each at its per-module options: module_solver) from `statistics`
-    (None: a solver that needs none) and write Q (and a calibrated bias) into the block. Returns (full layer name -> QuantizedLayer, full layer name -> metrics);
-    a solver whose requirements keep no codes (the FP target) gives no QuantizedLayer."""
+    (None: a solver that needs none) and write Q (and a calibrated bias) into the block. Returns (full layer
+    name -> QuantizedLayer, full layer name -> metrics); a solver whose requirements keep no codes (the FP
+    target) gives no QuantizedLayer."""
     needs = solver.requirements
     sums = statistics.sums if statistics is not None else {}
     results, metrics = {}, {}

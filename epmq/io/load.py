@@ -7,8 +7,8 @@ Every layer the checkpoint stores as <name>.qweight / .qzeros / .scales / .g_idx
 QuantLinear that keeps the packed tensors and dequantizes its weight on the fly, in the input's
 dtype, at every forward; every other tensor is loaded as stored. A layer's bits are quantize_config's, or
 those its "dynamic" entry gives (GPTQModel's per-module overrides, epmq.core.overrides.match_dynamic); a
-layer "dynamic" leaves unquantized ("-:") is read as the float layer it is stored as. It works for every model class
-transformers can build from the checkpoint's config.json ("architectures"), vision towers included
+layer "dynamic" leaves unquantized ("-:") is read as the float layer it is stored as. It works for every
+model class transformers can build from the checkpoint's config.json ("architectures"), vision towers included
 (transformers' own GPTQ loading takes text models only).
 """
 

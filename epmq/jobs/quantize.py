@@ -1,7 +1,8 @@
 """quantize(cfg): the main job behind `python train.py` (`job._target_: epmq.jobs.quantize.quantize`).
 
     1. check the quantization options (before any long work)
-    2. the suite: base, experts, tasks, data; the pool validates every expert file; merge
+    2. the suite: base, experts, tasks, data; the pool validates every expert file; merge; the per-module options
+       (quant.overrides, quant.lm_head) checked against the model's layers
     3. evaluate the experts (each on its own task) and the FP merged model
     4. calibrate the merged model step by step (RTN, GPTQ or E-PMQ); with `strength: auto` or
        `form: auto`, choose the anchor on held-out calibration samples (never test data): once per
@@ -19,10 +20,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from callbacks.block_metrics import peak_memory_mb
+from epmq.engine.schedule import layer_names
 from epmq.io.export import check_exportable, checkpoint_size, chosen_format, save_quantized
 from epmq.io.files import write_json_atomic
 from epmq.jobs.report import accuracy_table
@@ -55,6 +58,7 @@ def quantize(cfg: DictConfig) -> dict:
                 check_exportable(rule.bits, fmt, f"quant.overrides[{rule.pattern!r}].bits")
     out_dir = Path(cfg.paths.output_dir)
     prepared = prepare(cfg)
+    check_modules(prepared, candidates[0])
     with logging_to(prepared.loggers):
         return _quantize(cfg, prepared, candidates, rounds, out_dir, start)
 
@@ -151,6 +155,26 @@ def publish(cfg, report: dict, suite, calib, out_dir: Path) -> None:
         print(f"quantized model: {model_dir}")
     path = write_json_atomic(out_dir / "report.json", report)
     print(f"report: {path}")
+
+
+def check_modules(prepared, solver) -> None:
+    """quant.overrides and quant.lm_head checked against the model's layers before the references are evaluated
+    and the calibration starts (the calibration checks them again; the model is built on the meta device here)."""
+    needs_head = solver.requirements.head
+    if not (getattr(solver, "overrides", None) or needs_head):
+        return
+    with torch.device("meta"):  # the architecture only: no memory, no weights
+        model = prepared.suite.model(prepared.merged_state)
+    adapter = prepared.suite.adapter(model)
+    heads = adapter.head_stages(model) if needs_head else []
+    if needs_head and not heads:
+        raise ValueError(f"quant.lm_head=true: {type(model).__name__} has no head that {type(adapter).__name__} "
+                         f"quantizes")
+    if hasattr(solver, "check_modules"):
+        try:
+            solver.check_modules(layer_names(adapter, model, adapter.stages(model) + heads))
+        except ValueError as e:
+            raise ValueError(f"quant.{e}") from None
 
 
 def layer_specs(solver, names) -> dict:
