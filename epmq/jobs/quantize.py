@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -163,7 +164,8 @@ def check_modules(prepared, solver) -> None:
     needs_head = solver.requirements.head
     if not (getattr(solver, "overrides", None) or needs_head):
         return
-    with torch.device("meta"):  # the architecture only: no memory, no weights
+    with torch.device("meta"), warnings.catch_warnings():  # the architecture only: no memory, no weights copied
+        warnings.filterwarnings("ignore", message=r".*copying from a non-meta parameter")
         model = prepared.suite.model(prepared.merged_state)
     adapter = prepared.suite.adapter(model)
     heads = adapter.head_stages(model) if needs_head else []
