@@ -149,7 +149,7 @@ def test_gptq_of_the_head_beats_rtn_of_it_under_the_H_of_its_inputs(run):
     assert math.isclose(metrics["loss"] / metrics["rtn_loss"], gptq_error / rtn_error, rel_tol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["rtn", pytest.param("epmq", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["rtn", "epmq"])
 def test_rtn_and_epmq_follow_the_overrides_too(method, tmp_path):
     """A whole block skipped (its forward still feeds the next block, and the experts' path runs their own) and an
     8-bit rule, with round-to-nearest and with E-PMQ on the experts' targets."""
