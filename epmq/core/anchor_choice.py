@@ -70,6 +70,10 @@ class ChosenEPMQ:
 
     def __init__(self, candidates, form: str = "output", **spec):
         ingredients = {k: spec.pop(k) for k in INGREDIENTS if k in spec}
+        per_module = {k: v for k, v in spec.items() if k in ("overrides", "lm_head") and v}
+        if per_module:  # each candidate would need its per-module solvers (not built for the choice)
+            raise ValueError(f"the {self.unit} anchor choice (anchor.select={self.select}) takes no per-module "
+                             f"options {sorted(per_module)}: choose a strength (or anchor.select=run), or drop them")
         self.plain = EPMQ(0.0, form, **spec)  # checks the form and the grid options
         if any(v != getattr(self.plain, k) for k, v in ingredients.items()):
             raise ValueError(f"the {self.unit} anchor choice (anchor.select={self.select}) takes none of E-PMQ's "

@@ -31,8 +31,10 @@ E-PMQ's calibration ingredients beyond the paper (FeatCal-style, DESIGN §1; eac
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +42,7 @@ import torch
 from epmq.core.anchor import FORMS, parse_strength, relaxed_target, rounding_hessian
 from epmq.core.gptq import QuantResult, gptq, rtn
 from epmq.core.norm_affine import NormStatistics, solve_norm_affine
+from epmq.core.overrides import ModuleOverrides
 from epmq.core.quant import QuantSpec
 from epmq.core.stats import LayerStatistics
 
@@ -70,6 +73,8 @@ class Requirements:
     codes:      the solution is a quantized layer whose codes the engine keeps (False: an FP target)
     per_step_choice: no single solve: the engine solves `candidates` through `at(λ)` at every step and
                 keeps the one the selection samples score best (epmq.engine.block_choice)
+    head:       the model's head (the adapter's head_stages, e.g. a causal LM's lm_head) is quantized too, as a
+                last stage whose inputs are the final hidden states
     """
 
     statistics: bool = True
@@ -82,6 +87,7 @@ class Requirements:
     norms: bool = False
     codes: bool = True
     per_step_choice: bool = False
+    head: bool = False
 
 
 class RTN:
@@ -89,15 +95,42 @@ class RTN:
 
     Args: the QuantSpec fields (bits, group_size, sym, ...); act_order, static_groups, percdamp
     and blocksize are accepted for a uniform config and play no role.
+        overrides: per-module rules, module-name regex -> {bits, group_size} or {skip: true}; the first rule
+            whose pattern matches a module's whole name decides (epmq.core.overrides).
+        lm_head: quantize the model's head too (GPTQModel's lm_head=True); off by default.
     """
 
     name = "rtn"
-    requirements = Requirements(statistics=False)
+    REQUIREMENTS = Requirements(statistics=False)
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, act_order: bool = False,
-                 static_groups: bool = False, percdamp: float = 0.01, blocksize: int = 128):
+                 static_groups: bool = False, percdamp: float = 0.01, blocksize: int = 128,
+                 overrides: Mapping | None = None, lm_head: bool = False):
         self.spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                               static_groups=static_groups, percdamp=percdamp, blocksize=blocksize)
+        self.overrides = ModuleOverrides(overrides)
+        if not isinstance(lm_head, bool):
+            raise ValueError(f"lm_head must be true or false, got {lm_head!r}")
+        self.lm_head = lm_head
+
+    @property
+    def requirements(self) -> Requirements:
+        return dataclasses.replace(self.REQUIREMENTS, head=self.lm_head)
+
+    def for_module(self, name: str):
+        """The solver of module `name` (full name in the model): this one, or a copy at the QuantSpec the first
+        matching override gives; None when an override leaves the module in float."""
+        spec = self.overrides.spec_for(name, self.spec)
+        if spec is None or spec == self.spec:
+            return None if spec is None else self
+        clone = copy.copy(self)
+        clone.spec = spec
+        return clone
+
+    def check_modules(self, names) -> None:
+        """ValueError naming every override that matches none of the modules `names` (all the model's quantizable
+        layers), before any work."""
+        self.overrides.check_used(names)
 
     def solve(self, W_m: torch.Tensor, stats: LayerStatistics | None = None) -> Solution:
         """W_m (out, in) rounded; loss = ‖Q − W_m‖² (there is no H)."""
@@ -105,7 +138,9 @@ class RTN:
         return Solution(result, {"loss": result.loss})
 
     def describe(self) -> dict:
-        return {"method": self.name, "spec": self.spec.__dict__}
+        return {"method": self.name, "spec": self.spec.__dict__,
+                **({"overrides": self.overrides.describe()} if self.overrides else {}),
+                **({"lm_head": True} if self.lm_head else {})}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec})"
@@ -115,7 +150,7 @@ class GPTQ(RTN):
     """GPTQ of the merged weights under H = Σ_t w_t X̂_tᵀX̂_t / n_t (epmq.core.gptq)."""
 
     name = "gptq"
-    requirements = Requirements()
+    REQUIREMENTS = Requirements()
 
     def target(self, W_m: torch.Tensor, stats: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(W to round (out, in), H to round it with (in, in), extra metrics)."""
@@ -168,11 +203,19 @@ class EPMQ(GPTQ):
         self.normalize, self.interp = normalize, float(interp)
         self.extrapolate, self.calibrate_bias = float(extrapolate), calibrate_bias
         self.calibrate_norms = calibrate_norms
+        if self.lm_head and (not math.isinf(self.strength) or self.needs_base):
+            # The targets provider reads each expert's layers by stack and block ('<stack>.<i>.'); a head sits
+            # outside every stack, and experts with tied embeddings (Llama 3.2) store it as the embedding.
+            raise ValueError(f"lm_head=true takes no expert targets: E-PMQ at strength={self.strength:g}"
+                             f"{f', extrapolate={self.extrapolate:g}' if self.needs_base else ''} would need the "
+                             f"experts' head outputs, which the targets provider does not read; use strength=inf "
+                             f"(GPTQ of the merged head) or quant=gptq")
 
     @property
     def requirements(self) -> Requirements:
         return Requirements(targets=not math.isinf(self.strength), base=self.needs_base, normalize=self.normalize,
-                            interp=self.interp, bias=self.calibrate_bias, norms=self.calibrate_norms)
+                            interp=self.interp, bias=self.calibrate_bias, norms=self.calibrate_norms,
+                            head=self.lm_head)
 
     @property
     def needs_base(self) -> bool:
@@ -273,6 +316,13 @@ class EPMQ(GPTQ):
                          ("calibrate_bias", self.calibrate_bias, False),
                          ("calibrate_norms", self.calibrate_norms, False)) if v != default)
         return f"EPMQ(strength={self.strength:g}, form={self.form!r}{extras}, {self.spec})"
+
+
+def module_solver(solver, name: str):
+    """The solver of module `name`: solver.for_module(name) (None: the module stays in float); a solver without
+    per-module options (a stand-in of a test) solves every module itself."""
+    for_module = getattr(solver, "for_module", None)
+    return solver if for_module is None else for_module(name)
 
 
 class RelaxedEPMQ(EPMQ):

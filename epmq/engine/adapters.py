@@ -15,7 +15,10 @@ An adapter says, for its family:
   arguments it made up: it runs this forward and records what the stack passes to a block
   (epmq.engine.capture), so masks, rotary tables and T5's position bias (computed in block 0 and handed on
   by the stack) are whatever the family's code makes of them;
-- `token_mask(model, stage, batch, source)`: which tokens count in the statistics (padding does not).
+- `token_mask(model, stage, batch, source)`: which tokens count in the statistics (padding does not);
+- `head_stages(model)` (optional): the model's head (a causal LM's lm_head) as a last stage of one block, for
+  solvers that quantize it (Requirements.head). Its block is a view holding the head module under its own name,
+  run on the output of the stage it reads (`head_of`), so its layer names are the model's ('lm_head').
 
 A family's adapter is one small subclass in its own folder (epmq/families/<family>/adapter.py); the engine
 holds no family class. Nothing here runs a calibration.
@@ -48,6 +51,8 @@ class Stage:
             gate/up): they share one H, accumulated once (the engine checks the tensor is the same).
     norms:  the block's nn.LayerNorm modules whose affine parameters E-PMQ may calibrate
             (calibrate_norms), in the order the block computes them.
+    head_of: a head stage (ModelAdapter.head_stages): the name of the stage whose output the head reads; then
+            `blocks` is the head module's own path (e.g. 'lm_head') and the stage has that one block.
     """
 
     name: str
@@ -56,10 +61,32 @@ class Stage:
     context_layers: frozenset = frozenset()
     shared_inputs: tuple[tuple[str, ...], ...] = ()
     norms: tuple[str, ...] = ()
+    head_of: str = ""
 
     def source(self, layer: str) -> str:
         """Which tokens a layer reads: "context" (an earlier stage's) or "self" (this stage's)."""
         return "context" if layer in self.context_layers else "self"
+
+    def prefix(self, i: int) -> str:
+        """State-dict prefix of block i, e.g. 'encoder.block.3.'; a head's block holds the head under its own
+        name, so the prefix is the head's parent path ('' for 'lm_head')."""
+        if self.head_of:
+            parent = self.blocks.rpartition(".")[0]
+            return f"{parent}." if parent else ""
+        return f"{self.blocks}.{i}."
+
+
+class HeadView(nn.Module):
+    """A head stage's one block: the head module registered under its own name (not a copy; never part of the
+    model's module tree), its forward the head's on the hidden states (batch, tokens, hidden)."""
+
+    def __init__(self, name: str, head: nn.Module):
+        super().__init__()
+        self.name = name
+        self.add_module(name, head)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.get_submodule(self.name)(hidden)
 
 
 class ModelAdapter:
@@ -80,6 +107,18 @@ class ModelAdapter:
         """(batch, tokens) bool mask of the tokens of `source` ("self" or "context") that count."""
         raise NotImplementedError
 
+    def head_stages(self, model: nn.Module) -> list[Stage]:
+        """The model's head as stages of one block each (Stage.head_of), calibrated after `stages` when the solver
+        quantizes the head; none by default."""
+        return []
+
+    def forward_stage(self, model: nn.Module, stage: Stage, batch: Mapping, context: Context,
+                      device: torch.device) -> torch.Tensor:
+        """run_stage, or for a head stage its one block on the output of the stage it reads (in `context`)."""
+        if stage.head_of:
+            return self.blocks(model, stage)[0](context[stage.head_of].to(device))
+        return self.run_stage(model, stage, batch, context, device)
+
     @contextmanager
     def stem_skipped(self, model: nn.Module, stage: Stage):
         """Context for a forward whose first blocks are replayed (epmq.engine.capture), which discards what the
@@ -89,6 +128,12 @@ class ModelAdapter:
 
     # -- where things are -----------------------------------------------------------------
     def blocks(self, model: nn.Module, stage: Stage) -> nn.ModuleList:
+        if stage.head_of:  # one view per head, kept on it (not as a submodule), so that a hook put on the view
+            head = model.get_submodule(stage.blocks)  # (the capture's) sees the forwards of later calls
+            if "_head_view" not in head.__dict__:
+                view = nn.ModuleList([HeadView(stage.blocks.rpartition(".")[2], head)])
+                object.__setattr__(head, "_head_view", view)
+            return head.__dict__["_head_view"]
         blocks = model.get_submodule(stage.blocks)
         if not isinstance(blocks, nn.ModuleList):
             raise ValueError(f"{type(self).__name__}: '{stage.blocks}' in {type(model).__name__} is "
@@ -97,7 +142,7 @@ class ModelAdapter:
 
     def block_prefix(self, stage: Stage, i: int) -> str:
         """State-dict prefix of block i of a stage, e.g. 'encoder.block.3.'."""
-        return f"{stage.blocks}.{i}."
+        return stage.prefix(i)
 
     def groups(self, block: nn.Module, stage: Stage) -> list[tuple[str, ...]]:
         """The stage's groups restricted to the linears this block has; every nn.Linear of the

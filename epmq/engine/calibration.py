@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from epmq.core.precision import tf32
-from epmq.core.solvers import Requirements
+from epmq.core.solvers import Requirements, module_solver
 from epmq.engine.accumulate import StepStatistics, check_every_task, check_task_order, check_tasks, count_tokens
 from epmq.engine.accumulate import task_weights as task_weights_of
 from epmq.engine.accumulate import token_mask, token_weights
@@ -38,7 +38,7 @@ from epmq.engine.adapters import ModelAdapter
 from epmq.engine.block_choice import Selection, StepChoice
 from epmq.engine.capture import BlockInputs, Trace, run_block, walk_to
 from epmq.engine.placement import Placement
-from epmq.engine.schedule import Step, build_schedule, describe_step
+from epmq.engine.schedule import Step, build_schedule, describe_step, layer_names
 from epmq.engine.solve import solve_layers, solve_norms
 from epmq.engine.targets import ExpertTargets, StepView, provider
 from epmq.io.pool import ExpertPool
@@ -101,8 +101,12 @@ class BlockwiseCalibration(L.LightningModule):
         self.share_statistics, self.tf32 = bool(share_statistics), bool(tf32)
         self.automatic_optimization = False
         self.label = ""  # shown before the step in the progress bar, e.g. which anchor candidate
-        self.stages = self.adapter.stages(model)
-        self.schedule: list[Step] = build_schedule(self.adapter, model, self.true_sequential)
+        self.stages = self.adapter.stages(model) + (self.head_stages(model) if self.requirements.head else [])
+        self.layer_names = layer_names(self.adapter, model, self.stages)  # every layer a solver may quantize
+        if hasattr(solver, "check_modules"):
+            solver.check_modules(self.layer_names)  # an override that matches no layer is refused now
+        self.schedule: list[Step] = build_schedule(self.adapter, model, self.true_sequential, self.stages,
+                                                   quantized=lambda name: module_solver(solver, name) is not None)
         self.targets = provider(targets, for_solver=solver)
         self.choice = None
         if self.requirements.per_step_choice:
@@ -140,6 +144,33 @@ class BlockwiseCalibration(L.LightningModule):
     @property
     def quant_results(self) -> dict[str, QuantizedLayer]:
         return {k: r for s in self.finished for k, r in s.results.items()}
+
+    @property
+    def float_layers(self) -> list[str]:
+        """The layers a per-module override leaves in float (full names, in model order)."""
+        scheduled = {step.prefix + name for step in self.schedule for name in step.layers}
+        return [name for name in self.layer_names if name not in scheduled]
+
+    def head_stages(self, model: nn.Module) -> list:
+        """The adapter's head stages, for a solver that quantizes the head; a head whose weight is shared (tied
+        embeddings) first gets its own copy, and the config says so, so that quantizing it leaves the embeddings
+        in float and a saved model is not tied again on loading."""
+        heads = self.adapter.head_stages(model)
+        if not heads:
+            raise ValueError(f"lm_head=true: {type(self.adapter).__name__} declares no head for "
+                             f"{type(model).__name__} (ModelAdapter.head_stages)")
+        for stage in heads:
+            head = model.get_submodule(stage.blocks)
+            shared = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
+                      if not n.startswith(f"{stage.blocks}.")}
+            for name, p in list(head.named_parameters(recurse=False)):
+                if id(p) in shared:  # tied: the head's copy is quantized, the other stays as it is
+                    setattr(head, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+                    config = getattr(model, "config", None)
+                    for c in (config, getattr(config, "get_text_config", lambda: None)()):
+                        if c is not None:
+                            c.tie_word_embeddings = False
+        return heads
 
     @property
     def step_strengths(self) -> list[tuple[str, float]]:
@@ -307,8 +338,9 @@ class BlockwiseCalibration(L.LightningModule):
         self.statistics = None
         self.finished.append(FinishedStep(step.index, step.label, step.layers, results, metrics, norms))
         if step.last:
+            followed = step.index + 1 < len(self.schedule)  # else nothing reads it (a head's output: the logits)
             with self.forward_precision():
-                for b, inputs in self._inputs.items():  # the quantized block's output feeds the next block
+                for b, inputs in self._inputs.items() if followed else ():  # the quantized block feeds the next one
                     self._traces[b].advance(run_block(block, inputs.to(self.placement.device)), self.placement.to_cache)
             self._inputs = {}
             if self.choice is not None:

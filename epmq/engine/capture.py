@@ -180,7 +180,7 @@ def capture_inputs(adapter: ModelAdapter, model: nn.Module, stage: Stage, i: int
     skip = adapter.stem_skipped(model, stage) if replay is not None and i > 0 else nullcontext()
     try:
         with replaying(blocks, i if replay is not None else 0, replay), skip:
-            adapter.run_stage(model, stage, batch, context, device)
+            adapter.forward_stage(model, stage, batch, context, device)
     except _StopForward:
         pass
     finally:
@@ -201,7 +201,7 @@ def stage_output(adapter: ModelAdapter, model: nn.Module, stage: Stage, batch: M
     blocks = adapter.blocks(model, stage)
     skip = adapter.stem_skipped(model, stage) if replay is not None and len(blocks) else nullcontext()
     with replaying(blocks, len(blocks) if replay is not None else 0, replay), skip:
-        return adapter.run_stage(model, stage, batch, context, device).detach()
+        return adapter.forward_stage(model, stage, batch, context, device).detach()
 
 
 @torch.no_grad()

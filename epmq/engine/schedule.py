@@ -9,7 +9,7 @@ quantized (GPTQ's `--true-sequential` for LMs: q/k/v, then o, then gate/up, then
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -37,18 +37,29 @@ class Step:
     @property
     def prefix(self) -> str:
         """State-dict prefix of the step's block, e.g. 'encoder.block.3.'."""
-        return f"{self.stage.blocks}.{self.block}."
+        return self.stage.prefix(self.block)
 
 
-def build_schedule(adapter: ModelAdapter, model: nn.Module, true_sequential: bool) -> list[Step]:
-    """Every step of `model`, in calibration order: stages, then blocks, then groups."""
-    stages: list[Stage] = adapter.stages(model)
+def layer_names(adapter: ModelAdapter, model: nn.Module, stages: list[Stage]) -> list[str]:
+    """The full name of every linear layer the stages place (every layer a solver may quantize), in model order."""
+    return [stage.prefix(i) + name for stage in stages for i, block in enumerate(adapter.blocks(model, stage))
+            for name in adapter.linear_layers(block, stage)]
+
+
+def build_schedule(adapter: ModelAdapter, model: nn.Module, true_sequential: bool, stages: list[Stage] | None = None,
+                   quantized: Callable[[str], bool] = lambda name: True) -> list[Step]:
+    """Every step of `model`, in calibration order: stages (None: the adapter's), then blocks, then groups.
+    quantized(full layer name): False leaves the layer out (it stays in float; a block left with no layer has no
+    step, and its forward simply runs when a later block's inputs are captured)."""
+    stages = adapter.stages(model) if stages is None else stages
     multi = len(stages) > 1
     steps: list[Step] = []
     for s, stage in enumerate(stages):
         for i, block in enumerate(adapter.blocks(model, stage)):
-            groups = adapter.groups(block, stage)
-            if not true_sequential:
+            groups = [tuple(n for n in group if quantized(stage.prefix(i) + n))
+                      for group in adapter.groups(block, stage)]
+            groups = [g for g in groups if g]  # a group whose layers all stay in float is no step
+            if not true_sequential and groups:
                 groups = [tuple(name for group in groups for name in group)]
             label = f"{stage.name}/block_{i}" if multi else f"block_{i}"
             for k, layers in enumerate(groups):

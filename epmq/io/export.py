@@ -6,14 +6,17 @@ The folder (written under a temporary name beside `out_dir`, then renamed, so it
     config.json              the model's config, with "quantization_config" (the same as quantize_config.json)
     quantize_config.json     bits, group_size, desc_act, sym, quant_method "gptq", format and
                              checkpoint_format, pack_dtype "int32", true_sequential, damp_percent,
-                             static_groups, and "meta" (epmq and its version, the method, the anchor)
+                             static_groups, lm_head (whether the head is quantized), "dynamic" (the per-module
+                             overrides as GPTQModel reads them, epmq.core.overrides) when there are any, and
+                             "meta" (epmq and its version, the method, the anchor)
     generation_config.json   when the model has one
     tokenizer files          what the suite saves beside the weights (its tokenizer, with any chat template), so
                              that a GPTQ client loads the folder as it is
     model.safetensors        or model-00001-of-0000N.safetensors ... + model.safetensors.index.json
 
-Every quantized linear L is stored as L.qweight, L.qzeros, L.scales, L.g_idx (epmq.io.packing) and
-L.bias when it has one; every other tensor of the model's state dict as it is, in its float dtype.
+Every quantized linear L is stored as L.qweight, L.qzeros, L.scales, L.g_idx (epmq.io.packing), at its own
+bits and group size (an override's, else the spec's), and L.bias when it has one; every other tensor of the
+model's state dict as it is, in its float dtype (layers an override skips among them).
 Tied tensors (one storage under several names) are stored once, under their first name.
 epmq.io.load.load_quantized rebuilds the model from the folder.
 """
@@ -35,6 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from epmq import __version__
+from epmq.core.overrides import ModuleOverrides
 from epmq.io.packing import BITS, check_format, pack_grids
 from epmq.io.quantized_layer import QuantizedLayer
 
@@ -50,7 +54,8 @@ DEFAULT_SHARD_SIZE = "4GB"
 def save_quantized(model: nn.Module, results: Mapping[str, QuantizedLayer], out_dir: str | Path, spec,
                    *, method: str = "gptq", strength: float | None = None, form: str | None = None,
                    true_sequential: bool | None = None, checkpoint_format: str = "gptq",
-                   max_shard_size: int | str = DEFAULT_SHARD_SIZE, companions=None) -> Path:
+                   max_shard_size: int | str = DEFAULT_SHARD_SIZE, companions=None,
+                   overrides: Mapping | None = None, lm_head: bool = False) -> Path:
     """Write the quantized `model` (a transformers PreTrainedModel) to `out_dir` in the GPTQ layout.
 
     results: full layer name -> QuantizedLayer of every quantized nn.Linear (BlockwiseCalibration.quant_results);
@@ -63,6 +68,11 @@ def save_quantized(model: nn.Module, results: Mapping[str, QuantizedLayer], out_
     max_shard_size: bytes per safetensors file (an int, or "500MB", "4GB", "2GiB", ...).
     companions: companions(folder) writes what a client loads beside the weights (the tokenizer's files, a chat
         template: Suite.save_companions), into the folder before it is put in place.
+    overrides: the per-module rules the layers were quantized with (pattern -> {bits, group_size} or {skip: true},
+        epmq.core.overrides; the solver's describe()["overrides"]): each layer is checked against its rule, and the
+        rules are recorded as quantize_config's "dynamic".
+    lm_head: whether the model's head is among the quantized layers (recorded as "lm_head"; a tied head must
+        have been untied, as the calibration does).
     Replaces an existing `out_dir` only once the new folder is complete. Returns `out_dir`.
     """
     check_format(checkpoint_format)
@@ -72,10 +82,12 @@ def save_quantized(model: nn.Module, results: Mapping[str, QuantizedLayer], out_
         log.warning("asymmetric grids in checkpoint_format 'gptq' (v1), as asked: epmq.load_quantized reads them, "
                     "but GPTQModel refuses asymmetric v1 checkpoints it did not write, and a zero point of 0 borrows "
                     "from the next field; checkpoint_format 'gptq_v2' (the default for asymmetric grids) avoids both")
-    tensors, desc_act = state_tensors(model, results, spec, checkpoint_format)
+    rules = ModuleOverrides(overrides, "overrides")
+    tensors, desc_act = state_tensors(model, results, spec, checkpoint_format, rules)
     quant_config = quantization_config(spec, desc_act=desc_act, checkpoint_format=checkpoint_format,
                                        method=method, strength=strength, form=form,
-                                       true_sequential=true_sequential)
+                                       true_sequential=true_sequential, dynamic=rules.dynamic() or None,
+                                       lm_head=lm_head)
     config = json.loads(model.config.to_json_string(use_diff=True))
     config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quant_config
@@ -127,26 +139,34 @@ def chosen_format(checkpoint_format: str, sym: bool) -> str:
     return check_format(checkpoint_format)
 
 
-def check_exportable(bits: int, checkpoint_format: str) -> None:
-    """ValueError, naming the option, when save_quantized cannot write these settings (the main job
-    calls it before calibrating)."""
+def check_exportable(bits: int, checkpoint_format: str, option: str = "quant.bits") -> None:
+    """ValueError, naming the option (`option`, where the bits come from), when save_quantized cannot write these
+    settings (the main job calls it before calibrating)."""
     check_format(checkpoint_format)
     if bits not in BITS:
-        raise ValueError(f"quant.bits={bits}: the GPTQ checkpoint layout stores {', '.join(map(str, BITS))} bits "
+        raise ValueError(f"{option}={bits}: the GPTQ checkpoint layout stores {', '.join(map(str, BITS))} bits "
                          f"per weight; choose one of them, or save_model=false")
 
 
 def state_tensors(model: nn.Module, results: Mapping[str, QuantizedLayer], spec: dict,
-                  checkpoint_format: str = "gptq") -> tuple[dict[str, torch.Tensor], bool]:
+                  checkpoint_format: str = "gptq",
+                  overrides: ModuleOverrides | None = None) -> tuple[dict[str, torch.Tensor], bool]:
     """The tensors to save, in state-dict order, and desc_act (some layer's g_idx is not i // group_size).
 
-    A quantized layer's weight is replaced by its packed tensors; tied tensors appear once.
+    A quantized layer's weight is replaced by its packed tensors; tied tensors appear once. overrides: the
+    per-module rules; each layer must have its rule's bits and group size (and none may be one it skips).
     """
-    bits, group_size = spec["bits"], spec["group_size"]
     if not results:
         raise ValueError("no quantized layer to save (results is empty)")
+    overrides = overrides or ModuleOverrides()
     modules = dict(model.named_modules())
+    layer_spec = {}  # name -> (bits, group_size) it must have
     for name, r in results.items():
+        rule = overrides.rule_for(name)
+        if rule is not None and rule.skip:
+            raise ValueError(f"quantized layer '{name}' is one that overrides[{rule.pattern!r}] leaves in float")
+        fields = {**{k: spec[k] for k in ("bits", "group_size")}, **(rule.fields() if rule else {})}
+        bits, group_size = layer_spec[name] = fields["bits"], fields["group_size"]
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"quantized layer '{name}' is not an nn.Linear of {type(model).__name__} "
@@ -156,7 +176,9 @@ def state_tensors(model: nn.Module, results: Mapping[str, QuantizedLayer], spec:
             raise ValueError(f"'{name}': codes of shape {tuple(r.shape)} for a "
                              f"({out_features} x {in_features}) layer")
         if r.bits != bits:
-            raise ValueError(f"'{name}' was quantized to {r.bits} bits, but the spec says {bits}")
+            raise ValueError(f"'{name}' was quantized to {r.bits} bits, but the spec says {bits}"
+                             + (f" (overrides[{rule.pattern!r}])" if rule else ""))
+        check_exportable(bits, checkpoint_format, f"the bits of '{name}'")
         expected = n_groups(in_features, group_size)
         if r.n_groups != expected:
             raise ValueError(f"'{name}': {r.n_groups} groups, but group_size {group_size} over "
@@ -165,12 +187,13 @@ def state_tensors(model: nn.Module, results: Mapping[str, QuantizedLayer], spec:
     desc_act = False
     packed: dict[str, dict[str, torch.Tensor]] = {}
     for name, r in results.items():
+        bits, group_size = layer_spec[name]
         # the record's words are GPTQ's qweight already (epmq.io.packing.pack_bits = pack_rows for these bits)
         layer = {"qweight": r.qweight, **pack_grids(r.scales, r.zeros, r.g_idx, bits, checkpoint_format)}
         if not torch.equal(layer["g_idx"], trivial_g_idx(r.shape[1], group_size)):
             desc_act = True
         packed[name] = layer
-    _warn_borrowed_zeros(results, bits, checkpoint_format)
+    _warn_borrowed_zeros(results, checkpoint_format)
 
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
@@ -190,18 +213,22 @@ def state_tensors(model: nn.Module, results: Mapping[str, QuantizedLayer], spec:
 
 def quantization_config(spec: dict, *, desc_act: bool, checkpoint_format: str = "gptq", method: str = "gptq",
                         strength: float | None = None, form: str | None = None,
-                        true_sequential: bool | None = None) -> dict:
-    """quantize_config.json (also config.json's "quantization_config") for GPTQ loaders."""
+                        true_sequential: bool | None = None, dynamic: dict | None = None,
+                        lm_head: bool = False) -> dict:
+    """quantize_config.json (also config.json's "quantization_config") for GPTQ loaders; dynamic: GPTQModel's
+    per-module overrides (ModuleOverrides.dynamic()), written when given."""
     meta = {"quantizer": [f"epmq:{__version__}"], "method": method,
             "anchor_strength": _json_number(strength), "anchor_form": form,
             "act_order": bool(spec.get("act_order", False)), "blocksize": spec.get("blocksize")}
     config = {"bits": spec["bits"], "group_size": spec["group_size"], "desc_act": bool(desc_act),
-              "sym": bool(spec["sym"]), "lm_head": False, "quant_method": "gptq",
+              "sym": bool(spec["sym"]), "lm_head": bool(lm_head), "quant_method": "gptq",
               "format": checkpoint_format, "checkpoint_format": checkpoint_format, "pack_dtype": "int32",
               "true_sequential": true_sequential, "damp_percent": spec.get("percdamp", 0.01),
               "static_groups": bool(spec.get("static_groups", False)), "meta": meta}
     if true_sequential is None:  # unknown: left to the loader's default rather than written as null
         del config["true_sequential"]
+    if dynamic:
+        config["dynamic"] = dynamic
     return config
 
 
@@ -283,10 +310,10 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> None:
             owners[storage] = key
 
 
-def _warn_borrowed_zeros(results: Mapping[str, QuantizedLayer], bits: int, checkpoint_format: str) -> None:
-    if checkpoint_format != "gptq" or bits == 3:
+def _warn_borrowed_zeros(results: Mapping[str, QuantizedLayer], checkpoint_format: str) -> None:
+    if checkpoint_format != "gptq":
         return
-    count = sum(int((r.zeros == 0).sum()) for r in results.values())
+    count = sum(int((r.zeros == 0).sum()) for r in results.values() if r.bits != 3)
     if count:
         log.warning("%d zero points are 0: checkpoint_format 'gptq' stores them minus one with a borrow from "
                     "the next field, as GPTQModel does; GPTQModel and epmq read them back exactly, loaders that "

@@ -5,8 +5,10 @@ builds) back into a model, in pure torch: no GPTQ kernel, no GPU.
 
 Every layer the checkpoint stores as <name>.qweight / .qzeros / .scales / .g_idx becomes a
 QuantLinear that keeps the packed tensors and dequantizes its weight on the fly, in the input's
-dtype, at every forward; every other tensor is loaded as stored. It works for every model class
-transformers can build from the checkpoint's config.json ("architectures"), vision towers included
+dtype, at every forward; every other tensor is loaded as stored. A layer's bits are quantize_config's, or
+those its "dynamic" entry gives (GPTQModel's per-module overrides, epmq.core.overrides.match_dynamic); a
+layer "dynamic" leaves unquantized ("-:") is read as the float layer it is stored as. It works for every
+model class transformers can build from the checkpoint's config.json ("architectures"), vision towers included
 (transformers' own GPTQ loading takes text models only).
 """
 
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from epmq.core.overrides import match_dynamic
 from epmq.io.export import CONFIG_NAME, INDEX_NAME, QUANT_FIELDS, WEIGHTS_NAME
 from epmq.io.packing import BITS, CHECKPOINT_FORMATS, packed_length, unpack_rows, unpack_zeros
 
@@ -197,7 +200,12 @@ def _quant_linear(model: nn.Module, name: str, tensors: dict, qc: dict, path: Pa
     if missing:
         raise ValueError(f"{path}: missing {missing}")
     out_features, in_features = linear.out_features, linear.in_features
-    bits = qc["bits"]
+    override = match_dynamic(qc.get("dynamic"), name)
+    if override is False:
+        raise ValueError(f"{path}: '{name}' is packed, but quantize_config's dynamic leaves it unquantized")
+    bits = (override or {}).get("bits", qc["bits"])
+    if bits not in BITS:
+        raise ValueError(f"{path}: dynamic gives '{name}' {bits!r} bits, not one of {BITS}")
     qweight, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
     expected = (packed_length(in_features, bits), out_features)
     if tuple(qweight.shape) != expected:

@@ -2,7 +2,8 @@
 
     1. check the quantization options (before any long work)
     2. the suite: base, experts, tasks, data; the pool validates every expert file; merge (or the one model
-       brought with merge=none suite.merged=..., without base or experts when the solver reads none)
+       brought with merge=none suite.merged=..., without base or experts when the solver reads none); the
+       per-module options (quant.overrides, quant.lm_head) checked against the model's layers
     3. evaluate the experts (each on its own task) and the FP merged model (evaluate_references; auto: when
        there are experts)
     4. calibrate the merged model step by step (RTN, GPTQ or E-PMQ); with `strength: auto` or
@@ -19,13 +20,16 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from callbacks.block_metrics import peak_memory_mb
+from epmq.engine.schedule import layer_names
 from epmq.io.export import check_exportable, checkpoint_size, chosen_format, save_quantized
 from epmq.io.files import write_json_atomic
 from epmq.jobs.report import accuracy_table
@@ -52,11 +56,16 @@ def quantize(cfg: DictConfig) -> dict:
         raise ValueError(f"quant._target_={cfg.quant._target_} does not quantize (the FP calibrated merge): it is a "
                          f"row of experiment=compare, not a job of its own")
     if cfg.save_model:  # refused now, not after the calibration
-        check_exportable(cfg.quant.bits, chosen_format(cfg.checkpoint_format, cfg.quant.sym))
+        fmt = chosen_format(cfg.checkpoint_format, cfg.quant.sym)
+        check_exportable(cfg.quant.bits, fmt)
+        for rule in getattr(candidates[0], "overrides", None) or ():  # every width an override asks for, too
+            if rule.bits is not None:
+                check_exportable(rule.bits, fmt, f"quant.overrides[{rule.pattern!r}].bits")
     if cfg.evaluate_references not in REFERENCES:
         raise ValueError(f"evaluate_references must be one of {REFERENCES}, got {cfg.evaluate_references!r}")
     out_dir = Path(cfg.paths.output_dir)
     prepared = prepare(cfg, needs_of(candidates))
+    check_modules(prepared, candidates[0])
     with logging_to(prepared.loggers):
         return _quantize(cfg, prepared, candidates, rounds, out_dir, start)
 
@@ -130,6 +139,10 @@ def _quantize(cfg, prepared, candidates, rounds, out_dir: Path, start: float) ->
         "metric": suite.metric,
         "metric_scale": suite.metric_scale,  # how tables print it (100: percent)
         "quant": {"spec": described["spec"], "strength": described.get("strength"), "form": described.get("form"),
+                  **({"overrides": described["overrides"], "float_layers": calib.module.float_layers,
+                      "layer_specs": layer_specs(chosen, calib.module.quant_results)}
+                     if "overrides" in described else {}),
+                  "lm_head": described.get("lm_head", False),
                   **({"select": described["select"], "candidates": described["candidates"],
                       **({"folds": described["folds"]} if "folds" in described else {}),
                       "layer_strengths": {k: m["anchor_strength"] for k, m in calib.module.layer_metrics.items()}}
@@ -179,9 +192,39 @@ def publish(cfg, report: dict, suite, calib, out_dir: Path) -> None:
                                        chosen["spec"], method=report["method"], strength=chosen["strength"],
                                        form=chosen["form"], true_sequential=calib.module.true_sequential,
                                        checkpoint_format=chosen_format(cfg.checkpoint_format, cfg.quant.sym),
-                                       companions=suite.save_companions)
+                                       companions=suite.save_companions, overrides=chosen.get("overrides"),
+                                       lm_head=chosen["lm_head"])
         report["model_dir"] = str(model_dir)
         report["model_size"] = checkpoint_size(model_dir)
         print(f"quantized model: {model_dir}")
     path = write_json_atomic(out_dir / "report.json", report)
     print(f"report: {path}")
+
+
+def check_modules(prepared, solver) -> None:
+    """quant.overrides and quant.lm_head checked against the model's layers before the references are evaluated
+    and the calibration starts (the calibration checks them again; the model is built on the meta device here)."""
+    needs_head = solver.requirements.head
+    if not (getattr(solver, "overrides", None) or needs_head):
+        return
+    with torch.device("meta"), warnings.catch_warnings():  # the architecture only: no memory, no weights copied
+        warnings.filterwarnings("ignore", message=r".*copying from a non-meta parameter")
+        model = prepared.suite.model(prepared.merged_state)
+    adapter = prepared.suite.adapter(model)
+    heads = adapter.head_stages(model) if needs_head else []
+    if needs_head and not heads:
+        raise ValueError(f"quant.lm_head=true: {type(model).__name__} has no head that {type(adapter).__name__} "
+                         f"quantizes")
+    if hasattr(solver, "check_modules"):
+        try:
+            solver.check_modules(layer_names(adapter, model, adapter.stages(model) + heads))
+        except ValueError as e:
+            raise ValueError(f"quant.{e}") from None
+
+
+def layer_specs(solver, names) -> dict:
+    """full layer name -> {bits, group_size} of every quantized layer among `names` whose options an override
+    changed (the report's record of what the rules did)."""
+    specs = {name: solver.for_module(name).spec for name in names}
+    return {name: {"bits": spec.bits, "group_size": spec.group_size} for name, spec in specs.items()
+            if spec != solver.spec}

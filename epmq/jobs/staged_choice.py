@@ -99,6 +99,7 @@ def open_loop_solvers(candidates: list, pivot=None) -> list[OpenLoopEPMQ]:
     return [OpenLoopEPMQ([c.strength for c in candidates if c.form == form], form, pivot if k == 0 else None,
                          **{k: getattr(candidates[0], k) for k in ("normalize", "interp", "extrapolate",
                                                                    "calibrate_bias", "calibrate_norms")},
+                         overrides=candidates[0].overrides.describe(), lm_head=candidates[0].lm_head,  # refused
                          **candidates[0].spec.__dict__) for k, form in enumerate(forms)]
 
 

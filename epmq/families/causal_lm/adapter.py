@@ -30,6 +30,11 @@ class LlamaAdapter(ModelAdapter):
             raise ValueError(f"{type(model).__name__} has no decoder layers ('model.layers')")
         return [Stage("decoder", prefix + "layers", declared.groups, shared_inputs=declared.shared_inputs)]
 
+    def head_stages(self, model):
+        """lm_head (GPTQModel's lm_head=True), on the decoder's output: its final normed hidden states."""
+        head = getattr(model, "lm_head", None)
+        return [Stage("head", "lm_head", (("lm_head",),), head_of="decoder")] if isinstance(head, nn.Linear) else []
+
     def run_stage(self, model, stage, batch, context, device):
         self.require(batch, ("input_ids",), "causal LM")
         decoder, _ = self._decoder(model)
