@@ -11,6 +11,7 @@ The loop reads like the GPTQ reference's `llama_sequential` (IST-DASLab/gptq); e
             Y_t = the experts' outputs                      targets.ExpertTargets, through the callback
                                                             callbacks.expert_cache.ExpertActivationCache
             block(X̂_b): H += w X̂ᵀX̂, C += w ỸᵀX̂              the hooks; w = w_t / n_t per real token, 0 on padding
+                                                            (the forward stops once the step's layers have run)
         H, C summed over ranks; Q = solve(W_m, H, C)    finish_step (the epoch's last batch): the solver, or
         write Q; log                                    block_choice.StepChoice for a per-step anchor choice
         X̂ = block(X̂) after the block's last step        finish_step: the quantized block feeds the next one
