@@ -2,15 +2,16 @@
 
     python benchmarks/gptq_vs_gptqmodel.py                  # epmq alone (no GPTQModel in this Python)
     EPMQ_GPTQ_PYTHON=/path/to/gptq-venv/bin/python \\
-        python benchmarks/gptq_vs_gptqmodel.py --act-order off on --repeats 3
-                                                            # side by side: about 25 minutes on 2 cores
+        python benchmarks/gptq_vs_gptqmodel.py --act-order off on --repeats 2
+                                                            # side by side: about 20 minutes on 2 cores
     python benchmarks/gptq_vs_gptqmodel.py --small          # a 2-block miniature: about 1 minute
 
 The model (built once, cached under $EPMQ_CACHE/gptq_vs_gptqmodel, or ~/.cache/epmq/...): a
 LlamaForCausalLM of hidden 512, MLP 1536, 8 heads, 6 blocks and a vocabulary of 8192 (28.8 M
 parameters), with a byte-level BPE tokenizer trained on the Python standard library's sources and
-the model trained briefly on them (--train-steps Adam steps on 16 windows of 128 tokens, about 3
-minutes on 2 cores): real text, so that layer inputs have the correlations and outliers GPTQ deals
+the model trained briefly on them (--train-steps Adam steps on 16 windows of 128 tokens: about 3
+minutes on 2 idle cores, 26 minutes on a machine shared with other jobs; the loss falls from 9.1 to
+about 7): real text, so that layer inputs have the correlations and outliers GPTQ deals
 with. The calibration windows (--windows of --seq-len tokens) are cut from held-out source files
 as epmq.families.causal_lm.data cuts the causal_lm suite's (texts in a seeded order, EOS between
 them, consecutive windows), and saved beside the model so that both sides read the same tokens.
