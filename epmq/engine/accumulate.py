@@ -32,6 +32,11 @@ from epmq.engine.schedule import Step
 TokenCounts = dict[tuple[int, str], torch.Tensor]  # (stage index, token source) -> (T,) n_t, all ranks
 
 
+class StepGathered(Exception):
+    """Raised by StepStatistics' hooks once every hooked module has run in a block forward: the statistics
+    of that forward are complete and the rest of the block need not run (the caller discards its output)."""
+
+
 def check_tasks(batch, batch_idx: int, task_names: Sequence[str]) -> torch.Tensor:
     """(batch,) int64 task indices of a batch; ValueError when missing or out of range."""
     if not isinstance(batch, Mapping) or "task" not in batch:
@@ -147,7 +152,9 @@ class StepStatistics:
     `sums` maps each layer (name inside the block) to its LayerStatistics (FoldedStatistics with folds),
     `norms` each calibrated LayerNorm to its NormStatistics. Each block forward runs inside `feeding(...)`, which
     hands the hooks the batch's token weights, targets, tasks and fold ids; after the step's last batch,
-    `buffers()` are summed over ranks and `sums` go to the solver.
+    `buffers()` are summed over ranks and `sums` go to the solver. The last hooked module to run in a forward
+    raises StepGathered, so that the block's later layers do not run for nothing (GPTQ's first step of a
+    block needs only its first layers: true-sequential steps then cost a fraction of a block forward each).
     """
 
     def __init__(self, step: Step, block: nn.Module, requirements: Requirements, device: torch.device,
@@ -161,6 +168,7 @@ class StepStatistics:
         self.hooks: list = []
         self._batch: dict = {}                 # what the hooks need of the batch in flight
         self._seen: dict[str, tuple[str, torch.Tensor]] = {}  # input group -> (layer, X̂) added to H this batch
+        self._ran: set[str] = set()            # hooked modules that have run in the forward in flight
         with_C = requirements.targets
         shared = step.stage.shared_inputs if share_statistics else ()
         means = {"means": True} if requirements.bias else {}
@@ -194,10 +202,18 @@ class StepStatistics:
         token weights; targets: layer -> (batch, tokens, out) expert outputs Y_t; tasks: (batch,) task ids;
         folds: (batch,) fold ids (cross-validation) or None."""
         self._batch = {"weights": weights, "targets": targets, "tasks": tasks, "folds": folds}
+        self._ran = set()
         try:
             yield
         finally:
-            self._batch, self._seen = {}, {}  # nothing of the batch is held past its forward
+            self._batch, self._seen, self._ran = {}, {}, set()  # nothing of the batch is held past its forward
+
+    def _gathered(self, name: str) -> None:
+        """Module `name` has added its share of the forward in flight; StepGathered once every hooked module has.
+        (A module that ran twice in one forward would find its input group seen: the linear hook refuses that.)"""
+        self._ran.add(name)
+        if len(self._ran) == len(self.hooks):
+            raise StepGathered
 
     @property
     def batch_targets(self) -> dict[str, torch.Tensor]:
@@ -225,11 +241,13 @@ class StepStatistics:
             folds = {"folds": self._batch["folds"]} if self._batch["folds"] is not None else {}
             sums = self.task_sums if self.requirements.normalize else self.sums
             sums[name].add(X, Y, weight=self._batch["weights"][source], with_H=first, **folds)
+            self._gathered(name)
         return hook
 
     def _norm_hook(self, name: str):
         def hook(norm: nn.LayerNorm, args, output):
             self.norms[name].add(args[0], self._batch["targets"][name], self._batch["weights"]["self"])
+            self._gathered("norm:" + name)
         return hook
 
     def mixed_targets(self, name: str, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -273,7 +291,7 @@ class StepStatistics:
         """Remove the hooks (the step's forwards are done)."""
         for h in self.hooks:
             h.remove()
-        self.hooks, self._batch, self._seen = [], {}, {}
+        self.hooks, self._batch, self._seen, self._ran = [], {}, {}, set()
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -11,6 +11,7 @@ The loop reads like the GPTQ reference's `llama_sequential` (IST-DASLab/gptq); e
             Y_t = the experts' outputs                      targets.ExpertTargets, through the callback
                                                             callbacks.expert_cache.ExpertActivationCache
             block(X̂_b): H += w X̂ᵀX̂, C += w ỸᵀX̂              the hooks; w = w_t / n_t per real token, 0 on padding
+                                                            (the forward stops once the step's layers have run)
         H, C summed over ranks; Q = solve(W_m, H, C)    finish_step (the epoch's last batch): the solver, or
         write Q; log                                    block_choice.StepChoice for a per-step anchor choice
         X̂ = block(X̂) after the block's last step        finish_step: the quantized block feeds the next one
@@ -31,7 +32,8 @@ from torch import nn
 
 from epmq.core.precision import tf32
 from epmq.core.solvers import Requirements, module_solver
-from epmq.engine.accumulate import StepStatistics, check_every_task, check_task_order, check_tasks, count_tokens
+from epmq.engine.accumulate import (StepGathered, StepStatistics, check_every_task, check_task_order, check_tasks,
+                                    count_tokens)
 from epmq.engine.accumulate import task_weights as task_weights_of
 from epmq.engine.accumulate import token_mask, token_weights
 from epmq.engine.adapters import ModelAdapter
@@ -292,7 +294,10 @@ class BlockwiseCalibration(L.LightningModule):
             fold_ids = (batch_idx + torch.arange(len(tasks))) % folds if folds else None
             targets = self.targets.targets(batch_idx) if self.requirements.targets else {}
             with self.statistics.feeding(weights, targets, tasks, fold_ids), self.forward_precision():
-                run_block(self.block(step), self._inputs[batch_idx].to(self.placement.device))
+                try:
+                    run_block(self.block(step), self._inputs[batch_idx].to(self.placement.device))
+                except StepGathered:  # the step's layers have all run: the rest of the block is not needed
+                    pass
         if self.requirements.normalize and self.requirements.statistics:
             t = int(self.batch_tasks[batch_idx][0])  # setup checked: one task per batch, tasks in turn
             if last or int(self.batch_tasks[batch_idx + 1][0]) != t:  # on every rank at the same batch

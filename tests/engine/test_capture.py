@@ -83,18 +83,18 @@ def test_every_step_sees_the_models_own_layer_inputs_and_expert_outputs(name, tr
 
     module = BlockwiseCalibration(copy.deepcopy(merged), family.adapter, Unchanged(needs_targets=True), TASKS, targets=pool,
                                   true_sequential=true_sequential)
-    fed, targets = {}, {}
-    handles = record_layer_inputs(module.model, module.adapter, fed, lambda s, i, n: (s, i, n))
+    fed, targets = {}, {}  # fed: (layer, step index) -> the layer's inputs in that step's forwards
 
     def grab_targets(m, a, o, k):  # what the targets provider hands the statistics for this layer and batch
         stats = module.statistics  # (none while the finished block runs once more to advance)
+        if stats is not None:
+            fed.setdefault((k, module.step_index), []).append(a[0].detach())
         if stats is not None and k[2] in stats.batch_targets:
             targets.setdefault(k, []).append(stats.batch_targets[k[2]].clone())
 
-    for stage in module.stages:
-        for i, block in enumerate(module.adapter.blocks(module.model, stage)):
-            for lname, linear in module.adapter.linear_layers(block, stage).items():
-                handles.append(linear.register_forward_hook(lambda m, a, o, k=(stage.name, i, lname): grab_targets(m, a, o, k)))
+    handles = [linear.register_forward_hook(lambda m, a, o, k=(stage.name, i, lname): grab_targets(m, a, o, k))
+               for stage in module.stages for i, block in enumerate(module.adapter.blocks(module.model, stage))
+               for lname, linear in module.adapter.linear_layers(block, stage).items()]
     trainer_for(module, max_epochs=len(module.schedule)).fit(module, train_dataloaders=loader(batches))
     for h in handles:
         h.remove()
@@ -106,20 +106,19 @@ def test_every_step_sees_the_models_own_layer_inputs_and_expert_outputs(name, tr
 
     reference = layer_io(merged, module.adapter, batches, name, "in")
     expert_out = {t: layer_io(e, module.adapter, batches, name, "out") for t, e in experts.items()}
-    assert set(fed) == set(reference) and len(reference) >= 12
+    assert {key for key, _ in fed} == set(reference) and len(reference) >= 12
     for key, ref in reference.items():
-        # each step of a block runs the block once per batch: the layer's input at its own step
-        step_runs = fed[key]  # per step of the block, one call per batch (then the run that advances)
+        # each step runs the block once per batch: the layer's input at its own step
+        own = next(s for s in module.schedule if (s.stage.name, s.block) == key[:2] and key[2] in s.layers)
         assert len(targets[key]) == len(batches)  # the layer's own step only
-        assert len(step_runs) >= steps_per_block[key[:2]] * len(batches)
-        layer_step = next(k for k, s in enumerate(s for s in module.schedule
-                                                  if (s.stage.name, s.block) == key[:2]) if key[2] in s.layers)
-        got = step_runs[layer_step * len(batches):(layer_step + 1) * len(batches)]
+        got = fed[(key, own.index)]
+        assert len(got) == len(batches)
+        if own.last:  # a step's forward ends after its last layer: the block's last layers run in their own step only
+            assert [step for k, step in fed if k == key] == [own.index]
         for b, (x, y) in enumerate(zip(got, ref)):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key} batch {b}: {m}")
         # targets: expert t's own output for its samples (padding included: it is weighted out)
-        got_targets = targets[key][layer_step * len(batches):(layer_step + 1) * len(batches)]
-        for b, Y in enumerate(got_targets):
+        for b, Y in enumerate(targets[key]):
             tasks = batches[b]["task"]
             for t, task in enumerate(TASKS):
                 rows = tasks == t
