@@ -221,10 +221,8 @@ def merge(cfg: DictConfig, pool: ExpertPool, suite) -> dict[str, torch.Tensor]:
     if cfg.merge and "_target_" in cfg.merge:
         merger = build(cfg.merge, "merge")
         merged = pool.merge(merger, tasks=suite.tasks)
-    else:
+    else:  # check_models has made sure the suite brings one
         merged = pool.merged_state_dict()
-        if merged is None:
-            raise ValueError("merge=none needs a merged model: set suite.merged to its folder or hub id")
     bad = next((k for k, v in merged.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise ValueError(f"the merged model has NaN/Inf values in '{bad}'")
